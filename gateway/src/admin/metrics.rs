@@ -1,0 +1,423 @@
+//! Counters and gauges shared by every stage, rendered as Prometheus text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Why an event was dropped; the `reason` label of `tidepool_events_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A rule returned `()`.
+    Rule,
+    /// The buffer reached `max_bytes`.
+    BufferFull,
+    /// The event got older than `max_age`.
+    MaxAge,
+    /// The payload or frame was larger than allowed.
+    Oversize,
+    /// A serial frame could not be decoded.
+    BadFrame,
+}
+
+impl DropReason {
+    /// Every reason, in label order.
+    pub const ALL: [DropReason; 5] = [
+        DropReason::Rule,
+        DropReason::BufferFull,
+        DropReason::MaxAge,
+        DropReason::Oversize,
+        DropReason::BadFrame,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Rule => "rule",
+            DropReason::BufferFull => "buffer_full",
+            DropReason::MaxAge => "max_age",
+            DropReason::Oversize => "oversize",
+            DropReason::BadFrame => "bad_frame",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The forwarder's state, as shown in status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum UpstreamState {
+    /// No upstream configured.
+    Disabled = 0,
+    /// Not connected; waiting to retry.
+    Offline = 1,
+    /// Connecting (TCP, TLS, CONNECT/CONNACK).
+    Connecting = 2,
+    /// Connected, sending a backlog.
+    Draining = 3,
+    /// Connected and caught up.
+    Live = 4,
+}
+
+impl UpstreamState {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpstreamState::Disabled => "disabled",
+            UpstreamState::Offline => "offline",
+            UpstreamState::Connecting => "connecting",
+            UpstreamState::Draining => "draining",
+            UpstreamState::Live => "live",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => UpstreamState::Offline,
+            2 => UpstreamState::Connecting,
+            3 => UpstreamState::Draining,
+            4 => UpstreamState::Live,
+            _ => UpstreamState::Disabled,
+        }
+    }
+}
+
+const COMMIT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// All of the gateway's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    ingested: Mutex<BTreeMap<String, u64>>,
+    /// Events written to the store.
+    pub committed: AtomicU64,
+    /// Events acknowledged by upstream.
+    pub forwarded: AtomicU64,
+    /// Batches acknowledged by upstream.
+    pub batches_forwarded: AtomicU64,
+    dropped: [AtomicU64; 5],
+    /// Events buffered.
+    pub backlog_events: AtomicU64,
+    /// Stored bytes buffered.
+    pub backlog_bytes: AtomicU64,
+    /// ts (ms) of the oldest buffered event; 0 when empty.
+    pub oldest_ts: AtomicI64,
+    upstream_state: AtomicU8,
+    /// The last upstream error, for status.
+    pub upstream_error: Mutex<String>,
+    rule_errors: Mutex<BTreeMap<String, u64>>,
+    /// Events in the dead-letter table.
+    pub dlq_events: AtomicU64,
+    /// False once the store failed to commit.
+    pub store_healthy: AtomicBool,
+    commit_buckets: [AtomicU64; 12],
+    commit_count: AtomicU64,
+    commit_sum_us: AtomicU64,
+    /// Immediate (fsynced) commits.
+    pub fsyncs: AtomicU64,
+    /// When the process started (ms).
+    pub started_ms: i64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            ingested: Mutex::default(),
+            committed: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            batches_forwarded: AtomicU64::new(0),
+            dropped: Default::default(),
+            backlog_events: AtomicU64::new(0),
+            backlog_bytes: AtomicU64::new(0),
+            oldest_ts: AtomicI64::new(0),
+            upstream_state: AtomicU8::new(0),
+            upstream_error: Mutex::default(),
+            rule_errors: Mutex::default(),
+            dlq_events: AtomicU64::new(0),
+            store_healthy: AtomicBool::new(true),
+            commit_buckets: Default::default(),
+            commit_count: AtomicU64::new(0),
+            commit_sum_us: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            started_ms: crate::event::now_ms(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts `n` events ingested from `source` (`mqtt`, `serial:NAME`).
+    pub fn ingested(&self, source: &str, n: u64) {
+        let mut m = self.ingested.lock().unwrap();
+        match m.get_mut(source) {
+            Some(v) => *v += n,
+            None => {
+                m.insert(source.to_string(), n);
+            }
+        }
+    }
+
+    /// Total ingested over all sources.
+    pub fn ingested_total(&self) -> u64 {
+        self.ingested.lock().unwrap().values().sum()
+    }
+
+    /// Counts `n` events dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        self.dropped[reason.index()].fetch_add(n, Relaxed);
+    }
+
+    /// Events dropped for `reason` since start.
+    pub fn dropped_count(&self, reason: DropReason) -> u64 {
+        self.dropped[reason.index()].load(Relaxed)
+    }
+
+    /// Counts one error of `rule`.
+    pub fn rule_error(&self, rule: &str) {
+        *self
+            .rule_errors
+            .lock()
+            .unwrap()
+            .entry(rule.to_string())
+            .or_default() += 1;
+    }
+
+    /// Records one commit's duration.
+    pub fn observe_commit(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in COMMIT_BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.commit_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.commit_count.fetch_add(1, Relaxed);
+        self.commit_sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// Number of commits so far.
+    pub fn commits(&self) -> u64 {
+        self.commit_count.load(Relaxed)
+    }
+
+    /// Sets the forwarder's state.
+    pub fn set_upstream(&self, s: UpstreamState) {
+        self.upstream_state.store(s as u8, Relaxed);
+    }
+
+    /// The forwarder's state.
+    pub fn upstream(&self) -> UpstreamState {
+        UpstreamState::from_u8(self.upstream_state.load(Relaxed))
+    }
+
+    /// Whether upstream is connected.
+    pub fn upstream_connected(&self) -> bool {
+        matches!(
+            self.upstream(),
+            UpstreamState::Draining | UpstreamState::Live
+        )
+    }
+
+    /// Age in seconds of the oldest buffered event.
+    pub fn oldest_age_secs(&self) -> f64 {
+        let ts = self.oldest_ts.load(Relaxed);
+        if ts == 0 {
+            0.0
+        } else {
+            ((crate::event::now_ms() - ts).max(0) as f64) / 1000.0
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut o = String::with_capacity(4096);
+        let counter = |o: &mut String, name: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        };
+        counter(
+            &mut o,
+            "tidepool_events_ingested_total",
+            "Events received, by source.",
+        );
+        for (src, n) in self.ingested.lock().unwrap().iter() {
+            let _ = writeln!(o, "tidepool_events_ingested_total{{source=\"{src}\"}} {n}");
+        }
+        counter(
+            &mut o,
+            "tidepool_events_committed_total",
+            "Events written durably to the store.",
+        );
+        let _ = writeln!(
+            o,
+            "tidepool_events_committed_total {}",
+            self.committed.load(Relaxed)
+        );
+        counter(
+            &mut o,
+            "tidepool_events_forwarded_total",
+            "Events acknowledged by upstream.",
+        );
+        let _ = writeln!(
+            o,
+            "tidepool_events_forwarded_total {}",
+            self.forwarded.load(Relaxed)
+        );
+        counter(
+            &mut o,
+            "tidepool_batches_forwarded_total",
+            "Batches acknowledged by upstream.",
+        );
+        let _ = writeln!(
+            o,
+            "tidepool_batches_forwarded_total {}",
+            self.batches_forwarded.load(Relaxed)
+        );
+        counter(
+            &mut o,
+            "tidepool_events_dropped_total",
+            "Events dropped, by reason.",
+        );
+        for r in DropReason::ALL {
+            let _ = writeln!(
+                o,
+                "tidepool_events_dropped_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.dropped_count(r)
+            );
+        }
+        counter(
+            &mut o,
+            "tidepool_rule_errors_total",
+            "Rule failures, by rule.",
+        );
+        for (rule, n) in self.rule_errors.lock().unwrap().iter() {
+            let _ = writeln!(o, "tidepool_rule_errors_total{{rule=\"{rule}\"}} {n}");
+        }
+        counter(
+            &mut o,
+            "tidepool_fsyncs_total",
+            "Durable (fsynced) store commits.",
+        );
+        let _ = writeln!(o, "tidepool_fsyncs_total {}", self.fsyncs.load(Relaxed));
+        let gauges: [(&str, &str, String); 6] = [
+            (
+                "tidepool_backlog_events",
+                "Events buffered, not yet acknowledged upstream.",
+                self.backlog_events.load(Relaxed).to_string(),
+            ),
+            (
+                "tidepool_backlog_bytes",
+                "Stored bytes of buffered events.",
+                self.backlog_bytes.load(Relaxed).to_string(),
+            ),
+            (
+                "tidepool_backlog_oldest_seconds",
+                "Age of the oldest buffered event.",
+                format!("{:.3}", self.oldest_age_secs()),
+            ),
+            (
+                "tidepool_upstream_connected",
+                "1 while connected upstream.",
+                u8::from(self.upstream_connected()).to_string(),
+            ),
+            (
+                "tidepool_dlq_events",
+                "Events in the dead-letter queue.",
+                self.dlq_events.load(Relaxed).to_string(),
+            ),
+            (
+                "tidepool_store_healthy",
+                "1 while the store accepts commits.",
+                u8::from(self.store_healthy.load(Relaxed)).to_string(),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_commit_seconds Duration of one store commit (fsync included).\n# TYPE tidepool_commit_seconds histogram"
+        );
+        for (i, b) in COMMIT_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "tidepool_commit_seconds_bucket{{le=\"{b}\"}} {}",
+                self.commit_buckets[i].load(Relaxed)
+            );
+        }
+        let count = self.commit_count.load(Relaxed);
+        let _ = writeln!(o, "tidepool_commit_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            o,
+            "tidepool_commit_seconds_sum {:.6}",
+            self.commit_sum_us.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(o, "tidepool_commit_seconds_count {count}");
+        o
+    }
+
+    /// The `/status` document.
+    pub fn status_json(&self, gateway: &str, rules: serde_json::Value) -> serde_json::Value {
+        let dropped: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+            .iter()
+            .map(|r| (r.label().to_string(), self.dropped_count(*r).into()))
+            .collect();
+        serde_json::json!({
+            "gateway": gateway,
+            "running": true,
+            "uptime_seconds": (crate::event::now_ms() - self.started_ms) / 1000,
+            "ingested": self.ingested_total(),
+            "committed": self.committed.load(Relaxed),
+            "forwarded": self.forwarded.load(Relaxed),
+            "dropped": dropped,
+            "backlog_events": self.backlog_events.load(Relaxed),
+            "backlog_bytes": self.backlog_bytes.load(Relaxed),
+            "oldest_age_seconds": self.oldest_age_secs(),
+            "upstream": {
+                "state": self.upstream().name(),
+                "connected": self.upstream_connected(),
+                "last_error": self.upstream_error.lock().unwrap().clone(),
+            },
+            "dlq_events": self.dlq_events.load(Relaxed),
+            "store_healthy": self.store_healthy.load(Relaxed),
+            "commits": self.commits(),
+            "rules": rules,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_contract_names() {
+        let m = Metrics::default();
+        m.ingested("mqtt", 3);
+        m.dropped(DropReason::Oversize, 2);
+        m.observe_commit(Duration::from_millis(2));
+        m.rule_error("10-overheat");
+        let t = m.render();
+        for needle in [
+            "tidepool_events_ingested_total{source=\"mqtt\"} 3",
+            "tidepool_events_committed_total 0",
+            "tidepool_events_forwarded_total 0",
+            "tidepool_events_dropped_total{reason=\"oversize\"} 2",
+            "tidepool_events_dropped_total{reason=\"bad_frame\"} 0",
+            "tidepool_backlog_events 0",
+            "tidepool_backlog_bytes 0",
+            "tidepool_backlog_oldest_seconds 0.000",
+            "tidepool_upstream_connected 0",
+            "tidepool_rule_errors_total{rule=\"10-overheat\"} 1",
+            "tidepool_dlq_events 0",
+            "tidepool_commit_seconds_bucket{le=\"0.0025\"} 1",
+            "tidepool_commit_seconds_bucket{le=\"0.001\"} 0",
+            "tidepool_commit_seconds_count 1",
+        ] {
+            assert!(t.contains(needle), "missing {needle} in\n{t}");
+        }
+    }
+}

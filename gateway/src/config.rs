@@ -1,0 +1,740 @@
+//! Configuration: the TOML of CONTRACT.md.
+//!
+//! The defaults live in `gateway/defaults.toml`, compiled in and printed by
+//! `tidepool check --print-defaults`. A user's file is merged over them key by key, then the
+//! result is checked: unknown keys are refused, sizes and durations are human-readable, and an
+//! error names the file, the key (and its line when it came from the file) and what would be right.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+/// The built-in defaults, as shipped.
+pub const DEFAULTS: &str = include_str!("../defaults.toml");
+
+/// A configuration problem a user can fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {what}")]
+pub struct ConfigError {
+    /// `FILE`, `FILE:LINE`, or `built-in defaults`.
+    pub origin: String,
+    /// The key and what is wrong with it, and what would be right.
+    pub what: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Who this gateway is and where it keeps its data.
+    pub gateway: GatewayConfig,
+    /// Where events come from.
+    pub ingest: IngestConfig,
+    /// The Rhai rule stage.
+    pub rules: RulesConfig,
+    /// Where batches go.
+    pub upstream: UpstreamConfig,
+    /// The durable buffer.
+    pub buffer: BufferConfig,
+    /// The admin HTTP endpoint.
+    pub admin: AdminConfig,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Appears in every upstream batch; `{hostname}` is expanded at load.
+    pub id: String,
+    /// Folder holding the store.
+    pub data_dir: PathBuf,
+}
+
+/// `[ingest]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// `[ingest.mqtt]`.
+    pub mqtt: MqttIngestConfig,
+    /// `[[ingest.serial]]`, zero or more ports.
+    #[serde(default)]
+    pub serial: Vec<SerialConfig>,
+}
+
+/// How MQTT events come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttMode {
+    /// Run a broker that sensors publish to.
+    Embedded,
+    /// Subscribe to an existing broker.
+    Client,
+}
+
+/// `[ingest.mqtt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttIngestConfig {
+    /// Embedded broker or client of an existing one.
+    pub mode: MqttMode,
+    /// (embedded) listen address for sensors.
+    pub listen: SocketAddr,
+    /// (client) broker URL, `mqtt://HOST:PORT`.
+    pub broker: String,
+    /// (client) persistent client id.
+    pub client_id: String,
+    /// (client) username for the broker; empty for none.
+    pub username: String,
+    /// (client) password for the broker.
+    pub password: String,
+    /// MQTT filters to ingest.
+    pub topics: Vec<String>,
+    /// Largest payload accepted.
+    pub max_payload: ByteSize,
+    /// (embedded) most simultaneous connections.
+    pub max_connections: usize,
+    /// (embedded) memory for messages the gateway has not read yet.
+    pub broker_memory: ByteSize,
+    /// (embedded) accepted credentials; empty: anonymous.
+    pub users: Vec<UserConfig>,
+}
+
+/// One username/password pair for the embedded broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// MQTT username.
+    pub username: String,
+    /// MQTT password.
+    pub password: String,
+}
+
+/// How a serial port's byte stream is cut into frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Framing {
+    /// One JSON object per `\n`-terminated line.
+    Lines,
+    /// postcard frames, COBS-encoded, 0x00-delimited.
+    Cobs,
+}
+
+/// `[[ingest.serial]]`: one serial port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Name used in metrics and the default topic.
+    pub name: String,
+    /// Device path, e.g. `/dev/ttyUSB0`.
+    pub path: PathBuf,
+    /// Line speed.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Framing of the byte stream.
+    #[serde(default = "default_framing")]
+    pub framing: Framing,
+    /// Topic of events from this port; default `serial/NAME`.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Longest frame accepted.
+    #[serde(default = "default_max_frame")]
+    pub max_frame: ByteSize,
+    /// Answer each frame with an ack after it is committed.
+    #[serde(default)]
+    pub ack: bool,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_framing() -> Framing {
+    Framing::Lines
+}
+fn default_max_frame() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+
+/// `[rules]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// Folder of `*.rhai` rules.
+    pub dir: PathBuf,
+    /// Period of `on_tick`.
+    pub tick: HumanDuration,
+    /// Most Rhai operations per call.
+    pub max_operations: u64,
+}
+
+/// Batch encoding upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// JSON, see CONTRACT.md.
+    Json,
+    /// postcard, same fields.
+    Postcard,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `mqtt://` or `mqtts://` URL; `None`: buffer only.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Topic batches are published to.
+    pub topic: String,
+    /// MQTT client id upstream.
+    pub client_id: String,
+    /// Most events per batch.
+    pub batch_max_events: usize,
+    /// Most encoded bytes per batch.
+    pub batch_max_bytes: ByteSize,
+    /// Longest an event waits for its batch to fill.
+    pub batch_max_wait: HumanDuration,
+    /// Wire encoding.
+    pub encoding: Encoding,
+    /// Batches in flight (published, not yet PUBACKed).
+    pub max_inflight: usize,
+    /// MQTT keep-alive.
+    pub keep_alive: HumanDuration,
+    /// First reconnect delay.
+    pub reconnect_min: HumanDuration,
+    /// Largest reconnect delay.
+    pub reconnect_max: HumanDuration,
+    /// Username; empty for none.
+    pub username: String,
+    /// Password.
+    pub password: String,
+    /// CA certificate (PEM); empty: system roots.
+    pub ca_file: PathBuf,
+    /// Client certificate (PEM) for mTLS; empty: none.
+    pub cert_file: PathBuf,
+    /// Client key (PEM) for mTLS.
+    pub key_file: PathBuf,
+}
+
+/// What to do when `max_bytes` is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Delete the oldest buffered events to make room.
+    DropOldest,
+    /// Refuse the new events.
+    RejectNew,
+}
+
+/// `[buffer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Cap on the stored size of buffered events.
+    pub max_bytes: ByteSize,
+    /// Oldest an event may get before it is dropped.
+    pub max_age: HumanDuration,
+    /// Policy at the cap.
+    pub when_full: WhenFull,
+    /// Most events in one commit.
+    pub commit_max_events: usize,
+    /// Longest a commit waits for more events after the first.
+    pub commit_max_wait: HumanDuration,
+    /// redb page cache.
+    pub cache_size: ByteSize,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address; empty disables the endpoint.
+    pub listen: String,
+}
+
+impl AdminConfig {
+    /// The address to serve on, if any.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
+/// A size in bytes, written `512MiB`, `64KiB`, `1000` or `2MB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"256KiB"` and friends.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size; write e.g. \"64KiB\", \"512MiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "k" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` in `{s}`; use B, KiB, MiB, GiB (or KB, MB, GB)"
+                ))
+            }
+        };
+        Ok(ByteSize((num * mult as f64) as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b >= 1 << 30 && b % (1 << 30) == 0 {
+            write!(f, "{}GiB", b >> 30)
+        } else if b >= 1 << 20 && b % (1 << 20) == 0 {
+            write!(f, "{}MiB", b >> 20)
+        } else if b >= 1 << 10 && b % (1 << 10) == 0 {
+            write!(f, "{}KiB", b >> 10)
+        } else {
+            write!(f, "{b}B")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom("expected a size such as \"64KiB\" or a number of bytes")
+        })? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// A duration written `250ms`, `1s`, `5m`, `2h`, `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    /// Parses `"1s"` and friends; several parts add up (`"1m30s"`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("`{s}` is not a duration; write e.g. \"250ms\", \"1s\", \"5m\", \"7d\"");
+        let mut rest = s.trim();
+        if rest.is_empty() {
+            return Err(bad());
+        }
+        let mut total = Duration::ZERO;
+        while !rest.is_empty() {
+            let n_end = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .ok_or_else(bad)?;
+            let n: f64 = rest[..n_end].parse().map_err(|_| bad())?;
+            rest = &rest[n_end..];
+            let u_end = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let secs = match rest[..u_end].trim() {
+                "ms" => n / 1000.0,
+                "s" => n,
+                "m" | "min" => n * 60.0,
+                "h" => n * 3600.0,
+                "d" => n * 86400.0,
+                _ => return Err(bad()),
+            };
+            total += Duration::from_secs_f64(secs);
+            rest = &rest[u_end..];
+        }
+        Ok(HumanDuration(total))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            de::Error::custom("expected a duration string such as \"1s\" or \"7d\"")
+        })?;
+        HumanDuration::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl Config {
+    /// The built-in defaults, with `{hostname}` and `{gateway}` expanded.
+    pub fn defaults() -> Config {
+        Self::from_str_named(DEFAULTS_NAME, "").expect("built-in defaults are valid")
+    }
+
+    /// Loads `path` over the defaults, or the defaults alone when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            None => Ok(Self::defaults()),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                    origin: p.display().to_string(),
+                    what: format!("cannot read the config file: {e}"),
+                })?;
+                Self::from_str_named(&p.display().to_string(), &text)
+            }
+        }
+    }
+
+    /// Parses `text` (named `name` in messages) over the defaults.
+    pub fn from_str_named(name: &str, text: &str) -> Result<Config, ConfigError> {
+        let mut merged: toml::Table = DEFAULTS.parse().expect("built-in defaults parse");
+        let user: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+            origin: name.to_string(),
+            what: format!("not valid TOML: {}", e.to_string().trim_end()),
+        })?;
+        merge(&mut merged, user);
+        let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let line = find_line(text, &key);
+                ConfigError {
+                    origin: match line {
+                        Some(l) => format!("{name}:{l}"),
+                        None => name.to_string(),
+                    },
+                    what: format!("key `{key}`: {}", e.inner()),
+                }
+            })?;
+        cfg.expand(name)?;
+        Ok(cfg)
+    }
+
+    /// Expands placeholders and checks what serde cannot.
+    fn expand(&mut self, name: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, what: String| ConfigError {
+            origin: name.to_string(),
+            what: format!("key `{key}`: {what}"),
+        };
+        if self.gateway.id.contains("{hostname}") {
+            self.gateway.id = self.gateway.id.replace("{hostname}", &hostname());
+        }
+        if self.gateway.id.is_empty() || self.gateway.id.contains(['/', '+', '#']) {
+            return Err(err(
+                "gateway.id",
+                "must be non-empty and free of `/`, `+` and `#` (it is used in MQTT topics)".into(),
+            ));
+        }
+        let id = self.gateway.id.clone();
+        for s in [
+            &mut self.ingest.mqtt.client_id,
+            &mut self.upstream.topic,
+            &mut self.upstream.client_id,
+        ] {
+            *s = s.replace("{gateway}", &id);
+        }
+        if self.upstream.batch_max_events == 0 {
+            return Err(err(
+                "upstream.batch_max_events",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.upstream.max_inflight == 0 {
+            return Err(err("upstream.max_inflight", "must be at least 1".into()));
+        }
+        if self.buffer.commit_max_events == 0 {
+            return Err(err("buffer.commit_max_events", "must be at least 1".into()));
+        }
+        if let Some(url) = &self.upstream.url {
+            parse_mqtt_url(url).map_err(|e| err("upstream.url", e))?;
+        }
+        if self.ingest.mqtt.mode == MqttMode::Client {
+            parse_mqtt_url(&self.ingest.mqtt.broker).map_err(|e| err("ingest.mqtt.broker", e))?;
+        }
+        if self.ingest.mqtt.topics.is_empty() {
+            return Err(err(
+                "ingest.mqtt.topics",
+                "needs at least one filter, e.g. [\"#\"]".into(),
+            ));
+        }
+        if !self.admin.listen.is_empty() && self.admin.addr().is_none() {
+            return Err(err(
+                "admin.listen",
+                format!(
+                    "`{}` is not an address; write e.g. \"127.0.0.1:9464\", or \"\" to disable",
+                    self.admin.listen
+                ),
+            ));
+        }
+        if self.upstream.cert_file.as_os_str().is_empty()
+            != self.upstream.key_file.as_os_str().is_empty()
+        {
+            return Err(err(
+                "upstream.cert_file",
+                "cert_file and key_file go together (mTLS); set both or neither".into(),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, s) in self.ingest.serial.iter().enumerate() {
+            if !names.insert(s.name.clone()) {
+                return Err(err(
+                    &format!("ingest.serial[{i}].name"),
+                    format!("`{}` is used by two ports; names must be unique", s.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The store file inside `data_dir`.
+    pub fn store_path(&self) -> PathBuf {
+        self.gateway.data_dir.join("tidepool.redb")
+    }
+}
+
+const DEFAULTS_NAME: &str = "built-in defaults";
+
+/// A parsed `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttUrl {
+    /// Whether to use TLS.
+    pub tls: bool,
+    /// Host name or address.
+    pub host: String,
+    /// Port (1883 / 8883 when not given).
+    pub port: u16,
+}
+
+/// Parses an MQTT URL; the error says what would be right.
+pub fn parse_mqtt_url(url: &str) -> Result<MqttUrl, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "`{url}` must start with mqtt:// or mqtts://, e.g. \"mqtts://broker.example.com:8883\""
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("`{url}`: port `{p}` is not a number from 1 to 65535"))?,
+        ),
+        None => (rest, if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok(MqttUrl {
+        tls,
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port,
+    })
+}
+
+/// Merges `over` into `base`: tables recursively, anything else replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Best-effort line of `key` (dotted path) in the user's file, for messages.
+fn find_line(text: &str, key: &str) -> Option<usize> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let leaf = parts.last()?.split('[').next()?;
+    let section: Vec<&str> = parts[..parts.len().saturating_sub(1)]
+        .iter()
+        .map(|p| p.split('[').next().unwrap_or(p))
+        .collect();
+    let section = section.join(".");
+    let mut in_section = section.is_empty();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim();
+            in_section = name == section;
+            if in_section && leaf.is_empty() {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if in_section {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim().trim_matches('"') == leaf {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    // The key may be the section itself (e.g. an unknown section).
+    text.lines()
+        .position(|l| l.trim().trim_matches(|c| c == '[' || c == ']') == key)
+        .map(|i| i + 1)
+}
+
+/// This machine's hostname, or `tidepool` when it cannot be read.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "tidepool".to_string())
+}
+
+/// A key/value view of the effective config, for `tidepool check`.
+pub fn summary(cfg: &Config) -> BTreeMap<&'static str, String> {
+    let mut m = BTreeMap::new();
+    m.insert("gateway.id", cfg.gateway.id.clone());
+    m.insert(
+        "gateway.data_dir",
+        cfg.gateway.data_dir.display().to_string(),
+    );
+    m.insert(
+        "ingest.mqtt.mode",
+        format!("{:?}", cfg.ingest.mqtt.mode).to_lowercase(),
+    );
+    m.insert(
+        "upstream.url",
+        cfg.upstream
+            .url
+            .clone()
+            .unwrap_or_else(|| "(none: buffer only)".into()),
+    );
+    m.insert("buffer.max_bytes", cfg.buffer.max_bytes.to_string());
+    m.insert("rules.dir", cfg.rules.dir.display().to_string());
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_expand() {
+        let c = Config::defaults();
+        assert!(!c.gateway.id.contains('{'));
+        assert_eq!(c.upstream.batch_max_events, 500);
+        assert_eq!(c.upstream.batch_max_bytes, ByteSize(256 * 1024));
+        assert_eq!(c.upstream.batch_max_wait.0, Duration::from_secs(1));
+        assert_eq!(c.buffer.max_age.0, Duration::from_secs(7 * 86400));
+        assert_eq!(c.buffer.when_full, WhenFull::DropOldest);
+        assert!(c.upstream.url.is_none());
+        assert_eq!(c.ingest.mqtt.mode, MqttMode::Embedded);
+        assert!(c.upstream.topic.ends_with("/events") && !c.upstream.topic.contains('{'));
+    }
+
+    #[test]
+    fn user_keys_override_defaults() {
+        let c = Config::from_str_named(
+            "t.toml",
+            "[gateway]\nid = \"pi-1\"\n[upstream]\nurl = \"mqtt://127.0.0.1:1999\"\nbatch_max_events = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.gateway.id, "pi-1");
+        assert_eq!(c.upstream.topic, "tidepool/pi-1/events");
+        assert_eq!(c.upstream.batch_max_events, 10);
+        assert_eq!(c.upstream.batch_max_wait.0, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = Config::from_str_named(
+            "t.toml",
+            "[upstream]\nurl = \"mqtt://h:1\"\nbatch_max_event = 3\n",
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.starts_with("t.toml:3: key `upstream.batch_max_event`"),
+            "{s}"
+        );
+        assert!(
+            s.contains("unknown field") && s.contains("batch_max_events"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn bad_values_say_what_would_be_right() {
+        let e =
+            Config::from_str_named("c.toml", "[buffer]\nmax_bytes = \"12 parsecs\"\n").unwrap_err();
+        assert!(e.to_string().contains("buffer.max_bytes"), "{e}");
+        assert!(e.to_string().contains("KiB"), "{e}");
+        let e = Config::from_str_named("c.toml", "[buffer]\nwhen_full = \"drop_newest\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("drop_oldest"), "{e}");
+        let e = Config::from_str_named("c.toml", "[upstream]\nurl = \"http://x\"\n").unwrap_err();
+        assert!(e.to_string().contains("mqtt://"), "{e}");
+        let e = Config::from_str_named("c.toml", "[rules]\ntick = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("rules.tick"), "{e}");
+        let e = Config::from_str_named("c.toml", "[gateway\n").unwrap_err();
+        assert!(e.to_string().contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(ByteSize::parse("64KiB").unwrap().0, 65536);
+        assert_eq!(ByteSize::parse("2MB").unwrap().0, 2_000_000);
+        assert_eq!(ByteSize::parse("100").unwrap().0, 100);
+        assert!(ByteSize::parse("1 XB").is_err());
+        assert_eq!(
+            HumanDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            HumanDuration::parse("1m30s").unwrap().0,
+            Duration::from_secs(90)
+        );
+        assert!(HumanDuration::parse("5").is_err());
+        assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
+    }
+
+    #[test]
+    fn urls() {
+        let u = parse_mqtt_url("mqtts://broker.example.com").unwrap();
+        assert!(u.tls && u.port == 8883 && u.host == "broker.example.com");
+        let u = parse_mqtt_url("mqtt://127.0.0.1:1999").unwrap();
+        assert!(!u.tls && u.port == 1999);
+        assert!(parse_mqtt_url("tcp://x:1").is_err());
+        assert!(parse_mqtt_url("mqtt://x:notaport").is_err());
+    }
+
+    #[test]
+    fn serial_ports_get_defaults() {
+        let c = Config::from_str_named(
+            "s.toml",
+            "[[ingest.serial]]\nname = \"uart0\"\npath = \"/dev/ttyUSB0\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.ingest.serial[0].baud, 115200);
+        assert_eq!(c.ingest.serial[0].framing, Framing::Lines);
+    }
+}

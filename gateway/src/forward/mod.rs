@@ -1,0 +1,574 @@
+//! The forwarder: store → upstream MQTT broker, in batches, deleting only after PUBACK.
+//!
+//! An explicit state machine; each state is an `async fn` returning the next:
+//!
+//! ```text
+//!            ┌──────────── error / connection lost ◄─────────────┐
+//!            ▼                                                    │
+//! Offline ─(backoff)─► Connecting ─(CONNACK)─► Draining ⇄ Live ──┘
+//! ```
+//! - **Offline**: waits out an exponential backoff with full jitter.
+//! - **Connecting**: a fresh rumqttc client (clean session), TCP/TLS, CONNECT with a retained
+//!   `offline` last will; on CONNACK publishes retained `online`.
+//! - **Draining**: full batches are waiting; sends them back to back, up to `max_inflight`.
+//! - **Live**: caught up; a partial batch goes when it fills or `batch_max_wait` passes.
+//!
+//! In flight: a FIFO of published batches, each matched to its packet id as rumqttc sends it
+//! and retired by that id's PUBACK. The store deletes a batch's events only when told of its
+//! PUBACK ([`ForwardAck`]). On any disconnect the client is dropped with everything in flight
+//! and the next connection resends from the store, starting after the last acknowledged id:
+//! a lost session can neither lose nor stall data.
+
+pub mod tls;
+pub mod wire;
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::Database;
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event as MqttEvent, LastWill, MqttOptions,
+    Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::admin::metrics::{Metrics, UpstreamState};
+use crate::config::{parse_mqtt_url, UpstreamConfig};
+use crate::shutdown::Shutdown;
+use crate::store::{self, ForwardAck};
+use wire::BatchEncoder;
+
+/// Forwarder errors that stop it from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// TLS files unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// URL invalid.
+    #[error("key `upstream.url`: {0}")]
+    Url(String),
+}
+
+/// The retained liveness topic of a gateway.
+pub fn status_topic(gateway: &str) -> String {
+    format!("tidepool/{gateway}/status")
+}
+
+/// What the connection's poller tells the state machine.
+#[derive(Debug)]
+enum ConnEvent {
+    ConnAck(ConnectReturnCode),
+    /// rumqttc wrote a PUBLISH with this packet id (in publish order).
+    Sent(u16),
+    PubAck(u16),
+    Lost(String),
+}
+
+/// A published, unacknowledged batch.
+#[derive(Debug)]
+struct InFlight {
+    batch: u64,
+    last_id: u64,
+    count: u64,
+    pkid: Option<u16>,
+    acked: bool,
+}
+
+/// One live connection: the client, its poller's reports, and what is in flight.
+struct Conn {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<ConnEvent>,
+    poller: tokio::task::JoinHandle<()>,
+    inflight: VecDeque<InFlight>,
+    /// Publishes whose packet id is not known yet: `Some(index)` batch, `None` status message.
+    unsent: VecDeque<bool>,
+    status_pkids: Vec<u16>,
+    /// Highest id published on this connection.
+    next_read: u64,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+enum State {
+    Offline,
+    Connecting,
+    Draining(Conn),
+    Live(Conn),
+    Stopped,
+}
+
+/// The forwarder task.
+pub struct Forwarder {
+    cfg: UpstreamConfig,
+    gateway: String,
+    db: Arc<Database>,
+    metrics: Arc<Metrics>,
+    committed: watch::Receiver<u64>,
+    acks: mpsc::UnboundedSender<ForwardAck>,
+    shutdown: Shutdown,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    host: String,
+    port: u16,
+    max_packet: usize,
+    acked_upto: u64,
+    next_batch: u64,
+    failures: u32,
+    last_error: String,
+    /// When the current partial batch was first seen.
+    partial_since: Option<Instant>,
+    /// Average stored row size, to guess when a batch is full by bytes.
+    avg_row: u64,
+}
+
+impl Forwarder {
+    /// Prepares the forwarder; fails on unusable TLS files or URL.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: UpstreamConfig,
+        gateway: String,
+        db: Arc<Database>,
+        metrics: Arc<Metrics>,
+        committed: watch::Receiver<u64>,
+        acks: mpsc::UnboundedSender<ForwardAck>,
+        shutdown: Shutdown,
+        max_payload: usize,
+    ) -> Result<Forwarder, ForwardError> {
+        let (host, port, tls) = match &cfg.url {
+            Some(url) => {
+                let u = parse_mqtt_url(url).map_err(ForwardError::Url)?;
+                let tls = if u.tls {
+                    Some(tls::client_config(&cfg)?)
+                } else {
+                    None
+                };
+                (u.host, u.port, tls)
+            }
+            None => (String::new(), 0, None),
+        };
+        let next_batch = meta_get(&db, "next_batch").max(1);
+        let max_packet = cfg.batch_max_bytes.0 as usize + 2 * max_payload + 16 * 1024;
+        Ok(Forwarder {
+            cfg,
+            gateway,
+            db,
+            metrics,
+            committed,
+            acks,
+            shutdown,
+            tls,
+            host,
+            port,
+            max_packet,
+            acked_upto: 0,
+            next_batch,
+            failures: 0,
+            last_error: String::new(),
+            partial_since: None,
+            avg_row: 256,
+        })
+    }
+
+    /// Runs the state machine until shutdown.
+    pub async fn run(mut self) {
+        if self.cfg.url.is_none() {
+            self.metrics.set_upstream(UpstreamState::Disabled);
+            info!("no [upstream] url: events stay buffered until one is configured");
+            self.shutdown.wait().await;
+            return;
+        }
+        let mut state = State::Connecting;
+        loop {
+            state = match state {
+                State::Offline => self.offline().await,
+                State::Connecting => self.connecting().await,
+                State::Draining(c) => self.connected(c, UpstreamState::Draining).await,
+                State::Live(c) => self.connected(c, UpstreamState::Live).await,
+                State::Stopped => break,
+            };
+        }
+        self.metrics.set_upstream(UpstreamState::Offline);
+        info!(acked_upto = self.acked_upto, "forwarder stopped");
+    }
+
+    /// Waits out the backoff.
+    async fn offline(&mut self) -> State {
+        self.metrics.set_upstream(UpstreamState::Offline);
+        let min = self.cfg.reconnect_min.0.as_millis() as u64;
+        let max = self.cfg.reconnect_max.0.as_millis() as u64;
+        let cap = min
+            .saturating_mul(1u64 << self.failures.min(20))
+            .min(max)
+            .max(1);
+        // Full jitter, never below half the minimum.
+        let wait = Duration::from_millis((min / 2).max(1) + fastrand::u64(0..=cap));
+        debug!(
+            ?wait,
+            failures = self.failures,
+            "upstream: waiting before reconnect"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => State::Connecting,
+            _ = self.shutdown.wait() => State::Stopped,
+        }
+    }
+
+    fn fail(&mut self, what: String) -> State {
+        self.failures = self.failures.saturating_add(1);
+        if what != self.last_error {
+            warn!(error = %what, "upstream unavailable; events stay buffered");
+            self.last_error = what.clone();
+        } else {
+            debug!(error = %what, failures = self.failures, "upstream still unavailable");
+        }
+        *self.metrics.upstream_error.lock().unwrap() = what;
+        State::Offline
+    }
+
+    fn options(&self) -> MqttOptions {
+        let mut o = MqttOptions::new(&self.cfg.client_id, &self.host, self.port);
+        o.set_keep_alive(self.cfg.keep_alive.0.max(Duration::from_secs(5)));
+        o.set_clean_session(true);
+        o.set_max_packet_size(self.max_packet, self.max_packet);
+        o.set_inflight((self.cfg.max_inflight + 4).min(u16::MAX as usize) as u16);
+        o.set_last_will(LastWill::new(
+            status_topic(&self.gateway),
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
+        if !self.cfg.username.is_empty() {
+            o.set_credentials(&self.cfg.username, &self.cfg.password);
+        }
+        if let Some(tls) = &self.tls {
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
+        }
+        o
+    }
+
+    /// A fresh client; waits for CONNACK.
+    async fn connecting(&mut self) -> State {
+        self.metrics.set_upstream(UpstreamState::Connecting);
+        let (client, mut eventloop) = AsyncClient::new(self.options(), 64);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let poller = tokio::spawn(async move {
+            loop {
+                let ev = match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => ConnEvent::ConnAck(c.code),
+                    Ok(MqttEvent::Incoming(Packet::PubAck(a))) => ConnEvent::PubAck(a.pkid),
+                    Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => ConnEvent::Sent(pkid),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(ConnEvent::Lost(describe(&e)));
+                        return;
+                    }
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        });
+        let connack = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = tokio::time::sleep(Duration::from_secs(20)) => Some(ConnEvent::Lost("no CONNACK within 20s".into())),
+            _ = self.shutdown.wait() => { poller.abort(); return State::Stopped }
+        };
+        let mut conn = Conn {
+            client,
+            events: rx,
+            poller,
+            inflight: VecDeque::new(),
+            unsent: VecDeque::new(),
+            status_pkids: Vec::new(),
+            next_read: self.acked_upto,
+        };
+        match connack {
+            Some(ConnEvent::ConnAck(ConnectReturnCode::Success)) => {}
+            Some(ConnEvent::ConnAck(code)) => return self.fail(refused(code)),
+            Some(ConnEvent::Lost(e)) => return self.fail(e),
+            other => return self.fail(format!("unexpected before CONNACK: {other:?}")),
+        }
+        if conn
+            .client
+            .publish(
+                status_topic(&self.gateway),
+                QoS::AtLeastOnce,
+                true,
+                "online",
+            )
+            .await
+            .is_err()
+        {
+            return self.fail("client closed before publishing status".into());
+        }
+        conn.unsent.push_back(false);
+        if self.failures > 0 || !self.last_error.is_empty() {
+            info!(host = %self.host, port = self.port, "upstream connected again; resending from the store");
+        } else {
+            info!(host = %self.host, port = self.port, "upstream connected");
+        }
+        self.failures = 0;
+        self.last_error.clear();
+        self.metrics.upstream_error.lock().unwrap().clear();
+        self.partial_since = None;
+        State::Draining(conn)
+    }
+
+    /// Draining and Live: fill the pipeline, retire PUBACKs, until the connection drops.
+    async fn connected(&mut self, mut conn: Conn, label: UpstreamState) -> State {
+        self.metrics.set_upstream(label);
+        let mut waiting_full = false;
+        // Fill the pipeline.
+        while conn.inflight.len() < self.cfg.max_inflight {
+            let committed = *self.committed.borrow();
+            if committed <= conn.next_read {
+                self.partial_since = None;
+                break;
+            }
+            if let Some(since) = self.partial_since {
+                let pending = committed - conn.next_read;
+                let full_by_count = pending >= self.cfg.batch_max_events as u64;
+                let full_by_bytes = pending * self.avg_row >= self.cfg.batch_max_bytes.0;
+                if !full_by_count && !full_by_bytes && since.elapsed() < self.cfg.batch_max_wait.0 {
+                    break;
+                }
+            }
+            let (payload, last_id, count, full) = match self.build_batch(conn.next_read).await {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    // Rows below `committed` went (acked or dropped) before we read them.
+                    conn.next_read = committed;
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "forwarder: store read failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+            };
+            if !full {
+                let since = *self.partial_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < self.cfg.batch_max_wait.0 {
+                    break;
+                }
+            }
+            waiting_full |= full;
+            let batch = self.next_batch;
+            self.next_batch += 1;
+            if conn
+                .client
+                .publish_bytes(
+                    self.cfg.topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.into(),
+                )
+                .await
+                .is_err()
+            {
+                return self.fail("client closed while publishing".into());
+            }
+            conn.unsent.push_back(true);
+            conn.inflight.push_back(InFlight {
+                batch,
+                last_id,
+                count,
+                pkid: None,
+                acked: false,
+            });
+            conn.next_read = last_id;
+            self.partial_since = None;
+        }
+        let next_label = if waiting_full
+            || *self.committed.borrow() > conn.next_read + self.cfg.batch_max_events as u64
+        {
+            UpstreamState::Draining
+        } else {
+            UpstreamState::Live
+        };
+        self.metrics.set_upstream(next_label);
+
+        let deadline = self
+            .partial_since
+            .map(|s| s + self.cfg.batch_max_wait.0)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let room = conn.inflight.len() < self.cfg.max_inflight;
+        tokio::select! {
+            ev = conn.events.recv() => match ev {
+                Some(ConnEvent::Sent(pkid)) => match conn.unsent.pop_front() {
+                    Some(true) => {
+                        if let Some(b) = conn.inflight.iter_mut().find(|b| b.pkid.is_none()) {
+                            b.pkid = Some(pkid);
+                        }
+                    }
+                    Some(false) => conn.status_pkids.push(pkid),
+                    None => return self.fail(format!("protocol: PUBLISH {pkid} sent that was never queued")),
+                },
+                Some(ConnEvent::PubAck(pkid)) => {
+                    if let Some(i) = conn.status_pkids.iter().position(|p| *p == pkid) {
+                        conn.status_pkids.swap_remove(i);
+                    } else if let Some(b) = conn.inflight.iter_mut().find(|b| b.pkid == Some(pkid) && !b.acked) {
+                        b.acked = true;
+                        self.retire(&mut conn);
+                    } else {
+                        debug!(pkid, "PUBACK for nothing in flight (ignored)");
+                    }
+                }
+                Some(ConnEvent::Lost(e)) => return self.fail(e),
+                Some(ConnEvent::ConnAck(_)) => return self.fail("unexpected second CONNACK".into()),
+                None => return self.fail("connection task ended".into()),
+            },
+            r = self.committed.changed(), if room => {
+                if r.is_err() { return self.stop(conn).await; }
+            }
+            _ = tokio::time::sleep_until(deadline), if room => {}
+            _ = self.shutdown.wait() => return self.stop(conn).await,
+        }
+        match next_label {
+            UpstreamState::Draining => State::Draining(conn),
+            _ => State::Live(conn),
+        }
+    }
+
+    /// Retires acknowledged batches from the front of the FIFO, telling the store.
+    fn retire(&mut self, conn: &mut Conn) {
+        while conn.inflight.front().is_some_and(|b| b.acked) {
+            let b = conn.inflight.pop_front().expect("front exists");
+            self.acked_upto = self.acked_upto.max(b.last_id);
+            self.metrics.forwarded.fetch_add(b.count, Relaxed);
+            self.metrics.batches_forwarded.fetch_add(1, Relaxed);
+            let _ = self.acks.send(ForwardAck {
+                up_to: b.last_id,
+                batch: b.batch,
+            });
+        }
+    }
+
+    /// Reads and encodes the next batch after `after`: (payload, last id, count, full).
+    async fn build_batch(
+        &mut self,
+        after: u64,
+    ) -> Result<Option<(Vec<u8>, u64, u64, bool)>, store::StoreError> {
+        let db = self.db.clone();
+        let max_events = self.cfg.batch_max_events;
+        let max_bytes = self.cfg.batch_max_bytes.0;
+        let encoding = self.cfg.encoding;
+        let gateway = self.gateway.clone();
+        let batch = self.next_batch;
+        let r = tokio::task::spawn_blocking(move || {
+            let events = store::read_after(&db, after, max_events, max_bytes)?;
+            if events.is_empty() {
+                return Ok(None);
+            }
+            let mut enc = BatchEncoder::new(encoding, &gateway, batch);
+            let mut last = 0;
+            let mut cut = false;
+            for e in &events {
+                if !enc.push(e, max_bytes as usize) {
+                    cut = true;
+                    break;
+                }
+                last = e.id;
+            }
+            let count = enc.count() as u64;
+            let avg = (enc.len() as u64 / count.max(1)).max(1);
+            let full = cut || count as usize >= max_events;
+            Ok::<_, store::StoreError>(Some((enc.finish(batch), last, count, full, avg)))
+        })
+        .await
+        .expect("batch reader panicked");
+        Ok(r?.map(|(p, last, count, full, avg)| {
+            self.avg_row = avg;
+            (p, last, count, full)
+        }))
+    }
+
+    /// Orderly stop: wait briefly for in-flight PUBACKs, say `offline`, disconnect.
+    async fn stop(&mut self, mut conn: Conn) -> State {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !conn.inflight.is_empty() {
+            match tokio::time::timeout_at(deadline, conn.events.recv()).await {
+                Ok(Some(ConnEvent::Sent(pkid))) => match conn.unsent.pop_front() {
+                    Some(true) => {
+                        if let Some(b) = conn.inflight.iter_mut().find(|b| b.pkid.is_none()) {
+                            b.pkid = Some(pkid);
+                        }
+                    }
+                    _ => conn.status_pkids.push(pkid),
+                },
+                Ok(Some(ConnEvent::PubAck(pkid))) => {
+                    if let Some(b) = conn.inflight.iter_mut().find(|b| b.pkid == Some(pkid)) {
+                        b.acked = true;
+                        self.retire(&mut conn);
+                    }
+                }
+                _ => break,
+            }
+        }
+        let _ = conn
+            .client
+            .publish(
+                status_topic(&self.gateway),
+                QoS::AtLeastOnce,
+                true,
+                "offline",
+            )
+            .await;
+        let _ = conn.client.disconnect().await;
+        // Give the poller a moment to flush the status message and DISCONNECT.
+        let _ = tokio::time::timeout(Duration::from_millis(300), async {
+            while let Some(ev) = conn.events.recv().await {
+                if matches!(ev, ConnEvent::Lost(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        State::Stopped
+    }
+}
+
+fn refused(code: ConnectReturnCode) -> String {
+    let why = match code {
+        ConnectReturnCode::BadUserNamePassword => {
+            "bad username or password (check [upstream] username and password)"
+        }
+        ConnectReturnCode::NotAuthorized => {
+            "not authorized (check [upstream] credentials and the broker's ACL)"
+        }
+        ConnectReturnCode::BadClientId => "client id rejected (check [upstream] client_id)",
+        ConnectReturnCode::ServiceUnavailable => "broker unavailable",
+        ConnectReturnCode::RefusedProtocolVersion => "MQTT 3.1.1 not accepted by the broker",
+        ConnectReturnCode::Success => "success",
+    };
+    format!("upstream refused the connection: {why}")
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => refused(*code),
+        ConnectionError::Tls(t) => format!(
+            "TLS handshake failed: {t} (check [upstream] ca_file, cert_file, key_file and the broker's host name)"
+        ),
+        ConnectionError::Io(io) => format!("connection failed: {io}"),
+        other => format!("connection lost: {other}"),
+    }
+}
+
+fn meta_get(db: &Database, key: &str) -> u64 {
+    use redb::ReadableDatabase;
+    db.begin_read()
+        .ok()
+        .and_then(|t| t.open_table(store::META).ok())
+        .and_then(|t| t.get(key).ok().flatten().map(|v| v.value()))
+        .unwrap_or(0)
+}

@@ -1,0 +1,169 @@
+//! Tidepool: an edge event gateway.
+//!
+//! ```text
+//! sensors ─MQTT─┐                      ┌─ local subscribers (embedded broker)
+//! serial ports ─┴─> ingest ─> rules ─> store ─> forward ─MQTT/TLS─> upstream
+//! ```
+//! [`run`] wires the stages: ingest sources feed one bounded channel; the store's commit loop
+//! (its own thread) runs the rule stage and commits groups durably; the forwarder reads the
+//! store and deletes only what upstream acknowledged; admin serves metrics and status.
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod forward;
+pub mod ingest;
+pub mod rules;
+pub mod shutdown;
+pub mod status;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use admin::metrics::Metrics;
+use config::{Config, MqttMode};
+use shutdown::Shutdown;
+
+/// A running gateway's handles, for in-process users (the demo, tests).
+pub struct Running {
+    /// The counters.
+    pub metrics: Arc<Metrics>,
+    /// Completes when the gateway has stopped.
+    pub done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts the gateway; it stops when `shutdown` fires. Errors in the config or in binding
+/// ports are returned before anything runs.
+pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::default());
+    let path = cfg.store_path();
+    let db = store::open(&path, cfg.buffer.cache_size.0)?;
+
+    let (in_tx, in_rx) = mpsc::channel(cfg.buffer.commit_max_events * 4);
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let (committed_tx, committed_rx) = watch::channel(0u64);
+    let commit_loop = store::CommitLoop::new(
+        db.clone(),
+        cfg.buffer.clone(),
+        metrics.clone(),
+        Box::new(rules::PassThrough),
+        in_rx,
+        ack_rx,
+        committed_tx,
+        tokio::runtime::Handle::current(),
+    )?;
+    let forwarder = forward::Forwarder::new(
+        cfg.upstream.clone(),
+        cfg.gateway.id.clone(),
+        db.clone(),
+        metrics.clone(),
+        committed_rx,
+        ack_tx,
+        shutdown.clone(),
+        cfg.ingest.mqtt.max_payload.0 as usize,
+    )?;
+    let admin_listener = match cfg.admin.addr() {
+        Some(a) => Some(admin::bind(a).await.map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+
+    // Sources. Each holds a sender; the commit loop ends once all are gone.
+    let mut embedded_reader = None;
+    let mut client_task = None;
+    match cfg.ingest.mqtt.mode {
+        MqttMode::Embedded => {
+            let e = ingest::embedded::start(
+                &cfg.ingest.mqtt,
+                in_tx.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            )?;
+            embedded_reader = Some(e.reader);
+        }
+        MqttMode::Client => {
+            client_task = Some(
+                ingest::client::start(
+                    &cfg.ingest.mqtt,
+                    in_tx.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .map_err(anyhow::Error::msg)?,
+            );
+        }
+    }
+    if !cfg.ingest.serial.is_empty() {
+        warn!(
+            ports = cfg.ingest.serial.len(),
+            "[[ingest.serial]] is configured but this build does not read serial ports yet"
+        );
+    }
+    drop(in_tx);
+
+    let store_thread = std::thread::Builder::new()
+        .name("tidepool-store".into())
+        .spawn(move || commit_loop.run())
+        .context("spawning the store thread")?;
+    let fwd = tokio::spawn(forwarder.run());
+    let admin_task = admin_listener.map(|l| {
+        tokio::spawn(admin::serve(
+            l,
+            admin::StatusSource {
+                gateway: cfg.gateway.id.clone(),
+                metrics: metrics.clone(),
+            },
+            shutdown.clone(),
+        ))
+    });
+    info!(
+        gateway = %cfg.gateway.id,
+        store = %path.display(),
+        mode = ?cfg.ingest.mqtt.mode,
+        upstream = cfg.upstream.url.as_deref().unwrap_or("(none)"),
+        "tidepool ready"
+    );
+
+    let mut sd = shutdown.clone();
+    let m = metrics.clone();
+    let done = tokio::spawn(async move {
+        sd.wait().await;
+        info!("shutting down: stopping ingest, committing what is in hand");
+        // Bounded: sources first, then the forwarder, then the store drains and stops.
+        let deadline = Duration::from_secs(10);
+        let stop = async {
+            if let Some(t) = client_task {
+                let _ = t.await;
+            }
+            if let Some(r) = embedded_reader {
+                let _ = tokio::task::spawn_blocking(move || r.join()).await;
+            }
+            let _ = fwd.await;
+            let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+        };
+        if tokio::time::timeout(deadline, stop).await.is_err() {
+            warn!("shutdown took longer than {deadline:?}; exiting anyway (uncommitted events are lost, committed ones are safe)");
+        }
+        if let Some(a) = admin_task {
+            a.abort();
+        }
+        info!(
+            committed = m.committed.load(std::sync::atomic::Ordering::Relaxed),
+            backlog = m.backlog_events.load(std::sync::atomic::Ordering::Relaxed),
+            "stopped"
+        );
+        Ok(())
+    });
+    Ok(Running { metrics, done })
+}
+
+/// Runs the gateway until `shutdown` fires, then stops in order (see [`start`]).
+pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let running = start(cfg, shutdown).await?;
+    running.done.await.context("gateway task")?
+}

@@ -1,0 +1,186 @@
+//! `tidepool`: parse the command line, set up tracing, load config, hand off to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tidepool::config::{self, Config};
+
+/// Tidepool: an edge event gateway. Sensors in (MQTT), rules at the edge, a durable buffer,
+/// batches upstream over MQTT/TLS whenever the network is there.
+#[derive(Parser, Debug)]
+#[command(name = "tidepool", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the gateway (with no --config: the built-in defaults).
+    Run {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config; exit 1 with file, key and fix on error.
+    Check {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the built-in defaults (a complete, commented config file) and exit.
+        #[arg(long)]
+        print_defaults: bool,
+    },
+    /// Backlog, oldest buffered age, upstream state, drops, DLQ size.
+    Status {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the JSON document instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One command, no config: a local cloud broker, the gateway and the simulator, with an
+    /// outage and recovery, every event accounted for.
+    Demo {
+        /// Events the simulator sends.
+        #[arg(long, default_value_t = 15_000)]
+        events: u64,
+        /// Events per second.
+        #[arg(long, default_value_t = 1_500.0)]
+        rate: f64,
+        /// Seconds after the start when the cloud link goes down.
+        #[arg(long, default_value_t = 3)]
+        cut_at: u64,
+        /// Seconds the link stays down.
+        #[arg(long, default_value_t = 5)]
+        cut_for: u64,
+    },
+}
+
+fn tracing_init(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(1)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match cli.cmd {
+        Cmd::Check {
+            config,
+            print_defaults,
+        } => {
+            if print_defaults {
+                print!("{}", config::DEFAULTS);
+                return ExitCode::SUCCESS;
+            }
+            let cfg = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            println!(
+                "{}: ok",
+                config
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "built-in defaults".into())
+            );
+            for (k, v) in config::summary(&cfg) {
+                println!("  {k} = {v}");
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Run { config } => {
+            tracing_init("info,rumqttd=off,rumqttc=warn");
+            let cfg = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            rt.block_on(async {
+                let (trigger, shutdown) = tidepool::shutdown::channel();
+                tokio::spawn(async move {
+                    wait_signal().await;
+                    trigger.fire();
+                });
+                match tidepool::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Cmd::Status { config, json } => {
+            let cfg = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            rt.block_on(async {
+                match tidepool::status::fetch(&cfg).await {
+                    Ok(v) => {
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                        } else {
+                            print!("{}", tidepool::status::render(&v));
+                        }
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Cmd::Demo {
+            events,
+            rate,
+            cut_at,
+            cut_for,
+        } => {
+            tracing_init("warn,rumqttd=off,rumqttc=off");
+            let plan = tidepool::demo::DemoPlan {
+                events,
+                rate,
+                cut_at: std::time::Duration::from_secs(cut_at),
+                cut_for: std::time::Duration::from_secs(cut_for),
+            };
+            match rt.block_on(tidepool::demo::run(plan)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn wait_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,419 @@
+//! The commit loop: the store's only writer, on a thread of its own.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use super::{decode, encode, row_size, StoreError, EVENTS, INGEST_DEDUP, META};
+use crate::admin::metrics::{DropReason, Metrics};
+use crate::config::{BufferConfig, WhenFull};
+use crate::event::{now_ms, Event};
+use crate::rules::{RuleStage, StepOutput};
+
+/// Called once the event it came with is committed (client-mode PUBACK, serial ack).
+pub type AckFn = Box<dyn FnOnce() + Send>;
+
+/// Redelivery detection for a client-mode MQTT message.
+#[derive(Debug, Clone, Copy)]
+pub struct Dedup {
+    /// The broker's packet id.
+    pub pkid: u16,
+    /// Hash of topic and payload.
+    pub hash: u64,
+    /// The broker set DUP: this may be a redelivery.
+    pub dup: bool,
+}
+
+/// One event from ingest, with what to do once it is committed.
+pub struct Incoming {
+    /// The event (id 0).
+    pub event: Event,
+    /// Called after the commit that stored it (or decided not to).
+    pub ack: Option<AckFn>,
+    /// Client-mode redelivery detection.
+    pub dedup: Option<Dedup>,
+}
+
+impl Incoming {
+    /// An event with no ack and no dedup.
+    pub fn plain(event: Event) -> Incoming {
+        Incoming {
+            event,
+            ack: None,
+            dedup: None,
+        }
+    }
+}
+
+/// From the forwarder: upstream acknowledged every event up to `up_to`, in batch `batch`.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardAck {
+    /// Highest acknowledged id.
+    pub up_to: u64,
+    /// That batch's number.
+    pub batch: u64,
+}
+
+/// The store's writer.
+pub struct CommitLoop {
+    db: Arc<Database>,
+    cfg: BufferConfig,
+    metrics: Arc<Metrics>,
+    rules: Box<dyn RuleStage>,
+    input: mpsc::Receiver<Incoming>,
+    acks: mpsc::UnboundedReceiver<ForwardAck>,
+    committed: watch::Sender<u64>,
+    rt: tokio::runtime::Handle,
+    // In-memory mirrors of `meta`, valid between commits.
+    next_id: u64,
+    stored_bytes: u64,
+    backlog: u64,
+    last_expiry: Instant,
+}
+
+/// What one commit did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Events stored.
+    pub stored: u64,
+    /// Events removed after upstream acknowledged them.
+    pub acked: u64,
+    /// Redeliveries recognised and skipped.
+    pub deduped: u64,
+    /// Dropped by the rule stage.
+    pub dropped_rule: u64,
+    /// Dropped for `max_bytes`.
+    pub dropped_full: u64,
+    /// Dropped for `max_age`.
+    pub dropped_age: u64,
+}
+
+impl CommitLoop {
+    /// Prepares the loop; `committed` is told the highest committed id after every commit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        db: Arc<Database>,
+        cfg: BufferConfig,
+        metrics: Arc<Metrics>,
+        rules: Box<dyn RuleStage>,
+        input: mpsc::Receiver<Incoming>,
+        acks: mpsc::UnboundedReceiver<ForwardAck>,
+        committed: watch::Sender<u64>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<CommitLoop, StoreError> {
+        let st = super::stats(&*db)?;
+        metrics.backlog_events.store(st.backlog_events, Relaxed);
+        metrics.backlog_bytes.store(st.backlog_bytes, Relaxed);
+        metrics.oldest_ts.store(st.oldest_ts.unwrap_or(0), Relaxed);
+        metrics.dlq_events.store(st.dlq_events, Relaxed);
+        committed.send_replace(st.next_id - 1);
+        Ok(CommitLoop {
+            db,
+            cfg,
+            metrics,
+            rules,
+            input,
+            acks,
+            committed,
+            rt,
+            next_id: st.next_id,
+            stored_bytes: st.backlog_bytes,
+            backlog: st.backlog_events,
+            last_expiry: Instant::now() - Duration::from_secs(3600),
+        })
+    }
+
+    /// Runs until both ingest and the forwarder have hung up, committing everything received.
+    pub fn run(mut self) {
+        let rt = self.rt.clone();
+        let _guard = rt.enter();
+        let mut input_open = true;
+        let mut acks_open = true;
+        let max = self.cfg.commit_max_events;
+        let linger = self.cfg.commit_max_wait.0;
+        while input_open || acks_open {
+            let mut group: Vec<Incoming> = Vec::new();
+            let mut acked: Option<ForwardAck> = None;
+            enum Wake {
+                In(Option<Incoming>),
+                Ack(Option<ForwardAck>),
+                Tick,
+            }
+            let wake = self.rt.block_on(async {
+                tokio::select! {
+                    m = self.input.recv(), if input_open => Wake::In(m),
+                    a = self.acks.recv(), if acks_open => Wake::Ack(a),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => Wake::Tick,
+                }
+            });
+            match wake {
+                Wake::In(Some(m)) => group.push(m),
+                Wake::In(None) => input_open = false,
+                Wake::Ack(Some(a)) => acked = Some(a),
+                Wake::Ack(None) => acks_open = false,
+                Wake::Tick => {}
+            }
+            if !group.is_empty() {
+                let deadline = tokio::time::Instant::now() + linger;
+                while group.len() < max {
+                    match self.input.try_recv() {
+                        Ok(m) => group.push(m),
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            input_open = false;
+                            break;
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            match self
+                                .rt
+                                .block_on(tokio::time::timeout_at(deadline, self.input.recv()))
+                            {
+                                Ok(Some(m)) => group.push(m),
+                                Ok(None) => {
+                                    input_open = false;
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+            }
+            loop {
+                match self.acks.try_recv() {
+                    Ok(a) => {
+                        if acked.is_none_or(|b| a.up_to > b.up_to) {
+                            acked = Some(a)
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        acks_open = false;
+                        break;
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                }
+            }
+            let expire = self.last_expiry.elapsed() >= Duration::from_secs(1);
+            if group.is_empty() && acked.is_none() && !expire {
+                continue;
+            }
+            self.commit_with_retry(group, acked, expire);
+        }
+        info!(next_id = self.next_id, "store: commit loop stopped");
+    }
+
+    /// Commits, retrying while the store fails: ingest waits (backpressure) instead of losing.
+    fn commit_with_retry(
+        &mut self,
+        mut group: Vec<Incoming>,
+        acked: Option<ForwardAck>,
+        expire: bool,
+    ) {
+        let mut acks: Vec<AckFn> = group.iter_mut().filter_map(|m| m.ack.take()).collect();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.commit(&group, acked, expire) {
+                Ok(_) => {
+                    if !self.metrics.store_healthy.swap(true, Relaxed) {
+                        info!("store: commits succeed again");
+                    }
+                    for a in acks.drain(..) {
+                        a();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    if self.metrics.store_healthy.swap(false, Relaxed) {
+                        error!(error = %e, events = group.len(), "store: commit failed; ingest is held until it succeeds");
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One write transaction: upstream acks, the group through the rule stage, caps, meta.
+    pub fn commit(
+        &mut self,
+        group: &[Incoming],
+        acked: Option<ForwardAck>,
+        expire: bool,
+    ) -> Result<CommitReport, StoreError> {
+        let started = Instant::now();
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .expect("no persistent savepoints are used");
+        let mut report = CommitReport::default();
+        let mut next_id = self.next_id;
+        let mut bytes = self.stored_bytes;
+        let mut backlog = self.backlog;
+        let mut last_stored = None;
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let mut meta = txn.open_table(META)?;
+            let mut dedup = txn.open_table(INGEST_DEDUP)?;
+
+            // 1. What upstream acknowledged goes.
+            if let Some(a) = acked {
+                while let Some((k, v)) = first_at_or_below(&mut events, a.up_to)? {
+                    bytes = bytes.saturating_sub(row_size(v));
+                    backlog = backlog.saturating_sub(1);
+                    events.remove(k)?;
+                    report.acked += 1;
+                }
+                meta.insert("next_batch", a.batch + 1)?;
+            }
+
+            // 2. The group, through the rule stage, given ids, appended under the caps.
+            let mut out = StepOutput::default();
+            for m in group {
+                if let Some(d) = m.dedup {
+                    if d.dup {
+                        if let Some(prev) = dedup.get(d.pkid)? {
+                            if prev.value().0 == d.hash {
+                                report.deduped += 1;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                out.events.clear();
+                self.rules.on_event(m.event.clone(), &mut out);
+                report.dropped_rule += out.dropped;
+                out.dropped = 0;
+                for mut e in out.events.drain(..) {
+                    let value = encode(&e);
+                    let size = row_size(value.len());
+                    if bytes + size > self.cfg.max_bytes.0 {
+                        match self.cfg.when_full {
+                            WhenFull::RejectNew => {
+                                report.dropped_full += 1;
+                                continue;
+                            }
+                            WhenFull::DropOldest => {
+                                while bytes + size > self.cfg.max_bytes.0 {
+                                    match events.pop_first()? {
+                                        Some((_, v)) => {
+                                            bytes = bytes.saturating_sub(row_size(v.value().len()));
+                                            backlog = backlog.saturating_sub(1);
+                                            report.dropped_full += 1;
+                                        }
+                                        None => break,
+                                    }
+                                }
+                                if bytes + size > self.cfg.max_bytes.0 {
+                                    // Larger than the whole buffer.
+                                    report.dropped_full += 1;
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                    e.id = next_id;
+                    next_id += 1;
+                    events.insert(e.id, value.as_slice())?;
+                    bytes += size;
+                    backlog += 1;
+                    report.stored += 1;
+                    last_stored = Some(e.id);
+                }
+                if let Some(d) = m.dedup {
+                    dedup.insert(d.pkid, (d.hash, next_id - 1))?;
+                }
+            }
+
+            // 3. What got too old goes.
+            if expire {
+                let cutoff = now_ms() - self.cfg.max_age.0.as_millis() as i64;
+                loop {
+                    let old = match events.first()? {
+                        Some((k, v)) => {
+                            let e = decode(k.value(), v.value())?;
+                            (e.ts < cutoff).then(|| (k.value(), v.value().len()))
+                        }
+                        None => None,
+                    };
+                    let Some((k, len)) = old else { break };
+                    events.remove(k)?;
+                    bytes = bytes.saturating_sub(row_size(len));
+                    backlog = backlog.saturating_sub(1);
+                    report.dropped_age += 1;
+                }
+            }
+
+            // 4. Meta.
+            meta.insert("next_id", next_id)?;
+            meta.insert("stored_bytes", bytes)?;
+            for (reason, n) in [
+                (DropReason::Rule, report.dropped_rule),
+                (DropReason::BufferFull, report.dropped_full),
+                (DropReason::MaxAge, report.dropped_age),
+            ] {
+                if n > 0 {
+                    let key = format!("dropped.{}", reason.label());
+                    let prev = meta.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+                    meta.insert(key.as_str(), prev + n)?;
+                }
+            }
+            debug_assert_eq!(events.len()?, backlog);
+            let oldest = match events.first()? {
+                Some((k, v)) => decode(k.value(), v.value())?.ts,
+                None => 0,
+            };
+            self.metrics.oldest_ts.store(oldest, Relaxed);
+        }
+        commit_txn(txn)?;
+        let took = started.elapsed();
+        if expire {
+            self.last_expiry = Instant::now();
+        }
+        self.next_id = next_id;
+        self.stored_bytes = bytes;
+        self.backlog = backlog;
+        let m = &self.metrics;
+        m.observe_commit(took);
+        m.fsyncs.fetch_add(1, Relaxed);
+        m.committed.fetch_add(report.stored, Relaxed);
+        m.backlog_events.store(backlog, Relaxed);
+        m.backlog_bytes.store(bytes, Relaxed);
+        m.dropped(DropReason::Rule, report.dropped_rule);
+        m.dropped(DropReason::BufferFull, report.dropped_full);
+        m.dropped(DropReason::MaxAge, report.dropped_age);
+        if report.dropped_full > 0 {
+            warn!(dropped = report.dropped_full, policy = ?self.cfg.when_full, "buffer full: events dropped");
+        }
+        if report.dropped_age > 0 {
+            warn!(
+                dropped = report.dropped_age,
+                "events older than max_age dropped"
+            );
+        }
+        if let Some(id) = last_stored {
+            self.committed.send_replace(id);
+        } else if report.dropped_full > 0 || report.dropped_age > 0 {
+            // Rows went: let the forwarder re-read.
+            self.committed.send_modify(|_| {});
+        }
+        Ok(report)
+    }
+}
+
+fn commit_txn(txn: WriteTransaction) -> Result<(), StoreError> {
+    txn.commit()?;
+    Ok(())
+}
+
+/// The first row, if its id is at most `max`: (id, stored value length).
+fn first_at_or_below(
+    events: &mut redb::Table<u64, &[u8]>,
+    max: u64,
+) -> Result<Option<(u64, usize)>, StoreError> {
+    Ok(match events.first()? {
+        Some((k, v)) if k.value() <= max => Some((k.value(), v.value().len())),
+        _ => None,
+    })
+}
