@@ -66,6 +66,7 @@ fn tracing_init(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -96,6 +97,23 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if cfg
+                .upstream
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("mqtts://"))
+            {
+                if let Err(e) = tidepool::forward::tls::client_config(&cfg.upstream) {
+                    eprintln!(
+                        "error: {}: {e}",
+                        config
+                            .as_deref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
+                    );
+                    return ExitCode::from(1);
+                }
+            }
             println!(
                 "{}: ok",
                 config

@@ -61,10 +61,9 @@ pub fn offline(cfg: &Config) -> anyhow::Result<Value> {
 }
 
 fn bytes(n: u64) -> String {
-    crate::config::ByteSize(n)
-        .to_string()
-        .replace("B", " B")
-        .replace(" KiB", " KiB")
+    let s = crate::config::ByteSize(n).to_string();
+    let at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    format!("{} {}", &s[..at], &s[at..])
 }
 
 /// Renders the document for a person.

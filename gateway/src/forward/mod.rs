@@ -543,7 +543,7 @@ fn refused(code: ConnectReturnCode) -> String {
             "bad username or password (check [upstream] username and password)"
         }
         ConnectReturnCode::NotAuthorized => {
-            "not authorized (check [upstream] credentials and the broker's ACL)"
+            "not authorized (check [upstream] username and password, and the broker's ACL)"
         }
         ConnectReturnCode::BadClientId => "client id rejected (check [upstream] client_id)",
         ConnectReturnCode::ServiceUnavailable => "broker unavailable",

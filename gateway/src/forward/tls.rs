@@ -93,7 +93,7 @@ pub fn client_config(cfg: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError
             .map_err(|e| TlsError {
                 key: "key_file",
                 path: cfg.key_file.display().to_string(),
-                what: format!("does not match cert_file: {e}"),
+                what: format!("cert_file and key_file are not a usable pair: {e}"),
             })?
     };
     Ok(Arc::new(config))

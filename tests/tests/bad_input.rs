@@ -1,0 +1,327 @@
+//! Bad config, bad payloads, an upstream that refuses us: clear messages, no crash, no loss.
+
+use std::process::Command;
+use std::time::Duration;
+
+use rumqttc::{Client, MqttOptions, QoS};
+use tidepool_e2e::*;
+
+const TOPIC: &str = "tidepool/test-gw/events";
+
+fn check(text: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, text).unwrap();
+    let out = Command::new(bin_dir().join("tidepool"))
+        .args(["check", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr).replace(&p.display().to_string(), "FILE");
+    (out.status.code().unwrap_or(-1), msg)
+}
+
+#[test]
+fn check_rejects_bad_config_with_file_line_key_and_fix() {
+    let cases = [
+        (
+            "[upstream]\nurl = \"mqtt://h:1\"\nbatch_max_event = 5\n",
+            "FILE:3: key `upstream.batch_max_event`: unknown field",
+        ),
+        (
+            "[buffer]\nmax_bytes = \"lots\"\n",
+            "FILE:2: key `buffer.max_bytes`",
+        ),
+        ("[buffer]\nwhen_full = \"panic\"\n", "drop_oldest"),
+        (
+            "[upstream]\nurl = \"https://x\"\n",
+            "must start with mqtt:// or mqtts://",
+        ),
+        ("[ingest.mqtt]\nmode = \"bridge\"\n", "`embedded`"),
+        ("[gateway\n", "not valid TOML"),
+        ("[sensors]\nx = 1\n", "unknown field `sensors`"),
+        (
+            "[upstream]\ncert_file = \"/c.pem\"\n",
+            "set both or neither",
+        ),
+    ];
+    for (text, want) in cases {
+        let (code, msg) = check(text);
+        assert_eq!(code, 1, "exit code for {text:?}: {msg}");
+        assert!(
+            msg.contains(want),
+            "for {text:?} expected `{want}` in: {msg}"
+        );
+    }
+    let (code, _) = check("[gateway]\nid = \"ok\"\n");
+    assert_eq!(code, 0);
+    let out = Command::new(bin_dir().join("tidepool"))
+        .args(["check", "--print-defaults"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("batch_max_events = 500") && text.contains("when_full = \"drop_oldest\"")
+    );
+}
+
+#[test]
+fn non_json_and_oversize_payloads() {
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    let gw = Gateway::start(&format!(
+        "[ingest.mqtt]\nmax_payload = \"1KiB\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nbatch_max_wait = \"100ms\"\n",
+        up.port
+    ));
+    let (client, mut conn) = Client::new(
+        MqttOptions::new("bad-sensor", "127.0.0.1", gw.mqtt_port),
+        10,
+    );
+    std::thread::spawn(move || for _ in conn.iter() {});
+    client
+        .publish(
+            "sensors/1/raw",
+            QoS::AtLeastOnce,
+            false,
+            vec![0xde, 0xad, 0xbe, 0xef],
+        )
+        .unwrap();
+    client
+        .publish("sensors/1/big", QoS::AtLeastOnce, false, vec![b'x'; 2000])
+        .unwrap();
+    client
+        .publish("sensors/1/text", QoS::AtLeastOnce, false, "on")
+        .unwrap();
+    client
+        .publish("sensors/1/json", QoS::AtLeastOnce, false, r#"{"n":1}"#)
+        .unwrap();
+    assert!(
+        sub.wait_for(Duration::from_secs(20), |g| g.len() >= 3),
+        "log:\n{}",
+        gw.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let got = sub.snapshot();
+    assert_eq!(got.len(), 3, "the oversize payload is not forwarded");
+    assert_eq!(got[0].event["payload"], "3q2+7w==");
+    assert_eq!(got[0].event["payload_encoding"], "base64");
+    assert_eq!(got[1].event["payload"], "b24=");
+    assert_eq!(got[2].event["payload"]["n"], 1);
+    assert_eq!(
+        gw.metric("tidepool_events_dropped_total{reason=\"oversize\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        gw.metric("tidepool_events_ingested_total{source=\"mqtt\"}"),
+        Some(4.0)
+    );
+    let (code, _) = (gw.status()["store_healthy"].as_bool(), ());
+    assert_eq!(code, Some(true));
+}
+
+#[test]
+fn bad_credentials_are_reported_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd");
+    let st = Command::new(which("mosquitto_passwd").expect("mosquitto_passwd (package mosquitto)"))
+        .args(["-b", "-c"])
+        .arg(&pw)
+        .args(["gw", "right"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let port = free_port();
+    let up = Mosquitto::start_on(
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+            pw.display()
+        ),
+    );
+    let mut gw = Gateway::start(&format!(
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nusername = \"gw\"\npassword = \"wrong\"\nreconnect_max = \"1s\"\n"
+    ));
+    run_sim(gw.mqtt_port, 500, 0.0, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let v = gw.status();
+    assert_eq!(v["upstream"]["state"], "offline", "{v}");
+    assert!(
+        v["upstream"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("username and password"),
+        "{v}"
+    );
+    assert_eq!(
+        http_get(gw.admin_port, "/healthz").as_deref(),
+        Some("ok\n"),
+        "an upstream outage is not ill health"
+    );
+    assert_eq!(v["backlog_events"], 500);
+    let human = String::from_utf8(gw.cli(&["status"]).stdout).unwrap();
+    assert!(human.contains("username and password"), "{human}");
+
+    // Fixed credentials: everything arrives.
+    assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
+    let text = std::fs::read_to_string(&gw.config)
+        .unwrap()
+        .replace("\"wrong\"", "\"right\"");
+    std::fs::write(&gw.config, text).unwrap();
+    let sub_opts_port = up.port;
+    // Subscribing needs credentials too.
+    let mut o = MqttOptions::new("checker", "127.0.0.1", sub_opts_port);
+    o.set_credentials("gw", "right");
+    o.set_max_packet_size(1 << 20, 1 << 16);
+    let (c, mut conn) = Client::new(o, 10);
+    c.subscribe(TOPIC, QoS::AtLeastOnce).unwrap();
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let k = counter.clone();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) = ev {
+                let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                k.fetch_add(
+                    v["events"].as_array().unwrap().len() as u64,
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    gw.launch();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while counter.load(std::sync::atomic::Ordering::SeqCst) < 500
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(counter.load(std::sync::atomic::Ordering::SeqCst), 500);
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, and a client certificate.
+fn make_pki(dir: &std::path::Path, name: &str) {
+    let sh = format!(
+        r#"set -e
+cd "{d}"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN={name}-ca" -keyout {name}-ca.key -out {name}-ca.pem 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout {name}-server.key -out {name}-server.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\n' > {name}-ext.cnf
+openssl x509 -req -in {name}-server.csr -CA {name}-ca.pem -CAkey {name}-ca.key -CAcreateserial -days 2 -extfile {name}-ext.cnf -out {name}-server.pem 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=gateway" -keyout {name}-client.key -out {name}-client.csr 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\n' > {name}-client-ext.cnf
+openssl x509 -req -in {name}-client.csr -CA {name}-ca.pem -CAkey {name}-ca.key -CAcreateserial -days 2 -extfile {name}-client-ext.cnf -out {name}-client.pem 2>/dev/null
+"#,
+        d = dir.display()
+    );
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(sh)
+        .status()
+        .expect("openssl");
+    assert!(
+        st.success(),
+        "making test certificates failed (is openssl installed?)"
+    );
+}
+
+#[test]
+fn tls_wrong_ca_is_reported_then_mtls_delivers() {
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path(), "good");
+    make_pki(pki.path(), "other");
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let port = free_port();
+    let plain = free_port();
+    let _up = Mosquitto::start_on(
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nlistener {plain} 127.0.0.1\n",
+            p("good-ca.pem"),
+            p("good-server.pem"),
+            p("good-server.key")
+        ),
+    );
+    let sub = Subscriber::start(plain, &[TOPIC]);
+    // Wrong CA: a clear message, events stay buffered.
+    let mut gw = Gateway::start(&format!(
+        "[upstream]\nurl = \"mqtts://127.0.0.1:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max = \"1s\"\nbatch_max_wait = \"100ms\"\n",
+        p("other-ca.pem"),
+        p("good-client.pem"),
+        p("good-client.key")
+    ));
+    run_sim(gw.mqtt_port, 300, 0.0, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let v = gw.status();
+    let err = v["upstream"]["last_error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("TLS handshake failed") && err.contains("ca_file"),
+        "{v}"
+    );
+    assert_eq!(v["backlog_events"], 300);
+    assert!(sub.snapshot().is_empty());
+
+    // The right CA, with the client certificate (mTLS): everything arrives.
+    assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
+    let text = std::fs::read_to_string(&gw.config)
+        .unwrap()
+        .replace(&p("other-ca.pem"), &p("good-ca.pem"));
+    std::fs::write(&gw.config, text).unwrap();
+    gw.launch();
+    assert!(
+        sub.wait_for(Duration::from_secs(20), |g| g.len() >= 300),
+        "got {}; log:\n{}",
+        sub.snapshot().len(),
+        gw.log()
+    );
+    check_complete(&sub.snapshot(), 300);
+}
+
+#[test]
+fn missing_tls_file_fails_at_start_naming_the_key() {
+    let gw = Gateway::configure(
+        tempfile::tempdir().unwrap().keep(),
+        "[upstream]\nurl = \"mqtts://127.0.0.1:1\"\nca_file = \"/nonexistent/ca.pem\"\n",
+    );
+    let out = Command::new(bin_dir().join("tidepool"))
+        .args(["run", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("upstream.ca_file") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&gw.dir);
+}
+
+#[test]
+fn demo_accounts_for_every_event() {
+    let out = Command::new(bin_dir().join("tidepool"))
+        .args([
+            "demo",
+            "--events",
+            "3000",
+            "--rate",
+            "1000",
+            "--cut-at",
+            "1",
+            "--cut-for",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("every event accounted for"), "{text}");
+    assert!(text.contains("lost                0"), "{text}");
+    assert!(
+        text.contains("upstream offline"),
+        "the outage shows: {text}"
+    );
+}
