@@ -34,13 +34,20 @@ pub fn offline(cfg: &Config) -> anyhow::Result<Value> {
             path.display()
         );
     }
-    let db = redb::ReadOnlyDatabase::open(&path).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open {} ({e}); if the daemon runs, enable [admin] listen so status can ask it",
-            path.display()
-        )
-    })?;
-    let st = store::stats(&db)?;
+    // Read-only first; after a crash the file needs a repair, which only a writer can do
+    // (the daemon does it at start; so can we while it is not running).
+    let st = match redb::ReadOnlyDatabase::open(&path) {
+        Ok(db) => store::stats(&db)?,
+        Err(first) => {
+            let db = redb::Database::builder().create(&path).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open {} ({first}; {e}); if the daemon runs, enable [admin] listen so status can ask it",
+                    path.display()
+                )
+            })?;
+            store::stats(&db)?
+        }
+    };
     let dropped: serde_json::Map<String, Value> = st
         .dropped
         .iter()

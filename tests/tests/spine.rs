@@ -160,6 +160,16 @@ fn embedded_kill9_never_reuses_ids() {
     assert!(sub.wait_for(Duration::from_secs(30), |g| g.len() >= 3_000));
     let max_before = sub.snapshot().iter().map(|g| g.id).max().unwrap();
     gw.proc.kill9();
+    // `status` reads the store of a crashed daemon (it needs a repair first).
+    let out = gw.cli(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "status after kill -9: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["running"], false);
+    assert!(v["next_id"].as_u64().unwrap() > max_before);
     gw.launch();
     run_sim(
         gw.mqtt_port,

@@ -48,34 +48,9 @@ pub fn stable_hash(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// Whether `topic` matches the MQTT filter `filter` (`+` one level, `#` the rest).
-pub fn topic_matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return !topic.starts_with('$') || !filter.starts_with('#'),
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn filters() {
-        assert!(topic_matches("#", "a/b"));
-        assert!(topic_matches("sensors/#", "sensors/1/t"));
-        assert!(topic_matches("sensors/+/t", "sensors/1/t"));
-        assert!(!topic_matches("sensors/+/t", "sensors/1/h"));
-        assert!(!topic_matches("sensors/+", "sensors/1/t"));
-        assert!(!topic_matches("#", "$SYS/x"));
-    }
 
     #[test]
     fn oversize_is_counted_not_truncated() {

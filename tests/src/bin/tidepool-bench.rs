@@ -1,0 +1,319 @@
+//! End-to-end load benchmark: simulator → embedded broker → gateway → Mosquitto upstream.
+//!
+//! Prints events/s, ingest-to-upstream latency percentiles, backlog drain rate, RSS and
+//! events per fsync, plus the ceiling (simulator → embedded broker, nothing stored).
+//! Run it with `scripts/bench` (release build). Not a test: it asserts nothing.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tidepool_e2e::*;
+
+const TOPIC: &str = "tidepool/test-gw/events";
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A lean subscriber: counts events and records ingest-to-upstream latency per event.
+struct Counter {
+    events: Arc<AtomicU64>,
+    latencies: Arc<Mutex<Vec<i64>>>,
+    first_at: Arc<Mutex<Option<Instant>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Counter {
+    fn start(port: u16) -> Counter {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let events = Arc::new(AtomicU64::new(0));
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let first_at = Arc::new(Mutex::new(None));
+        let (e, l, f) = (events.clone(), latencies.clone(), first_at.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let mut o = MqttOptions::new(format!("bench-{}", fastrand::u32(..)), "127.0.0.1", port);
+            o.set_max_packet_size(16 << 20, 1 << 16);
+            let (c, mut el) = AsyncClient::new(o, 100);
+            let mut tx = Some(tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let c = c.clone();
+                        tokio::spawn(async move { c.subscribe(TOPIC, QoS::AtLeastOnce).await });
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(t) = tx.take() {
+                            let _ = t.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let now = now_ms();
+                        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                        let evs = v["events"].as_array().unwrap();
+                        let mut lat = l.lock().unwrap();
+                        for ev in evs {
+                            if let Some(ts) = ev["payload"]["ts"].as_i64() {
+                                lat.push(now - ts);
+                            }
+                        }
+                        f.lock().unwrap().get_or_insert_with(Instant::now);
+                        e.fetch_add(evs.len() as u64, Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("SUBACK");
+        Counter {
+            events,
+            latencies,
+            first_at,
+            _rt: rt,
+        }
+    }
+
+    fn wait(&self, n: u64, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while self.events.load(Relaxed) < n {
+            if Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    fn reset(&self) {
+        self.events.store(0, Relaxed);
+        self.latencies.lock().unwrap().clear();
+        *self.first_at.lock().unwrap() = None;
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn pct(v: &mut [i64], p: f64) -> i64 {
+    if v.is_empty() {
+        return 0;
+    }
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The ceiling: the simulator into a bare embedded broker whose link only counts.
+fn ceiling(n: u64) -> f64 {
+    let port = free_port();
+    let mut cfg = tidepool::config::Config::defaults();
+    cfg.ingest.mqtt.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut broker =
+        rumqttd::Broker::new(tidepool::ingest::embedded::broker_config(&cfg.ingest.mqtt));
+    let (mut tx, mut rx) = broker.link("bench").unwrap();
+    std::thread::spawn(move || {
+        let _ = broker.start();
+    });
+    tx.subscribe("#").unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || loop {
+        match rx.recv() {
+            Ok(Some(rumqttd::Notification::Forward(_))) => {
+                c.fetch_add(1, Relaxed);
+            }
+            Ok(Some(rumqttd::Notification::Unschedule)) => {
+                let _ = rx.ready();
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    });
+    assert!(wait_port(port, Duration::from_secs(5)));
+    let started = Instant::now();
+    run_sim(port, n, 0.0, &["--payload-size", "200", "--sensors", "20"]);
+    while count.load(Relaxed) < n && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Embedded mode: how many events a `kill -9` loses (PUBACKed by the broker, not committed).
+fn kill9_window(rate: f64, runs: usize) -> Vec<u64> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut losses = Vec::new();
+    for i in 0..runs {
+        let mut gw = Gateway::start("");
+        let stats = Arc::new(tidepool_sim::SimStats::default());
+        let cfg = tidepool_sim::SimConfig {
+            port: gw.mqtt_port,
+            sensors: 20,
+            rate,
+            count: None,
+            seed: i as u64,
+            payload_size: 200,
+            client_id: format!("kill9-{i}"),
+            ..Default::default()
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let sim = rt.spawn(tidepool_sim::run(cfg, stats.clone(), async move {
+            let _ = stop_rx.await;
+        }));
+        std::thread::sleep(Duration::from_millis(1500 + 137 * i as u64));
+        gw.proc.kill9();
+        let acked = stats.acked.load(Relaxed);
+        let _ = stop_tx.send(());
+        rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(1), sim).await;
+        });
+        let out = gw.cli(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let stored = v["backlog_events"].as_u64().unwrap();
+        losses.push(acked.saturating_sub(stored));
+    }
+    losses.sort_unstable();
+    losses
+}
+
+fn main() {
+    std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
+    let n: u64 = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let backlog: u64 = std::env::var("BENCH_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    bin_dir();
+    println!(
+        "tidepool end-to-end benchmark ({} cores), 200-byte JSON events",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    let ceil = ceiling(n);
+    println!("ceiling   sim → embedded broker, nothing stored: {ceil:>9.0} events/s ({n} events)");
+
+    // End to end, as fast as the simulator goes.
+    let up = Mosquitto::start("");
+    let counter = Counter::start(up.port);
+    let gw = Gateway::start(&format!(
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\n[buffer]\nmax_bytes = \"2GiB\"\n",
+        up.port
+    ));
+    let pid = gw.proc.pid();
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = rss_kib(pid, "VmRSS:");
+    let started = Instant::now();
+    run_sim(
+        gw.mqtt_port,
+        n,
+        0.0,
+        &["--payload-size", "200", "--sensors", "20"],
+    );
+    let ok = counter.wait(n, Duration::from_secs(300));
+    let secs = started.elapsed().as_secs_f64();
+    let e2e = counter.events.load(Relaxed) as f64 / secs;
+    let mut lat = counter.latencies.lock().unwrap().clone();
+    println!(
+        "pipeline  sim → gateway → Mosquitto, flat out:      {e2e:>9.0} events/s ({:.0}% of the ceiling){}",
+        100.0 * e2e / ceil,
+        if ok { "" } else { " INCOMPLETE" }
+    );
+    println!(
+        "          latency under that load: p50 {} ms, p99 {} ms",
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99)
+    );
+
+    // Latency at a steady online rate.
+    for rate in [1_000.0, 10_000.0] {
+        counter.reset();
+        let k = (rate * 10.0) as u64;
+        run_sim(
+            gw.mqtt_port,
+            k,
+            rate,
+            &["--payload-size", "200", "--sensors", "20"],
+        );
+        counter.wait(k, Duration::from_secs(60));
+        let mut lat = counter.latencies.lock().unwrap().clone();
+        println!(
+            "latency   at {rate:>6.0} events/s online: p50 {:>4} ms, p99 {:>4} ms (batch_max_wait 1s, batch_max_events 500)",
+            pct(&mut lat, 0.5),
+            pct(&mut lat, 0.99)
+        );
+    }
+    let committed = gw.metric("tidepool_events_committed_total").unwrap_or(0.0);
+    let fsyncs = gw.metric("tidepool_fsyncs_total").unwrap_or(1.0);
+    println!("fsync     {:.0} events per fsync over the runs above ({committed} events, {fsyncs} commits)", committed / fsyncs);
+    let peak_live = rss_kib(pid, "VmHWM:");
+    drop(gw);
+    drop(counter);
+    drop(up);
+
+    for rate in [1_000.0, 20_000.0] {
+        let l = kill9_window(rate, 5);
+        println!(
+            "kill -9   embedded mode at {rate:>6.0} events/s: lost (acknowledged to the sensor, not committed) median {}, max {} over {} kills",
+            l[l.len() / 2],
+            l[l.len() - 1],
+            l.len()
+        );
+    }
+
+    // Backlog drain: fill with upstream down, then bring it up.
+    let port = free_port();
+    let gw = Gateway::start(&format!(
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nreconnect_max = \"1s\"\n[buffer]\nmax_bytes = \"4GiB\"\n"
+    ));
+    let pid = gw.proc.pid();
+    let fill = Instant::now();
+    run_sim(
+        gw.mqtt_port,
+        backlog,
+        0.0,
+        &["--payload-size", "200", "--sensors", "20"],
+    );
+    while gw.metric("tidepool_backlog_events").unwrap_or(0.0) < backlog as f64
+        && fill.elapsed() < Duration::from_secs(600)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fill_rate = backlog as f64 / fill.elapsed().as_secs_f64();
+    let bytes = gw.metric("tidepool_backlog_bytes").unwrap_or(0.0);
+    println!("buffer    {backlog} events stored at {fill_rate:.0} events/s with upstream down ({:.0} MiB, {:.0} B/event)", bytes / 1048576.0, bytes / backlog as f64);
+    let up = Mosquitto::start_on(port, "");
+    let counter = Counter::start(up.port);
+    let t = Instant::now();
+    let ok = counter.wait(backlog, Duration::from_secs(600));
+    let drain = counter.events.load(Relaxed) as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "drain     {backlog}-event backlog: {drain:>9.0} events/s{}",
+        if ok { "" } else { " INCOMPLETE" }
+    );
+    println!(
+        "memory    gateway RSS idle {:.1} MiB; peak {:.1} MiB flat out online, {:.1} MiB filling and draining the backlog",
+        idle as f64 / 1024.0,
+        peak_live as f64 / 1024.0,
+        rss_kib(pid, "VmHWM:") as f64 / 1024.0
+    );
+}
