@@ -366,6 +366,18 @@ pub fn sim_command(port: u16, count: u64, rate: f64, extra: &[&str]) -> Command 
     c
 }
 
+/// Starts the simulator in the background.
+pub fn spawn_sim(port: u16, count: u64, rate: f64, extra: &[&str]) -> Proc {
+    Proc {
+        child: Some(
+            sim_command(port, count, rate, extra)
+                .spawn()
+                .expect("start tidepool-sim"),
+        ),
+        name: "tidepool-sim".into(),
+    }
+}
+
 /// One event as received upstream.
 #[derive(Debug, Clone)]
 pub struct Got {

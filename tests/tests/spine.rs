@@ -111,14 +111,7 @@ fn client_mode_survives_kill9_at_random_moments() {
     let mut gw = Gateway::start(&cfg);
     // Let the gateway's persistent session subscribe before the sensors publish.
     std::thread::sleep(Duration::from_millis(500));
-    let mut sim = Proc {
-        child: Some(
-            sim_command(ingress.port, 20_000, 2_000.0, &[])
-                .spawn()
-                .unwrap(),
-        ),
-        name: "sim".into(),
-    };
+    let mut sim = spawn_sim(ingress.port, 20_000, 2_000.0, &[]);
     let mut kills = 0;
     let mut rng = fastrand::Rng::with_seed(0x5eed);
     while kills < 6 {
@@ -195,14 +188,7 @@ fn lost_upstream_session_neither_loses_nor_stalls() {
         "{}max_inflight = 16\nbatch_max_events = 100\n",
         upstream_cfg(proxy.port)
     ));
-    let mut sim = Proc {
-        child: Some(
-            sim_command(gw.mqtt_port, 20_000, 4_000.0, &[])
-                .spawn()
-                .unwrap(),
-        ),
-        name: "sim".into(),
-    };
+    let mut sim = spawn_sim(gw.mqtt_port, 20_000, 4_000.0, &[]);
     let sub = std::cell::RefCell::new(Subscriber::start(up.port, &[TOPIC]));
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..3 {
@@ -295,14 +281,7 @@ fn caps_reject_new_keeps_the_oldest() {
 #[test]
 fn sigterm_stops_cleanly_and_quickly_keeping_what_was_committed() {
     let mut gw = Gateway::start("");
-    let mut sim = Proc {
-        child: Some(
-            sim_command(gw.mqtt_port, 1_000_000, 3_000.0, &[])
-                .spawn()
-                .unwrap(),
-        ),
-        name: "sim".into(),
-    };
+    let mut sim = spawn_sim(gw.mqtt_port, 1_000_000, 3_000.0, &[]);
     std::thread::sleep(Duration::from_millis(1500));
     let started = std::time::Instant::now();
     let code = gw.proc.terminate(Duration::from_secs(15));

@@ -91,6 +91,60 @@ struct Conn {
     next_read: u64,
 }
 
+impl Conn {
+    /// rumqttc wrote a PUBLISH with `pkid`: the oldest publish without an id gets it.
+    /// False when nothing was waiting for an id (a protocol surprise).
+    fn on_sent(&mut self, pkid: u16) -> bool {
+        match self.unsent.pop_front() {
+            Some(true) => {
+                if let Some(b) = self.inflight.iter_mut().find(|b| b.pkid.is_none()) {
+                    b.pkid = Some(pkid);
+                }
+                true
+            }
+            Some(false) => {
+                self.status_pkids.push(pkid);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A PUBACK arrived: marks its batch; true when a batch was newly acknowledged.
+    fn on_puback(&mut self, pkid: u16) -> bool {
+        if let Some(i) = self.status_pkids.iter().position(|p| *p == pkid) {
+            self.status_pkids.swap_remove(i);
+            return false;
+        }
+        match self
+            .inflight
+            .iter_mut()
+            .find(|b| b.pkid == Some(pkid) && !b.acked)
+        {
+            Some(b) => {
+                b.acked = true;
+                true
+            }
+            None => {
+                debug!(pkid, "PUBACK for nothing in flight (ignored)");
+                false
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Removes and returns the acknowledged batches at the front, oldest first: only a
+    /// contiguous prefix may be deleted from the store.
+    fn take_acked_prefix(&mut self) -> Vec<InFlight> {
+        let mut out = Vec::new();
+        while self.inflight.front().is_some_and(|b| b.acked) {
+            out.extend(self.inflight.pop_front());
+        }
+        out
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         self.poller.abort();
@@ -201,14 +255,12 @@ impl Forwarder {
     /// Waits out the backoff.
     async fn offline(&mut self) -> State {
         self.metrics.set_upstream(UpstreamState::Offline);
-        let min = self.cfg.reconnect_min.0.as_millis() as u64;
-        let max = self.cfg.reconnect_max.0.as_millis() as u64;
-        let cap = min
-            .saturating_mul(1u64 << self.failures.min(20))
-            .min(max)
-            .max(1);
-        // Full jitter, never below half the minimum.
-        let wait = Duration::from_millis((min / 2).max(1) + fastrand::u64(0..=cap));
+        let wait = backoff(
+            self.failures,
+            self.cfg.reconnect_min.0,
+            self.cfg.reconnect_max.0,
+            fastrand::f64(),
+        );
         debug!(
             ?wait,
             failures = self.failures,
@@ -404,23 +456,14 @@ impl Forwarder {
         let room = conn.inflight.len() < self.cfg.max_inflight;
         tokio::select! {
             ev = conn.events.recv() => match ev {
-                Some(ConnEvent::Sent(pkid)) => match conn.unsent.pop_front() {
-                    Some(true) => {
-                        if let Some(b) = conn.inflight.iter_mut().find(|b| b.pkid.is_none()) {
-                            b.pkid = Some(pkid);
-                        }
+                Some(ConnEvent::Sent(pkid)) => {
+                    if !conn.on_sent(pkid) {
+                        return self.fail(format!("protocol: PUBLISH {pkid} sent that was never queued"));
                     }
-                    Some(false) => conn.status_pkids.push(pkid),
-                    None => return self.fail(format!("protocol: PUBLISH {pkid} sent that was never queued")),
-                },
+                }
                 Some(ConnEvent::PubAck(pkid)) => {
-                    if let Some(i) = conn.status_pkids.iter().position(|p| *p == pkid) {
-                        conn.status_pkids.swap_remove(i);
-                    } else if let Some(b) = conn.inflight.iter_mut().find(|b| b.pkid == Some(pkid) && !b.acked) {
-                        b.acked = true;
+                    if conn.on_puback(pkid) {
                         self.retire(&mut conn);
-                    } else {
-                        debug!(pkid, "PUBACK for nothing in flight (ignored)");
                     }
                 }
                 Some(ConnEvent::Lost(e)) => return self.fail(e),
@@ -441,8 +484,7 @@ impl Forwarder {
 
     /// Retires acknowledged batches from the front of the FIFO, telling the store.
     fn retire(&mut self, conn: &mut Conn) {
-        while conn.inflight.front().is_some_and(|b| b.acked) {
-            let b = conn.inflight.pop_front().expect("front exists");
+        for b in conn.take_acked_prefix() {
             self.acked_upto = self.acked_upto.max(b.last_id);
             self.metrics.forwarded.fetch_add(b.count, Relaxed);
             self.metrics.batches_forwarded.fetch_add(1, Relaxed);
@@ -497,17 +539,11 @@ impl Forwarder {
         let deadline = Instant::now() + Duration::from_secs(2);
         while !conn.inflight.is_empty() {
             match tokio::time::timeout_at(deadline, conn.events.recv()).await {
-                Ok(Some(ConnEvent::Sent(pkid))) => match conn.unsent.pop_front() {
-                    Some(true) => {
-                        if let Some(b) = conn.inflight.iter_mut().find(|b| b.pkid.is_none()) {
-                            b.pkid = Some(pkid);
-                        }
-                    }
-                    _ => conn.status_pkids.push(pkid),
-                },
+                Ok(Some(ConnEvent::Sent(pkid))) => {
+                    conn.on_sent(pkid);
+                }
                 Ok(Some(ConnEvent::PubAck(pkid))) => {
-                    if let Some(b) = conn.inflight.iter_mut().find(|b| b.pkid == Some(pkid)) {
-                        b.acked = true;
+                    if conn.on_puback(pkid) {
                         self.retire(&mut conn);
                     }
                 }
@@ -535,6 +571,17 @@ impl Forwarder {
         .await;
         State::Stopped
     }
+}
+
+/// Reconnect delay after `failures` failures: exponential from `min`, capped at `max`, with
+/// full jitter (`unit` in [0, 1)) but never below half of `min`, so a flapping broker is not
+/// hammered and many gateways do not reconnect in step.
+pub fn backoff(failures: u32, min: Duration, max: Duration, unit: f64) -> Duration {
+    let cap = min
+        .saturating_mul(1u32 << failures.min(20))
+        .min(max)
+        .max(Duration::from_millis(1));
+    min / 2 + cap.mul_f64(unit.clamp(0.0, 1.0))
 }
 
 fn refused(code: ConnectReturnCode) -> String {
@@ -571,4 +618,70 @@ fn meta_get(db: &Database, key: &str) -> u64 {
         .and_then(|t| t.open_table(store::META).ok())
         .and_then(|t| t.get(key).ok().flatten().map(|v| v.value()))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Conn {
+        let (client, _el) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
+        let (_tx, events) = mpsc::unbounded_channel();
+        Conn {
+            client,
+            events,
+            poller: tokio::spawn(async {}),
+            inflight: VecDeque::new(),
+            unsent: VecDeque::new(),
+            status_pkids: Vec::new(),
+            next_read: 0,
+        }
+    }
+
+    fn batch(c: &mut Conn, batch: u64, last_id: u64) {
+        c.unsent.push_back(true);
+        c.inflight.push_back(InFlight {
+            batch,
+            last_id,
+            count: 10,
+            pkid: None,
+            acked: false,
+        });
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        assert_eq!(backoff(0, min, max, 0.0), Duration::from_millis(250));
+        assert_eq!(backoff(0, min, max, 1.0), Duration::from_millis(750));
+        assert_eq!(backoff(3, min, max, 1.0), Duration::from_millis(250 + 4000));
+        assert_eq!(backoff(30, min, max, 1.0), Duration::from_millis(250) + max);
+        assert!(backoff(30, min, max, 0.5) < backoff(30, min, max, 0.9));
+    }
+
+    #[tokio::test]
+    async fn pubacks_retire_only_a_contiguous_prefix() {
+        let mut c = conn();
+        c.unsent.push_back(false); // the `online` status message
+        batch(&mut c, 1, 10);
+        batch(&mut c, 2, 20);
+        batch(&mut c, 3, 30);
+        for pkid in 1..=4 {
+            assert!(c.on_sent(pkid));
+        }
+        assert!(!c.on_sent(5), "nothing else was queued");
+        assert!(!c.on_puback(1), "the status message is not a batch");
+        assert!(c.on_puback(3), "batch 2 acknowledged");
+        assert!(
+            c.take_acked_prefix().is_empty(),
+            "batch 1 still in flight: nothing may go"
+        );
+        assert!(!c.on_puback(3), "a repeated PUBACK changes nothing");
+        assert!(c.on_puback(2));
+        let done: Vec<u64> = c.take_acked_prefix().iter().map(|b| b.last_id).collect();
+        assert_eq!(done, vec![10, 20]);
+        assert!(c.on_puback(4));
+        assert_eq!(c.take_acked_prefix().len(), 1);
+        assert!(c.inflight.is_empty());
+    }
 }
