@@ -1,7 +1,9 @@
-//! `tidepool-rules`: the rule engine's library. Rules are user-written Rhai functions run on
-//! events at the edge; this crate will hold the engine (loading, sandbox, limits, state).
-//! Today it holds what the gateway and the engine share: MQTT topic-filter matching, which
-//! rules use for `const TOPICS`.
+//! `tidepool-rules`: the rule engine. Rules are user-written Rhai functions run on events at
+//! the edge: filter, transform, enrich, alert, aggregate. See [`engine`].
+
+pub mod engine;
+
+pub use engine::{CompileError, DeadLetter, Limits, Publish, Rule, RuleEvent, RuleSet, StepResult};
 
 /// Whether `topic` matches the MQTT filter `filter` (`+` one level, `#` the rest), with
 /// MQTT's rule that a leading wildcard does not match `$`-topics.
