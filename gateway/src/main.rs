@@ -41,6 +41,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Rule tools.
+    Rules {
+        #[command(subcommand)]
+        cmd: RulesCmd,
+    },
     /// One command, no config: a local cloud broker, the gateway and the simulator, with an
     /// outage and recovery, every event accounted for.
     Demo {
@@ -56,6 +61,22 @@ enum Cmd {
         /// Seconds the link stays down.
         #[arg(long, default_value_t = 5)]
         cut_for: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RulesCmd {
+    /// Dry-run rules (a file or a rules folder) on sample events, with in-memory state; print
+    /// what went in and what came out. With --expect, exit 1 and show a diff on mismatch.
+    Test {
+        /// A `.rhai` file or a folder of them.
+        path: PathBuf,
+        /// Events, one JSON object a line: {"topic": ..., "payload": ..., "source"?, "ts"?}.
+        #[arg(long)]
+        events: PathBuf,
+        /// Expected output, one JSON object a line (see README, "Writing rules").
+        #[arg(long)]
+        expect: Option<PathBuf>,
     },
 }
 
@@ -114,6 +135,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             }
+            if cfg.rules.dir.exists() {
+                let limits = tidepool_rules::Limits {
+                    max_operations: cfg.rules.max_operations,
+                    ..Default::default()
+                };
+                if let Err(errs) = tidepool_rules::RuleSet::load(&cfg.rules.dir, limits) {
+                    for e in errs {
+                        eprintln!("error: {e}");
+                    }
+                    return ExitCode::from(1);
+                }
+            }
             println!(
                 "{}: ok",
                 config
@@ -168,6 +201,41 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+        Cmd::Rules {
+            cmd:
+                RulesCmd::Test {
+                    path,
+                    events,
+                    expect,
+                },
+        } => {
+            let limits = tidepool_rules::Limits::default();
+            let run = match tidepool::rules::dry_run::run(&path, &events, limits) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(1);
+                }
+            };
+            print!("{}", run.report);
+            match expect {
+                None => ExitCode::SUCCESS,
+                Some(exp) => match tidepool::rules::dry_run::compare(&run.actual, &exp) {
+                    Ok(None) => {
+                        println!("matches {}", exp.display());
+                        ExitCode::SUCCESS
+                    }
+                    Ok(Some(diff)) => {
+                        eprint!("{diff}");
+                        ExitCode::from(1)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(1)
+                    }
+                },
+            }
         }
         Cmd::Demo {
             events,

@@ -162,6 +162,7 @@ struct CallCtx {
     committed: HashMap<StateKey, Value>,
     pending: BTreeMap<StateKey, Option<Value>>,
     now_ms: i64,
+    gateway: String,
 }
 
 /// The loaded rules and the sandboxed engine that runs them.
@@ -297,6 +298,11 @@ impl RuleSet {
             has_on_event,
             has_on_tick,
         })
+    }
+
+    /// Sets what `gateway_id()` returns to rules.
+    pub fn set_gateway(&mut self, id: &str) {
+        self.ctx.lock().unwrap().gateway = id.to_string();
     }
 
     /// The rules, in order.
@@ -617,6 +623,10 @@ fn build_engine(l: &Limits, ctx: Arc<Mutex<CallCtx>>, deadline: Arc<AtomicU64>) 
         let mut g = c.lock().unwrap();
         let rule = g.rule.clone();
         g.logs.push((rule, level.to_string(), msg.to_string()));
+    });
+    let c = ctx.clone();
+    e.register_fn("gateway_id", move || -> String {
+        c.lock().map(|g| g.gateway.clone()).unwrap_or_default()
     });
     let c = ctx;
     e.register_fn("now", move || -> i64 {

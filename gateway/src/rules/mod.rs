@@ -5,6 +5,8 @@
 //! letters) is committed atomically with the step that produced it. Until the Rhai engine
 //! (`tidepool-rules`) is wired in, [`PassThrough`] keeps every event unchanged.
 
+pub mod dry_run;
+
 use crate::event::Event;
 
 /// What one rule step produced.
