@@ -169,6 +169,22 @@ pub struct RulesConfig {
     pub tick: HumanDuration,
     /// Most Rhai operations per call.
     pub max_operations: u64,
+    /// Most nested function calls.
+    pub max_call_depth: usize,
+    /// Most nested expressions.
+    pub max_expr_depth: usize,
+    /// Longest string a rule may build.
+    pub max_string_size: ByteSize,
+    /// Most array elements.
+    pub max_array_size: usize,
+    /// Most map entries.
+    pub max_map_size: usize,
+    /// Most variables in scope.
+    pub max_variables: usize,
+    /// Most functions in one rule file.
+    pub max_functions: usize,
+    /// Wall-clock budget of one call (on_event or on_tick).
+    pub max_call_time: HumanDuration,
 }
 
 /// Batch encoding upstream.

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod dlq;
 pub mod event;
 pub mod forward;
 pub mod ingest;
@@ -46,18 +47,21 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     let db = store::open(&path, cfg.buffer.cache_size.0)?;
 
     let (in_tx, in_rx) = mpsc::channel(cfg.buffer.commit_max_events * 4);
+    let own = ingest::OwnPublishes::new(&cfg.ingest.mqtt.topics);
+    let rules = rules::RhaiStage::new(&cfg.rules, &cfg.gateway.id, metrics.clone());
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (committed_tx, committed_rx) = watch::channel(0u64);
     let commit_loop = store::CommitLoop::new(
         db.clone(),
         cfg.buffer.clone(),
         metrics.clone(),
-        Box::new(rules::PassThrough),
+        Box::new(rules),
         in_rx,
         ack_rx,
         committed_tx,
         tokio::runtime::Handle::current(),
-    )?;
+    )?
+    .with_tick(cfg.rules.tick.0);
     let forwarder = forward::Forwarder::new(
         cfg.upstream.clone(),
         cfg.gateway.id.clone(),
@@ -76,28 +80,54 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     // Sources. Each holds a sender; the commit loop ends once all are gone.
     let mut embedded_reader = None;
     let mut client_task = None;
-    match cfg.ingest.mqtt.mode {
+    let publisher: store::commit::Publisher = match cfg.ingest.mqtt.mode {
         MqttMode::Embedded => {
             let e = ingest::embedded::start(
                 &cfg.ingest.mqtt,
                 in_tx.clone(),
                 metrics.clone(),
                 shutdown.clone(),
+                own.clone(),
             )?;
             embedded_reader = Some(e.reader);
+            let mut link = e.link_tx;
+            let own = own.clone();
+            Box::new(move |p: &rules::LocalPublish| {
+                own.note(&p.topic, &p.payload);
+                if let Err(e) = link.publish(p.topic.clone(), p.payload.clone()) {
+                    warn!(topic = %p.topic, error = %e, "rule publish to the embedded broker failed");
+                }
+            })
         }
         MqttMode::Client => {
-            client_task = Some(
-                ingest::client::start(
-                    &cfg.ingest.mqtt,
-                    in_tx.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                )
-                .map_err(anyhow::Error::msg)?,
-            );
+            let (task, client) = ingest::client::start(
+                &cfg.ingest.mqtt,
+                in_tx.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+                own.clone(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            client_task = Some(task);
+            let own = own.clone();
+            Box::new(move |p: &rules::LocalPublish| {
+                own.note(&p.topic, &p.payload);
+                let r = client.try_publish(
+                    p.topic.clone(),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    p.payload.clone(),
+                );
+                if let Err(e) = r {
+                    warn!(topic = %p.topic, error = %e, "rule publish to the ingest broker failed");
+                }
+            })
         }
-    }
+    };
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let commit_loop = commit_loop
+        .with_publisher(publisher)
+        .with_control(control_rx);
     if !cfg.ingest.serial.is_empty() {
         warn!(
             ports = cfg.ingest.serial.len(),
@@ -117,6 +147,8 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
             admin::StatusSource {
                 gateway: cfg.gateway.id.clone(),
                 metrics: metrics.clone(),
+                db: Some(db.clone()),
+                control: Some(control_tx),
             },
             shutdown.clone(),
         ))

@@ -41,6 +41,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Dead letters: inputs a rule failed on. Inspect, re-run through the rules, or discard.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
     /// Rule tools.
     Rules {
         #[command(subcommand)]
@@ -61,6 +66,38 @@ enum Cmd {
         /// Seconds the link stays down.
         #[arg(long, default_value_t = 5)]
         cut_for: u64,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct DlqArgs {
+    /// Config file (TOML).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Only these dead letters (repeatable); default: all.
+    #[arg(long = "id")]
+    ids: Vec<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCmd {
+    /// Show dead letters: rule, error, time, the input event.
+    List {
+        #[command(flatten)]
+        args: DlqArgs,
+        /// One JSON array instead of lines for people.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run them through the current rules again (fixed a rule? retry).
+    Retry {
+        #[command(flatten)]
+        args: DlqArgs,
+    },
+    /// Delete them.
+    Drop {
+        #[command(flatten)]
+        args: DlqArgs,
     },
 }
 
@@ -201,6 +238,54 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+        Cmd::Dlq { cmd } => {
+            let args = match &cmd {
+                DlqCmd::List { args, .. } | DlqCmd::Retry { args } | DlqCmd::Drop { args } => args,
+            };
+            let cfg = match load(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let r = rt.block_on(async {
+                match &cmd {
+                    DlqCmd::List { args, json } => {
+                        let rows = tidepool::dlq::list(&cfg, &args.ids).await?;
+                        if *json {
+                            println!("{}", serde_json::to_string_pretty(&rows)?);
+                        } else if rows.is_empty() {
+                            println!("no dead letters");
+                        } else {
+                            for r in &rows {
+                                println!(
+                                    "#{}  rule {}: {}\n     {} {}",
+                                    r["id"],
+                                    r["rule"].as_str().unwrap_or(""),
+                                    r["error"].as_str().unwrap_or(""),
+                                    r["event"]["topic"].as_str().unwrap_or(""),
+                                    r["event"]["payload"]
+                                );
+                            }
+                        }
+                        Ok::<_, anyhow::Error>(())
+                    }
+                    DlqCmd::Retry { args } => {
+                        println!("{}", tidepool::dlq::act(&cfg, true, &args.ids).await?);
+                        Ok(())
+                    }
+                    DlqCmd::Drop { args } => {
+                        println!("{}", tidepool::dlq::act(&cfg, false, &args.ids).await?);
+                        Ok(())
+                    }
+                }
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Cmd::Rules {
             cmd:

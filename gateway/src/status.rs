@@ -122,6 +122,23 @@ pub fn render(v: &Value) -> String {
         if rules.is_empty() {
             let _ = writeln!(o, "rules     none (events pass through)");
         }
+        for r in rules {
+            let _ = writeln!(
+                o,
+                "rule      {:<24} in {}  dropped {}  errors {}{}",
+                r["name"].as_str().unwrap_or("?"),
+                r["events_in"].as_u64().unwrap_or(0),
+                r["dropped"].as_u64().unwrap_or(0),
+                r["errors"].as_u64().unwrap_or(0),
+                match r["refused_update"].as_str() {
+                    Some(e) => format!("\n          new version refused: {e}"),
+                    None => String::new(),
+                }
+            );
+            if let Some(e) = r["last_error"].as_str().filter(|e| !e.is_empty()) {
+                let _ = writeln!(o, "          last error: {e}");
+            }
+        }
     }
     o
 }

@@ -142,6 +142,11 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Whether the rule defines `on_tick(now)`.
+    pub fn has_on_tick(&self) -> bool {
+        self.has_on_tick
+    }
+
     /// Whether the rule wants events on `topic`.
     pub fn matches(&self, topic: &str) -> bool {
         match &self.topics {

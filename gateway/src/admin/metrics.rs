@@ -111,6 +111,7 @@ pub struct Metrics {
     /// The last upstream error, for status.
     pub upstream_error: Mutex<String>,
     rule_errors: Mutex<BTreeMap<String, u64>>,
+    rule_reload_errors: Mutex<BTreeMap<String, u64>>,
     /// Events in the dead-letter table.
     pub dlq_events: AtomicU64,
     /// False once the store failed to commit.
@@ -122,6 +123,8 @@ pub struct Metrics {
     pub fsyncs: AtomicU64,
     /// When the process started (ms).
     pub started_ms: i64,
+    /// The rule stage's view (rules, counters, refused updates), for `/status`.
+    pub rules_status: Mutex<serde_json::Value>,
 }
 
 impl Default for Metrics {
@@ -138,6 +141,7 @@ impl Default for Metrics {
             upstream_state: AtomicU8::new(0),
             upstream_error: Mutex::default(),
             rule_errors: Mutex::default(),
+            rule_reload_errors: Mutex::default(),
             dlq_events: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             commit_buckets: Default::default(),
@@ -145,6 +149,7 @@ impl Default for Metrics {
             commit_sum_us: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             started_ms: crate::event::now_ms(),
+            rules_status: Mutex::new(serde_json::json!([])),
         }
     }
 }
@@ -180,6 +185,16 @@ impl Metrics {
     pub fn rule_error(&self, rule: &str) {
         *self
             .rule_errors
+            .lock()
+            .unwrap()
+            .entry(rule.to_string())
+            .or_default() += 1;
+    }
+
+    /// Counts one refused (non-compiling) new version of `rule`.
+    pub fn rule_reload_error(&self, rule: &str) {
+        *self
+            .rule_reload_errors
             .lock()
             .unwrap()
             .entry(rule.to_string())
@@ -295,6 +310,17 @@ impl Metrics {
         );
         for (rule, n) in self.rule_errors.lock().unwrap().iter() {
             let _ = writeln!(o, "tidepool_rule_errors_total{{rule=\"{rule}\"}} {n}");
+        }
+        counter(
+            &mut o,
+            "tidepool_rule_reload_errors_total",
+            "New rule versions refused because they do not compile, by rule.",
+        );
+        for (rule, n) in self.rule_reload_errors.lock().unwrap().iter() {
+            let _ = writeln!(
+                o,
+                "tidepool_rule_reload_errors_total{{rule=\"{rule}\"}} {n}"
+            );
         }
         counter(
             &mut o,

@@ -16,20 +16,44 @@ use tracing::{debug, info};
 use crate::shutdown::Shutdown;
 use metrics::Metrics;
 
-/// What `/status` reports beyond the metrics.
+/// What the endpoint serves from.
 #[derive(Clone)]
 pub struct StatusSource {
     /// `[gateway] id`.
     pub gateway: String,
     /// The counters.
     pub metrics: Arc<Metrics>,
+    /// The store, for `/dlq`.
+    pub db: Option<Arc<redb::Database>>,
+    /// The commit loop, for `POST /dlq/retry|drop`.
+    pub control: Option<tokio::sync::mpsc::UnboundedSender<crate::store::commit::Control>>,
+}
+
+/// A dead letter as shown to people and scripts.
+pub fn dead_letter_json(id: u64, d: &crate::rules::DeadLetter) -> serde_json::Value {
+    use base64::Engine as _;
+    let payload = match &d.event.payload {
+        crate::event::Payload::Json(s) => {
+            serde_json::from_str(s).unwrap_or(serde_json::Value::Null)
+        }
+        crate::event::Payload::Bytes(b) => {
+            base64::engine::general_purpose::STANDARD.encode(b).into()
+        }
+    };
+    serde_json::json!({
+        "id": id,
+        "rule": d.rule,
+        "error": d.error,
+        "at": d.at,
+        "event": { "ts": d.event.ts, "source": d.event.source, "topic": d.event.topic, "payload": payload },
+    })
 }
 
 impl StatusSource {
     /// The `/status` document.
     pub fn status(&self) -> serde_json::Value {
-        self.metrics
-            .status_json(&self.gateway, serde_json::json!([]))
+        let rules = self.metrics.rules_status.lock().unwrap().clone();
+        self.metrics.status_json(&self.gateway, rules)
     }
 }
 
@@ -74,9 +98,13 @@ pub async fn serve(listener: TcpListener, source: StatusSource, mut shutdown: Sh
             let req = String::from_utf8_lossy(&buf[..n]);
             let mut parts = req.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
             debug!(method, path, "admin request");
-            let (code, ctype, body) = respond(method, path, &source);
+            let (path, query) = path.split_once('?').unwrap_or((path, ""));
+            let (code, ctype, body) = if path.starts_with("/dlq") {
+                dlq(method, path, query, &source).await
+            } else {
+                respond(method, path, &source)
+            };
             let head = format!(
                 "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
@@ -85,6 +113,87 @@ pub async fn serve(listener: TcpListener, source: StatusSource, mut shutdown: Sh
             let _ = sock.write_all(body.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+/// `ids=1,2,3` from a query string; `None` for all.
+fn parse_ids(query: &str) -> Option<Vec<u64>> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ids="))
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+}
+
+async fn dlq(
+    method: &str,
+    path: &str,
+    query: &str,
+    source: &StatusSource,
+) -> (&'static str, &'static str, String) {
+    use crate::store::commit::Control;
+    match (method, path) {
+        ("GET", "/dlq") => {
+            let Some(db) = source.db.clone() else {
+                return ("503 Service Unavailable", "text/plain", "no store\n".into());
+            };
+            let ids = parse_ids(query);
+            let rows =
+                tokio::task::spawn_blocking(move || crate::store::dlq_list(&*db, ids.as_deref()))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+            match rows {
+                Ok(rows) => {
+                    let v: Vec<_> = rows
+                        .iter()
+                        .map(|(id, d)| dead_letter_json(*id, d))
+                        .collect();
+                    (
+                        "200 OK",
+                        "application/json",
+                        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+                    )
+                }
+                Err(e) => ("500 Internal Server Error", "text/plain", e + "\n"),
+            }
+        }
+        ("POST", "/dlq/retry") | ("POST", "/dlq/drop") => {
+            let Some(ctl) = source.control.clone() else {
+                return (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "no commit loop\n".into(),
+                );
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let ids = parse_ids(query);
+            let msg = if path.ends_with("retry") {
+                Control::DlqRetry(ids, tx)
+            } else {
+                Control::DlqDrop(ids, tx)
+            };
+            if ctl.send(msg).is_err() {
+                return (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "shutting down\n".into(),
+                );
+            }
+            match rx.await {
+                Ok(Ok(m)) => ("200 OK", "text/plain", m + "\n"),
+                Ok(Err(e)) => ("500 Internal Server Error", "text/plain", e + "\n"),
+                Err(_) => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "shutting down\n".into(),
+                ),
+            }
+        }
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "GET /dlq, POST /dlq/retry, POST /dlq/drop (?ids=1,2)\n".into(),
+        ),
     }
 }
 
@@ -128,12 +237,17 @@ fn respond(
 
 /// `GET http://addr/path` with a short timeout: (status code, body). For `tidepool status`.
 pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    request(addr, "GET", path).await
+}
+
+/// `METHOD http://addr/path` (no body) with a timeout: (status code, body).
+pub async fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         let text = String::from_utf8_lossy(&out).to_string();
@@ -148,7 +262,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)>
             .unwrap_or_default();
         Ok((code, body))
     };
-    tokio::time::timeout(Duration::from_secs(2), fut)
+    tokio::time::timeout(Duration::from_secs(30), fut)
         .await
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "admin endpoint timed out")

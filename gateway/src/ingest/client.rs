@@ -18,7 +18,7 @@ use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{mqtt_event, stable_hash, Incoming};
+use super::{mqtt_event, stable_hash, Incoming, OwnPublishes};
 use crate::admin::metrics::Metrics;
 use crate::config::{parse_mqtt_url, MqttIngestConfig};
 use crate::shutdown::Shutdown;
@@ -30,7 +30,8 @@ pub fn start(
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+    own: OwnPublishes,
+) -> Result<(tokio::task::JoinHandle<()>, AsyncClient), String> {
     let url = parse_mqtt_url(&cfg.broker).map_err(|e| format!("key `ingest.mqtt.broker`: {e}"))?;
     if url.tls {
         return Err("key `ingest.mqtt.broker`: mqtts:// is not supported for ingest yet; use mqtt:// on a local broker".into());
@@ -60,7 +61,8 @@ pub fn start(
     let topics = cfg.topics.clone();
     let max_payload = cfg.max_payload.0 as usize;
     let broker = cfg.broker.clone();
-    Ok(tokio::spawn(async move {
+    let publisher = client.clone();
+    let task = tokio::spawn(async move {
         let mut tx = Some(tx);
         let mut ack_tx = Some(ack_tx);
         let mut last_error = String::new();
@@ -126,6 +128,10 @@ pub fn start(
                         hash: stable_hash(&[p.topic.as_bytes(), &p.payload]),
                         dup: p.dup,
                     });
+                    if own.take(&p.topic, &p.payload) {
+                        ack_fn();
+                        continue;
+                    }
                     let incoming = match mqtt_event(&p.topic, &p.payload, max_payload, &metrics) {
                         Some(ev) => Incoming {
                             event: ev,
@@ -160,5 +166,6 @@ pub fn start(
         }
         let _ = client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
-    }))
+    });
+    Ok((task, publisher))
 }

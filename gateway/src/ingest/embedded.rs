@@ -15,7 +15,7 @@ use rumqttd::{Broker, Config as BrokerConfig, Notification};
 use tokio::sync::mpsc;
 use tracing::{error, info};
 
-use super::{mqtt_event, Incoming};
+use super::{mqtt_event, Incoming, OwnPublishes};
 use crate::admin::metrics::Metrics;
 use crate::config::MqttIngestConfig;
 use crate::shutdown::Shutdown;
@@ -95,6 +95,7 @@ pub fn start(
     tx: mpsc::Sender<Incoming>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
+    own: OwnPublishes,
 ) -> Result<Embedded, EmbeddedError> {
     // Fail early and clearly if the port is taken: rumqttd would only log it on its thread.
     std::net::TcpListener::bind(cfg.listen).map_err(|source| EmbeddedError::Listen {
@@ -105,9 +106,14 @@ pub fn start(
     let (mut link_tx, link_rx) = broker
         .link("tidepool-ingest")
         .map_err(|e| EmbeddedError::Link(e.to_string()))?;
-    let (pub_tx, _pub_rx) = broker
+    let (pub_tx, mut pub_rx) = broker
         .link("tidepool-publish")
         .map_err(|e| EmbeddedError::Link(e.to_string()))?;
+    // The publishing link subscribes to nothing; drain whatever the router tells it.
+    std::thread::Builder::new()
+        .name("tidepool-publish".into())
+        .spawn(move || while pub_rx.recv().is_ok() {})
+        .expect("spawn publish-link thread");
     std::thread::Builder::new()
         .name("tidepool-broker".into())
         .spawn(move || {
@@ -125,7 +131,7 @@ pub fn start(
     let max_payload = cfg.max_payload.0 as usize;
     let reader = std::thread::Builder::new()
         .name("tidepool-ingest".into())
-        .spawn(move || read_link(link_rx, tx, max_payload, metrics, shutdown))
+        .spawn(move || read_link(link_rx, tx, max_payload, metrics, shutdown, own))
         .expect("spawn ingest thread");
     Ok(Embedded {
         link_tx: pub_tx,
@@ -139,6 +145,7 @@ fn read_link(
     max_payload: usize,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
+    own: OwnPublishes,
 ) {
     while !shutdown.is_set() {
         match rx.recv_deadline(Instant::now() + Duration::from_millis(100)) {
@@ -147,6 +154,9 @@ fn read_link(
                     Ok(t) => t,
                     Err(_) => continue,
                 };
+                if own.take(topic, &f.publish.payload) {
+                    continue;
+                }
                 if let Some(ev) = mqtt_event(topic, &f.publish.payload, max_payload, &metrics) {
                     if tx.blocking_send(Incoming::plain(ev)).is_err() {
                         return;

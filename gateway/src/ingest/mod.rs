@@ -5,6 +5,9 @@
 pub mod client;
 pub mod embedded;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::event::{Event, Payload};
 
@@ -34,6 +37,61 @@ pub fn mqtt_event(
     Some(Event::new(MQTT_SOURCE, topic, Payload::from_raw(payload)))
 }
 
+/// What the gateway published itself (rule `publish`), so that ingest skips it when the
+/// broker hands it back: the gateway never ingests its own outputs, whatever `topics` says.
+#[derive(Debug, Clone)]
+pub struct OwnPublishes {
+    filters: Arc<Vec<String>>,
+    pending: Arc<Mutex<HashMap<u64, u32>>>,
+}
+
+impl OwnPublishes {
+    /// For a source subscribed to `filters`.
+    pub fn new(filters: &[String]) -> Self {
+        OwnPublishes {
+            filters: Arc::new(filters.to_vec()),
+            pending: Arc::default(),
+        }
+    }
+
+    /// Notes a message about to be published; only those ingest will see come back are kept.
+    pub fn note(&self, topic: &str, payload: &[u8]) {
+        if !self
+            .filters
+            .iter()
+            .any(|f| tidepool_rules::topic_matches(f, topic))
+        {
+            return;
+        }
+        let mut m = self.pending.lock().unwrap();
+        if m.len() > 100_000 {
+            // Something never came back (a broker restart): start over rather than grow.
+            m.clear();
+        }
+        *m.entry(stable_hash(&[topic.as_bytes(), payload]))
+            .or_default() += 1;
+    }
+
+    /// Whether this incoming message is one of ours (and forgets it).
+    pub fn take(&self, topic: &str, payload: &[u8]) -> bool {
+        let mut m = self.pending.lock().unwrap();
+        if m.is_empty() {
+            return false;
+        }
+        let h = stable_hash(&[topic.as_bytes(), payload]);
+        match m.get_mut(&h) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&h);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// FNV-1a, 64 bits: stable across runs (unlike std's hasher), for redelivery detection.
 pub fn stable_hash(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -59,6 +117,16 @@ mod tests {
         assert_eq!(m.dropped_count(DropReason::Oversize), 1);
         let e = mqtt_event("t", b"12", 10, &m).unwrap();
         assert_eq!(e.payload, Payload::Json("12".into()));
+    }
+
+    #[test]
+    fn own_publishes_are_recognised_once() {
+        let own = OwnPublishes::new(&["alerts/#".to_string()]);
+        own.note("alerts/x", b"1");
+        own.note("other/x", b"1");
+        assert!(!own.take("other/x", b"1"), "not subscribed: never noted");
+        assert!(own.take("alerts/x", b"1"));
+        assert!(!own.take("alerts/x", b"1"), "only as often as published");
     }
 
     #[test]

@@ -1,13 +1,39 @@
 //! The rule stage, as the store's commit loop sees it.
 //!
 //! The commit loop hands every ingested event to a [`RuleStage`] inside the write transaction
-//! that will store its outputs, so whatever a rule produces (events, local publishes, dead
-//! letters) is committed atomically with the step that produced it. Until the Rhai engine
-//! (`tidepool-rules`) is wired in, [`PassThrough`] keeps every event unchanged.
+//! that will store its outputs, so whatever a rule produces (events, state writes, dead
+//! letters) is committed atomically with the step that produced it; local publishes are sent
+//! only after that commit. [`RhaiStage`] runs the user's Rhai rules (`tidepool-rules`);
+//! [`PassThrough`] keeps every event unchanged.
 
 pub mod dry_run;
+mod rhai_stage;
+
+pub use rhai_stage::RhaiStage;
 
 use crate::event::Event;
+
+/// A message for local subscribers, sent after the step's commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPublish {
+    /// Topic.
+    pub topic: String,
+    /// JSON bytes.
+    pub payload: Vec<u8>,
+}
+
+/// An input a rule failed on, as stored in the dead-letter table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// The rule's name.
+    pub rule: String,
+    /// What went wrong.
+    pub error: String,
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// The event the rule was given.
+    pub event: Event,
+}
 
 /// What one rule step produced.
 #[derive(Debug, Default)]
@@ -16,12 +42,49 @@ pub struct StepOutput {
     pub events: Vec<Event>,
     /// Events a rule dropped (counted as `dropped{reason="rule"}`).
     pub dropped: u64,
+    /// Local publishes, in call order.
+    pub publishes: Vec<LocalPublish>,
+    /// Inputs rules failed on.
+    pub dead_letters: Vec<DeadLetter>,
 }
+
+/// One state write: `(rule, key)` and the JSON value, `None` to delete.
+pub type StateWrite = ((String, String), Option<Vec<u8>>);
 
 /// The rule stage: runs on the commit loop's thread, never on the async executor.
 pub trait RuleStage: Send {
     /// Runs the rules on one event, appending what comes out to `out`.
     fn on_event(&mut self, event: Event, out: &mut StepOutput);
+
+    /// Runs every rule's `on_tick(now)`.
+    fn on_tick(&mut self, _now_ms: i64, _out: &mut StepOutput) {}
+
+    /// Whether `on_tick` should run at all.
+    fn wants_tick(&self) -> bool {
+        false
+    }
+
+    /// State written since the last commit, to persist in the same transaction.
+    fn pending_state(&self) -> Vec<StateWrite> {
+        Vec::new()
+    }
+
+    /// The transaction holding the pending state committed.
+    fn commit_state(&mut self) {}
+
+    /// The transaction failed: forget the pending state.
+    fn rollback_state(&mut self) {}
+
+    /// Seeds the persisted state at start-up.
+    fn load_state(&mut self, _entries: Vec<((String, String), Vec<u8>)>) {}
+
+    /// Picks up changed, added or removed rule files; called between steps.
+    fn reload(&mut self) {}
+
+    /// Rules and their counters, for `/status`.
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!([])
+    }
 }
 
 /// Keeps every event as it is.

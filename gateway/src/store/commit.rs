@@ -8,11 +8,13 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTran
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use super::{decode, encode, row_size, StoreError, EVENTS, INGEST_DEDUP, META};
+use super::{
+    decode, encode, row_size, StoreError, DEAD_LETTERS, EVENTS, INGEST_DEDUP, META, RULE_STATE,
+};
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{BufferConfig, WhenFull};
 use crate::event::{now_ms, Event};
-use crate::rules::{RuleStage, StepOutput};
+use crate::rules::{LocalPublish, RuleStage, StepOutput};
 
 /// Called once the event it came with is committed (client-mode PUBACK, serial ack).
 pub type AckFn = Box<dyn FnOnce() + Send>;
@@ -73,6 +75,38 @@ pub struct CommitLoop {
     stored_bytes: u64,
     backlog: u64,
     last_expiry: Instant,
+    publisher: Option<Publisher>,
+    control: Option<mpsc::UnboundedReceiver<Control>>,
+    dlq_remove: Vec<u64>,
+    tick: Duration,
+    next_tick: Instant,
+    last_status: Instant,
+}
+
+/// Requests to the commit loop from the admin endpoint (`tidepool dlq` with the daemon running).
+#[derive(Debug)]
+pub enum Control {
+    /// Re-run dead letters (all, or these ids) through the rules; answers a summary.
+    DlqRetry(
+        Option<Vec<u64>>,
+        tokio::sync::oneshot::Sender<Result<String, String>>,
+    ),
+    /// Delete dead letters (all, or these ids); answers a summary.
+    DlqDrop(
+        Option<Vec<u64>>,
+        tokio::sync::oneshot::Sender<Result<String, String>>,
+    ),
+}
+
+/// Sends rule publishes to local subscribers, after the commit.
+pub type Publisher = Box<dyn FnMut(&LocalPublish) + Send>;
+
+/// Running totals of one commit.
+struct Tally {
+    next_id: u64,
+    bytes: u64,
+    backlog: u64,
+    last_stored: Option<u64>,
 }
 
 /// What one commit did.
@@ -90,6 +124,10 @@ pub struct CommitReport {
     pub dropped_full: u64,
     /// Dropped for `max_age`.
     pub dropped_age: u64,
+    /// Inputs rules failed on, now in the dead-letter table.
+    pub dead_lettered: u64,
+    /// Dead letters removed (retried or dropped).
+    pub dlq_removed: u64,
 }
 
 impl CommitLoop {
@@ -106,6 +144,19 @@ impl CommitLoop {
         rt: tokio::runtime::Handle,
     ) -> Result<CommitLoop, StoreError> {
         let st = super::stats(&*db)?;
+        let mut rules = rules;
+        {
+            use redb::ReadableDatabase;
+            let txn = db.begin_read()?;
+            let table = txn.open_table(RULE_STATE)?;
+            let mut entries = Vec::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                let (rule, key) = k.value();
+                entries.push(((rule.to_string(), key.to_string()), v.value().to_vec()));
+            }
+            rules.load_state(entries);
+        }
         metrics.backlog_events.store(st.backlog_events, Relaxed);
         metrics.backlog_bytes.store(st.backlog_bytes, Relaxed);
         metrics.oldest_ts.store(st.oldest_ts.unwrap_or(0), Relaxed);
@@ -124,7 +175,84 @@ impl CommitLoop {
             stored_bytes: st.backlog_bytes,
             backlog: st.backlog_events,
             last_expiry: Instant::now() - Duration::from_secs(3600),
+            publisher: None,
+            control: None,
+            dlq_remove: Vec::new(),
+            tick: Duration::from_secs(10),
+            next_tick: Instant::now() + Duration::from_secs(10),
+            last_status: Instant::now() - Duration::from_secs(10),
         })
+    }
+
+    /// Where rule publishes go (after each commit).
+    pub fn with_publisher(mut self, p: Publisher) -> Self {
+        self.publisher = Some(p);
+        self
+    }
+
+    /// Where admin requests come from.
+    pub fn with_control(mut self, rx: mpsc::UnboundedReceiver<Control>) -> Self {
+        self.control = Some(rx);
+        self
+    }
+
+    /// Re-runs dead letters (all, or `ids`) through the rules in one commit: they leave the
+    /// dead-letter table, and what the rules make of them now is stored (or dead-lettered
+    /// again). Returns (retried, failed again).
+    pub fn retry_dead_letters(&mut self, ids: Option<&[u64]>) -> Result<(u64, u64), StoreError> {
+        let rows = super::dlq_list(&*self.db, ids)?;
+        if rows.is_empty() {
+            return Ok((0, 0));
+        }
+        let group: Vec<Incoming> = rows
+            .iter()
+            .map(|(_, d)| {
+                let mut e = d.event.clone();
+                e.id = 0;
+                Incoming::plain(e)
+            })
+            .collect();
+        self.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
+        let r = self.commit(&group, None, false, None);
+        self.dlq_remove.clear();
+        let r = r?;
+        Ok((rows.len() as u64, r.dead_lettered))
+    }
+
+    /// Deletes dead letters (all, or `ids`) in one commit; returns how many went.
+    pub fn drop_dead_letters(&mut self, ids: Option<&[u64]>) -> Result<u64, StoreError> {
+        let rows = super::dlq_list(&*self.db, ids)?;
+        self.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
+        let r = self.commit(&[], None, false, None);
+        self.dlq_remove.clear();
+        r?;
+        Ok(rows.len() as u64)
+    }
+
+    fn on_control(&mut self, c: Control) {
+        match c {
+            Control::DlqRetry(ids, reply) => {
+                let r = self
+                    .retry_dead_letters(ids.as_deref())
+                    .map(|(n, again)| format!("retried {n} dead letters; {again} failed again"))
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+            Control::DlqDrop(ids, reply) => {
+                let r = self
+                    .drop_dead_letters(ids.as_deref())
+                    .map(|n| format!("dropped {n} dead letters"))
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// The period of `on_tick`.
+    pub fn with_tick(mut self, every: Duration) -> Self {
+        self.tick = every.max(Duration::from_millis(10));
+        self.next_tick = Instant::now() + self.tick;
+        self
     }
 
     /// Runs until both ingest and the forwarder have hung up, committing everything received.
@@ -141,13 +269,29 @@ impl CommitLoop {
             enum Wake {
                 In(Option<Incoming>),
                 Ack(Option<ForwardAck>),
+                Control(Option<Control>),
                 Tick,
             }
+            self.rules.reload();
+            if self.last_status.elapsed() >= Duration::from_millis(250) {
+                *self.metrics.rules_status.lock().unwrap() = self.rules.status();
+                self.last_status = Instant::now();
+            }
+            let idle = Duration::from_secs(1)
+                .min(self.next_tick.saturating_duration_since(Instant::now()));
+            let control_open = self.control.is_some();
             let wake = self.rt.block_on(async {
+                let control = async {
+                    match self.control.as_mut() {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     m = self.input.recv(), if input_open => Wake::In(m),
                     a = self.acks.recv(), if acks_open => Wake::Ack(a),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => Wake::Tick,
+                    c = control, if control_open => Wake::Control(c),
+                    _ = tokio::time::sleep(idle) => Wake::Tick,
                 }
             });
             match wake {
@@ -155,6 +299,11 @@ impl CommitLoop {
                 Wake::In(None) => input_open = false,
                 Wake::Ack(Some(a)) => acked = Some(a),
                 Wake::Ack(None) => acks_open = false,
+                Wake::Control(Some(c)) => {
+                    self.on_control(c);
+                    continue;
+                }
+                Wake::Control(None) => self.control = None,
                 Wake::Tick => {}
             }
             if !group.is_empty() {
@@ -197,10 +346,16 @@ impl CommitLoop {
                 }
             }
             let expire = self.last_expiry.elapsed() >= Duration::from_secs(1);
-            if group.is_empty() && acked.is_none() && !expire {
+            let tick = if Instant::now() >= self.next_tick {
+                self.next_tick = Instant::now() + self.tick;
+                self.rules.wants_tick().then(now_ms)
+            } else {
+                None
+            };
+            if group.is_empty() && acked.is_none() && !expire && tick.is_none() {
                 continue;
             }
-            self.commit_with_retry(group, acked, expire);
+            self.commit_with_retry(group, acked, expire, tick);
         }
         info!(next_id = self.next_id, "store: commit loop stopped");
     }
@@ -211,11 +366,12 @@ impl CommitLoop {
         mut group: Vec<Incoming>,
         acked: Option<ForwardAck>,
         expire: bool,
+        tick: Option<i64>,
     ) {
         let mut acks: Vec<AckFn> = group.iter_mut().filter_map(|m| m.ack.take()).collect();
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.commit(&group, acked, expire) {
+            match self.commit(&group, acked, expire, tick) {
                 Ok(_) => {
                     if !self.metrics.store_healthy.swap(true, Relaxed) {
                         info!("store: commits succeed again");
@@ -236,22 +392,51 @@ impl CommitLoop {
         }
     }
 
-    /// One write transaction: upstream acks, the group through the rule stage, caps, meta.
+    /// One write transaction: upstream acks, the group (and a tick) through the rule stage,
+    /// dead letters and rule state, caps, meta. Rule publishes are sent after it commits.
     pub fn commit(
         &mut self,
         group: &[Incoming],
         acked: Option<ForwardAck>,
         expire: bool,
+        tick: Option<i64>,
     ) -> Result<CommitReport, StoreError> {
+        match self.commit_inner(group, acked, expire, tick) {
+            Ok((report, publishes)) => {
+                self.rules.commit_state();
+                if let Some(p) = self.publisher.as_mut() {
+                    for m in &publishes {
+                        p(m);
+                    }
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                self.rules.rollback_state();
+                Err(e)
+            }
+        }
+    }
+
+    fn commit_inner(
+        &mut self,
+        group: &[Incoming],
+        acked: Option<ForwardAck>,
+        expire: bool,
+        tick: Option<i64>,
+    ) -> Result<(CommitReport, Vec<LocalPublish>), StoreError> {
         let started = Instant::now();
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .expect("no persistent savepoints are used");
         let mut report = CommitReport::default();
-        let mut next_id = self.next_id;
-        let mut bytes = self.stored_bytes;
-        let mut backlog = self.backlog;
-        let mut last_stored = None;
+        let mut t = Tally {
+            next_id: self.next_id,
+            bytes: self.stored_bytes,
+            backlog: self.backlog,
+            last_stored: None,
+        };
+        let publishes;
         {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
@@ -260,8 +445,8 @@ impl CommitLoop {
             // 1. What upstream acknowledged goes.
             if let Some(a) = acked {
                 while let Some((k, v)) = first_at_or_below(&mut events, a.up_to)? {
-                    bytes = bytes.saturating_sub(row_size(v));
-                    backlog = backlog.saturating_sub(1);
+                    t.bytes = t.bytes.saturating_sub(row_size(v));
+                    t.backlog = t.backlog.saturating_sub(1);
                     events.remove(k)?;
                     report.acked += 1;
                 }
@@ -281,50 +466,57 @@ impl CommitLoop {
                         }
                     }
                 }
-                out.events.clear();
                 self.rules.on_event(m.event.clone(), &mut out);
-                report.dropped_rule += out.dropped;
-                out.dropped = 0;
-                for mut e in out.events.drain(..) {
-                    let value = encode(&e);
-                    let size = row_size(value.len());
-                    if bytes + size > self.cfg.max_bytes.0 {
-                        match self.cfg.when_full {
-                            WhenFull::RejectNew => {
-                                report.dropped_full += 1;
-                                continue;
-                            }
-                            WhenFull::DropOldest => {
-                                while bytes + size > self.cfg.max_bytes.0 {
-                                    match events.pop_first()? {
-                                        Some((_, v)) => {
-                                            bytes = bytes.saturating_sub(row_size(v.value().len()));
-                                            backlog = backlog.saturating_sub(1);
-                                            report.dropped_full += 1;
-                                        }
-                                        None => break,
-                                    }
-                                }
-                                if bytes + size > self.cfg.max_bytes.0 {
-                                    // Larger than the whole buffer.
-                                    report.dropped_full += 1;
-                                    continue;
-                                }
-                            }
-                        }
-                    }
-                    e.id = next_id;
-                    next_id += 1;
-                    events.insert(e.id, value.as_slice())?;
-                    bytes += size;
-                    backlog += 1;
-                    report.stored += 1;
-                    last_stored = Some(e.id);
+                for e in out.events.drain(..) {
+                    append(&self.cfg, &mut events, e, &mut t, &mut report)?;
                 }
                 if let Some(d) = m.dedup {
-                    dedup.insert(d.pkid, (d.hash, next_id - 1))?;
+                    dedup.insert(d.pkid, (d.hash, t.next_id - 1))?;
                 }
             }
+            if let Some(now) = tick {
+                self.rules.on_tick(now, &mut out);
+                for e in out.events.drain(..) {
+                    append(&self.cfg, &mut events, e, &mut t, &mut report)?;
+                }
+            }
+            report.dropped_rule += out.dropped;
+
+            // Dead letters and rule state, in the same transaction as the outputs.
+            if !self.dlq_remove.is_empty() {
+                let mut dlq = txn.open_table(DEAD_LETTERS)?;
+                for id in &self.dlq_remove {
+                    if dlq.remove(*id)?.is_some() {
+                        report.dlq_removed += 1;
+                    }
+                }
+            }
+            if !out.dead_letters.is_empty() {
+                let mut dlq = txn.open_table(DEAD_LETTERS)?;
+                let mut id = meta.get("next_dlq_id")?.map(|v| v.value()).unwrap_or(1);
+                for d in out.dead_letters.drain(..) {
+                    let row = serde_json::to_vec(&d).expect("dead letter to JSON");
+                    dlq.insert(id, row.as_slice())?;
+                    id += 1;
+                    report.dead_lettered += 1;
+                }
+                meta.insert("next_dlq_id", id)?;
+            }
+            let writes = self.rules.pending_state();
+            if !writes.is_empty() {
+                let mut state = txn.open_table(RULE_STATE)?;
+                for ((rule, key), v) in writes {
+                    match v {
+                        Some(v) => {
+                            state.insert((rule.as_str(), key.as_str()), v.as_slice())?;
+                        }
+                        None => {
+                            state.remove((rule.as_str(), key.as_str()))?;
+                        }
+                    }
+                }
+            }
+            publishes = std::mem::take(&mut out.publishes);
 
             // 3. What got too old goes.
             if expire {
@@ -339,15 +531,15 @@ impl CommitLoop {
                     };
                     let Some((k, len)) = old else { break };
                     events.remove(k)?;
-                    bytes = bytes.saturating_sub(row_size(len));
-                    backlog = backlog.saturating_sub(1);
+                    t.bytes = t.bytes.saturating_sub(row_size(len));
+                    t.backlog = t.backlog.saturating_sub(1);
                     report.dropped_age += 1;
                 }
             }
 
             // 4. Meta.
-            meta.insert("next_id", next_id)?;
-            meta.insert("stored_bytes", bytes)?;
+            meta.insert("next_id", t.next_id)?;
+            meta.insert("stored_bytes", t.bytes)?;
             for (reason, n) in [
                 (DropReason::Rule, report.dropped_rule),
                 (DropReason::BufferFull, report.dropped_full),
@@ -359,7 +551,7 @@ impl CommitLoop {
                     meta.insert(key.as_str(), prev + n)?;
                 }
             }
-            debug_assert_eq!(events.len()?, backlog);
+            debug_assert_eq!(events.len()?, t.backlog);
             let oldest = match events.first()? {
                 Some((k, v)) => decode(k.value(), v.value())?.ts,
                 None => 0,
@@ -371,6 +563,12 @@ impl CommitLoop {
         if expire {
             self.last_expiry = Instant::now();
         }
+        let Tally {
+            next_id,
+            bytes,
+            backlog,
+            last_stored,
+        } = t;
         self.next_id = next_id;
         self.stored_bytes = bytes;
         self.backlog = backlog;
@@ -383,6 +581,9 @@ impl CommitLoop {
         m.dropped(DropReason::Rule, report.dropped_rule);
         m.dropped(DropReason::BufferFull, report.dropped_full);
         m.dropped(DropReason::MaxAge, report.dropped_age);
+        m.dlq_events.fetch_add(report.dead_lettered, Relaxed);
+        m.dlq_events
+            .fetch_sub(report.dlq_removed.min(m.dlq_events.load(Relaxed)), Relaxed);
         if report.dropped_full > 0 {
             warn!(dropped = report.dropped_full, policy = ?self.cfg.when_full, "buffer full: events dropped");
         }
@@ -398,8 +599,53 @@ impl CommitLoop {
             // Rows went: let the forwarder re-read.
             self.committed.send_modify(|_| {});
         }
-        Ok(report)
+        Ok((report, publishes))
     }
+}
+
+/// Appends one event under the buffer caps, giving it the next id.
+fn append(
+    cfg: &BufferConfig,
+    events: &mut redb::Table<u64, &[u8]>,
+    mut e: Event,
+    t: &mut Tally,
+    report: &mut CommitReport,
+) -> Result<(), StoreError> {
+    let value = encode(&e);
+    let size = row_size(value.len());
+    if t.bytes + size > cfg.max_bytes.0 {
+        match cfg.when_full {
+            WhenFull::RejectNew => {
+                report.dropped_full += 1;
+                return Ok(());
+            }
+            WhenFull::DropOldest => {
+                while t.bytes + size > cfg.max_bytes.0 {
+                    match events.pop_first()? {
+                        Some((_, v)) => {
+                            t.bytes = t.bytes.saturating_sub(row_size(v.value().len()));
+                            t.backlog = t.backlog.saturating_sub(1);
+                            report.dropped_full += 1;
+                        }
+                        None => break,
+                    }
+                }
+                if t.bytes + size > cfg.max_bytes.0 {
+                    // Larger than the whole buffer.
+                    report.dropped_full += 1;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    e.id = t.next_id;
+    t.next_id += 1;
+    events.insert(e.id, value.as_slice())?;
+    t.bytes += size;
+    t.backlog += 1;
+    report.stored += 1;
+    t.last_stored = Some(e.id);
+    Ok(())
 }
 
 fn commit_txn(txn: WriteTransaction) -> Result<(), StoreError> {

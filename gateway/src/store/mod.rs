@@ -18,14 +18,19 @@
 //!   committed before the gateway could acknowledge it: it is acknowledged and not stored
 //!   again, so a crash between commit and PUBACK does not mint a second id. Bounded by the
 //!   packet id space (65,536 rows).
-//! - `dead_letters`: `u64 → bytes`, inputs a rule failed on (filled by the rule stage).
+//! - `dead_letters`: `u64 → JSON`, inputs a rule failed on, with the rule, error and time;
+//!   ids from `meta.next_dlq_id`. Rows go by `tidepool dlq retry|drop`.
+//! - `rule_state`: `(rule, key) → JSON`, what rules keep with `state_set`; a key goes by
+//!   `state_del`.
 //!
 //! **One commit** (one `Durability::Immediate` write transaction, one fsync) holds, in order:
 //! the deletion of every event the upstream broker acknowledged since the last commit; a group
 //! of ingested events (up to `commit_max_events`, gathered for at most `commit_max_wait` after
-//! the first) run through the rule stage, given ids and appended; the buffer caps applied;
-//! `meta` updated. Only after the commit returns are ingest acknowledgements sent (client-mode
-//! PUBACKs, serial acks) and the forwarder woken.
+//! the first) run through the rule stage, given ids and appended (and, when due, what
+//! `on_tick` returned); the dead letters and rule-state writes of those steps; the buffer caps
+//! applied; `meta` updated. Only after the commit returns are ingest acknowledgements sent
+//! (client-mode PUBACKs, serial acks), rule publishes sent, and the forwarder woken. So a
+//! crash never loses a rule's state write while keeping its outputs, or the reverse.
 //!
 //! **When rows go.** A row leaves `events` only (a) after its batch's PUBACK from upstream,
 //! (b) when `max_bytes` is reached under `drop_oldest` (oldest first), or (c) when older than
@@ -52,8 +57,10 @@ pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Client-mode redelivery detection.
 pub const INGEST_DEDUP: TableDefinition<u16, (u64, u64)> = TableDefinition::new("ingest_dedup");
-/// Inputs a rule failed on.
+/// Inputs a rule failed on: JSON of `rules::DeadLetter`.
 pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// Per-rule state: (rule, key) → JSON value.
+pub const RULE_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rule_state");
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +174,7 @@ pub fn open(path: &Path, cache_size: u64) -> Result<Arc<Database>, StoreError> {
         txn.open_table(META)?;
         txn.open_table(INGEST_DEDUP)?;
         txn.open_table(DEAD_LETTERS)?;
+        txn.open_table(RULE_STATE)?;
     }
     txn.commit()?;
     Ok(Arc::new(db))
@@ -246,6 +254,26 @@ pub fn read_after(
         out.push(decode(k.value(), v.value())?);
         if out.len() >= max_events {
             break;
+        }
+    }
+    Ok(out)
+}
+
+/// Dead letters, oldest first: all, or those with the given ids.
+pub fn dlq_list<D: ReadableDatabase>(
+    db: &D,
+    ids: Option<&[u64]>,
+) -> Result<Vec<(u64, crate::rules::DeadLetter)>, StoreError> {
+    let txn = db.begin_read()?;
+    let t = txn.open_table(DEAD_LETTERS)?;
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        if ids.is_some_and(|ids| !ids.contains(&k.value())) {
+            continue;
+        }
+        if let Ok(d) = serde_json::from_slice(v.value()) {
+            out.push((k.value(), d));
         }
     }
     Ok(out)

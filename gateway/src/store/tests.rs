@@ -121,7 +121,7 @@ fn run_model(seed: u64, max_bytes: u64, when_full: WhenFull) {
                     n += 1;
                     group.push(Incoming::plain(e));
                 }
-                h.lp.commit(&group, None, false).unwrap();
+                h.lp.commit(&group, None, false, None).unwrap();
             }
             7..=8 => {
                 if let Some(&(id, _, _)) = m.rows.get(
@@ -135,6 +135,7 @@ fn run_model(seed: u64, max_bytes: u64, when_full: WhenFull) {
                             batch: 1,
                         }),
                         false,
+                        None,
                     )
                     .unwrap();
                     while m.rows.front().is_some_and(|r| r.0 <= id) {
@@ -194,7 +195,7 @@ fn model_unbounded() {
 fn read_after_respects_count_and_bytes() {
     let mut h = harness(u64::MAX / 2, WhenFull::DropOldest);
     let group: Vec<Incoming> = (0..10).map(|n| Incoming::plain(ev(n, 100))).collect();
-    h.lp.commit(&group, None, false).unwrap();
+    h.lp.commit(&group, None, false, None).unwrap();
     assert_eq!(read_after(&h.db, 0, 3, u64::MAX).unwrap().len(), 3);
     assert_eq!(read_after(&h.db, 8, 100, u64::MAX).unwrap().len(), 2);
     assert_eq!(
@@ -218,14 +219,14 @@ fn redelivered_message_is_not_stored_twice() {
         ack: None,
         dedup: Some(d),
     };
-    assert_eq!(h.lp.commit(&[first], None, false).unwrap().stored, 1);
+    assert_eq!(h.lp.commit(&[first], None, false, None).unwrap().stored, 1);
     // The broker resends it with DUP after a crash before our PUBACK: skipped.
     let again = Incoming {
         event: ev(1, 0),
         ack: None,
         dedup: Some(Dedup { dup: true, ..d }),
     };
-    let r = h.lp.commit(&[again], None, false).unwrap();
+    let r = h.lp.commit(&[again], None, false, None).unwrap();
     assert_eq!((r.stored, r.deduped), (0, 1));
     // A different message reusing the packet id later is stored.
     let other = Incoming {
@@ -237,7 +238,7 @@ fn redelivered_message_is_not_stored_twice() {
             dup: true,
         }),
     };
-    assert_eq!(h.lp.commit(&[other], None, false).unwrap().stored, 1);
+    assert_eq!(h.lp.commit(&[other], None, false, None).unwrap().stored, 1);
 }
 
 #[test]
@@ -249,9 +250,10 @@ fn max_age_drops_old_events_and_counts_them() {
         &[Incoming::plain(old), Incoming::plain(ev(2, 0))],
         None,
         false,
+        None,
     )
     .unwrap();
-    let r = h.lp.commit(&[], None, true).unwrap();
+    let r = h.lp.commit(&[], None, true, None).unwrap();
     assert_eq!(r.dropped_age, 1);
     let st = stats(&*h.db).unwrap();
     assert_eq!(st.backlog_events, 1);

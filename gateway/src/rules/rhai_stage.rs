@@ -1,0 +1,303 @@
+//! [`RhaiStage`]: the user's Rhai rules as the commit loop's rule stage, with hot reload.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tidepool_rules::{Limits, RuleEvent, RuleSet};
+use tracing::{error, info, warn};
+
+use super::{DeadLetter, LocalPublish, RuleStage, StateWrite, StepOutput};
+use crate::admin::metrics::Metrics;
+use crate::config::RulesConfig;
+use crate::event::{now_ms, Event, Payload};
+
+/// Counters of one rule.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct RuleCounters {
+    events_in: u64,
+    events_out: u64,
+    dropped: u64,
+    errors: u64,
+    last_error: String,
+}
+
+/// The Rhai rule stage.
+pub struct RhaiStage {
+    set: RuleSet,
+    dir: PathBuf,
+    gateway: String,
+    metrics: Arc<Metrics>,
+    mtimes: HashMap<PathBuf, SystemTime>,
+    counters: BTreeMap<String, RuleCounters>,
+    /// Rule files whose latest version failed to compile: name → error.
+    refused: BTreeMap<String, String>,
+    last_scan: Instant,
+}
+
+/// The engine limits configured in `[rules]`.
+pub fn limits(cfg: &RulesConfig) -> Limits {
+    Limits {
+        max_operations: cfg.max_operations,
+        max_call_depth: cfg.max_call_depth,
+        max_expr_depth: cfg.max_expr_depth,
+        max_string_size: cfg.max_string_size.0 as usize,
+        max_array_size: cfg.max_array_size,
+        max_map_size: cfg.max_map_size,
+        max_variables: cfg.max_variables,
+        max_functions: cfg.max_functions,
+        max_call_time: cfg.max_call_time.0,
+    }
+}
+
+fn to_rule_event(e: &Event) -> RuleEvent {
+    let payload = match &e.payload {
+        Payload::Json(s) => serde_json::from_str(s).unwrap_or(Value::Null),
+        Payload::Bytes(b) => match std::str::from_utf8(b) {
+            Ok(s) => Value::String(s.to_string()),
+            Err(_) => Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        },
+    };
+    RuleEvent {
+        id: e.id,
+        ts: e.ts,
+        source: e.source.clone(),
+        topic: e.topic.clone(),
+        payload,
+    }
+}
+
+fn from_rule_event(r: RuleEvent) -> Event {
+    Event {
+        id: 0,
+        ts: r.ts,
+        source: r.source,
+        topic: r.topic,
+        payload: Payload::Json(r.payload.to_string()),
+    }
+}
+
+impl RhaiStage {
+    /// Loads the rules in `cfg.dir` (a missing folder means no rules). A rule that does not
+    /// compile at start is refused (logged, shown in status); the others run.
+    pub fn new(cfg: &RulesConfig, gateway: &str, metrics: Arc<Metrics>) -> RhaiStage {
+        let mut set = RuleSet::empty(limits(cfg));
+        set.set_gateway(gateway);
+        let mut stage = RhaiStage {
+            set,
+            dir: cfg.dir.clone(),
+            gateway: gateway.to_string(),
+            metrics,
+            mtimes: HashMap::new(),
+            counters: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            last_scan: Instant::now(),
+        };
+        stage.scan();
+        let names: Vec<String> = stage.set.rules().iter().map(|r| r.name.clone()).collect();
+        if !names.is_empty() {
+            info!(dir = %cfg.dir.display(), rules = ?names, "rules loaded");
+        }
+        stage
+    }
+
+    /// Names of the rules running now.
+    pub fn rule_names(&self) -> Vec<String> {
+        self.set.rules().iter().map(|r| r.name.clone()).collect()
+    }
+
+    fn scan(&mut self) {
+        let mut seen = HashMap::new();
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "rhai") {
+                    let m = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    seen.insert(p, m);
+                }
+            }
+        }
+        for (path, mtime) in &seen {
+            if self.mtimes.get(path) == Some(mtime) {
+                continue;
+            }
+            let existed = self.mtimes.contains_key(path);
+            self.mtimes.insert(path.clone(), *mtime);
+            let name = stem(path);
+            match self.set.compile_file(path) {
+                Ok(rule) => {
+                    self.set.upsert(rule);
+                    self.refused.remove(&name);
+                    if existed {
+                        info!(rule = %name, "rule reloaded");
+                    }
+                    self.counters.entry(name).or_default();
+                }
+                Err(e) => {
+                    let running = self.set.rules().iter().any(|r| r.name == name);
+                    error!(rule = %name, error = %e, keeps_running = running, "rule refused: it does not compile{}", if running { "; the previous version keeps running" } else { "" });
+                    self.metrics.rule_reload_error(&name);
+                    self.refused.insert(name, e.to_string());
+                }
+            }
+        }
+        let gone: Vec<PathBuf> = self
+            .mtimes
+            .keys()
+            .filter(|p| !seen.contains_key(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            self.mtimes.remove(&p);
+            let name = stem(&p);
+            if self.set.remove(&name) {
+                info!(rule = %name, "rule removed");
+            }
+            self.refused.remove(&name);
+        }
+        self.last_scan = Instant::now();
+    }
+
+    fn absorb(&mut self, r: tidepool_rules::StepResult, out: &mut StepOutput) {
+        for p in r.publishes {
+            out.publishes.push(LocalPublish {
+                topic: p.topic,
+                payload: p.payload.to_string().into_bytes(),
+            });
+        }
+        for d in r.dead_letters {
+            self.metrics.rule_error(&d.rule);
+            let c = self.counters.entry(d.rule.clone()).or_default();
+            c.errors += 1;
+            c.last_error = d.error.clone();
+            warn!(rule = %d.rule, error = %d.error, topic = %d.event.topic, "rule failed; input dead-lettered");
+            out.dead_letters.push(DeadLetter {
+                rule: d.rule,
+                error: d.error,
+                at: now_ms(),
+                event: from_rule_event(d.event),
+            });
+        }
+        for rule in &r.dropped_by {
+            self.counters.entry(rule.clone()).or_default().dropped += 1;
+        }
+        out.dropped += r.dropped_by.len() as u64;
+        for (rule, level, msg) in r.logs {
+            match level.as_str() {
+                "error" => error!(rule = %rule, "{msg}"),
+                "warn" | "warning" => warn!(rule = %rule, "{msg}"),
+                "debug" | "trace" => tracing::debug!(rule = %rule, "{msg}"),
+                _ => info!(rule = %rule, "{msg}"),
+            }
+        }
+    }
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
+impl RuleStage for RhaiStage {
+    fn on_event(&mut self, event: Event, out: &mut StepOutput) {
+        // Events no rule wants pass untouched (and without a JSON round trip).
+        if !self.set.rules().iter().any(|r| r.matches(&event.topic)) {
+            out.events.push(event);
+            return;
+        }
+        for r in self.set.rules() {
+            if r.matches(&event.topic) {
+                self.counters.entry(r.name.clone()).or_default().events_in += 1;
+            }
+        }
+        let mut r = self.set.on_event(to_rule_event(&event));
+        let events = std::mem::take(&mut r.events);
+        self.absorb(r, out);
+        out.events.extend(events.into_iter().map(from_rule_event));
+    }
+
+    fn on_tick(&mut self, now_ms: i64, out: &mut StepOutput) {
+        let mut r = self.set.on_tick(now_ms);
+        for e in &r.events {
+            if let Some(rule) = e.source.strip_prefix("rule:") {
+                self.counters
+                    .entry(rule.to_string())
+                    .or_default()
+                    .events_out += 1;
+            }
+        }
+        let events = std::mem::take(&mut r.events);
+        self.absorb(r, out);
+        out.events.extend(events.into_iter().map(from_rule_event));
+    }
+
+    fn wants_tick(&self) -> bool {
+        self.set.rules().iter().any(|r| r.has_on_tick())
+    }
+
+    fn pending_state(&self) -> Vec<StateWrite> {
+        self.set
+            .pending_state()
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|v| v.to_string().into_bytes())))
+            .collect()
+    }
+
+    fn commit_state(&mut self) {
+        self.set.commit_state();
+    }
+
+    fn rollback_state(&mut self) {
+        self.set.rollback_state();
+    }
+
+    fn load_state(&mut self, entries: Vec<((String, String), Vec<u8>)>) {
+        self.set.load_state(
+            entries
+                .into_iter()
+                .filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|v| (k, v))),
+        );
+    }
+
+    fn reload(&mut self) {
+        if self.last_scan.elapsed().as_millis() >= 1000 {
+            self.scan();
+        }
+    }
+
+    fn status(&self) -> Value {
+        let running: Vec<Value> = self
+            .set
+            .rules()
+            .iter()
+            .map(|r| {
+                let c = self.counters.get(&r.name).cloned().unwrap_or_default();
+                json!({
+                    "name": r.name,
+                    "topics": r.topics,
+                    "events_in": c.events_in,
+                    "events_out": c.events_out,
+                    "dropped": c.dropped,
+                    "errors": c.errors,
+                    "last_error": c.last_error,
+                    "refused_update": self.refused.get(&r.name),
+                })
+            })
+            .collect();
+        let mut all = running;
+        for (name, err) in &self.refused {
+            if !self.set.rules().iter().any(|r| &r.name == name) {
+                all.push(json!({"name": name, "refused_update": err, "running": false}));
+            }
+        }
+        let _ = &self.gateway;
+        Value::Array(all)
+    }
+}
