@@ -179,12 +179,48 @@ pub struct RuleSet {
     limits: Limits,
 }
 
+/// Rhai value → JSON (direct, no serde round trip: this runs for every event).
 fn to_json(d: &Dynamic) -> Value {
-    rhai::serde::from_dynamic::<Value>(d).unwrap_or(Value::Null)
+    if d.is_unit() {
+        Value::Null
+    } else if let Ok(b) = d.as_bool() {
+        Value::Bool(b)
+    } else if let Ok(i) = d.as_int() {
+        Value::from(i)
+    } else if let Ok(f) = d.as_float() {
+        serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
+    } else if let Some(s) = d.read_lock::<rhai::ImmutableString>() {
+        Value::String(s.to_string())
+    } else if let Some(a) = d.read_lock::<Array>() {
+        Value::Array(a.iter().map(to_json).collect())
+    } else if let Some(m) = d.read_lock::<Map>() {
+        Value::Object(m.iter().map(|(k, v)| (k.to_string(), to_json(v))).collect())
+    } else if let Ok(c) = d.as_char() {
+        Value::String(c.to_string())
+    } else {
+        Value::String(d.to_string())
+    }
 }
 
+/// JSON → Rhai value.
 fn to_dynamic(v: &Value) -> Dynamic {
-    rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT)
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Dynamic::from(s.clone()),
+        Value::Array(a) => Dynamic::from_array(a.iter().map(to_dynamic).collect()),
+        Value::Object(o) => Dynamic::from_map(
+            o.iter()
+                .map(|(k, v)| (k.as_str().into(), to_dynamic(v)))
+                .collect(),
+        ),
+    }
 }
 
 fn now_ms() -> i64 {
@@ -369,52 +405,68 @@ impl RuleSet {
     /// Runs the chain on one input event.
     pub fn on_event(&mut self, input: RuleEvent) -> StepResult {
         let mut result = StepResult::default();
-        let mut current = vec![input];
-        for i in 0..self.rules.len() {
-            if !self.rules[i].has_on_event {
+        if !self
+            .rules
+            .iter()
+            .any(|r| r.has_on_event && r.matches(&input.topic))
+        {
+            result.events.push(input);
+            return result;
+        }
+        let fallback = input.clone();
+        // Events travel through the chain as Rhai maps; JSON only at the two ends.
+        let mut current: Vec<Map> = vec![event_map(&input)];
+        for rule in &self.rules {
+            if !rule.has_on_event {
                 continue;
             }
             let mut next = Vec::with_capacity(current.len());
             for ev in current {
-                if !self.rules[i].matches(&ev.topic) {
+                let topic = ev.get("topic").map(|t| t.to_string()).unwrap_or_default();
+                if !rule.matches(&topic) {
                     next.push(ev);
                     continue;
                 }
-                let rule = self.rules[i].clone();
-                match self.call(&rule, "on_event", event_map(&ev)) {
-                    Ok(out) => match outputs(&out, &ev) {
-                        Ok(evs) if evs.is_empty() && out.is_unit() => {
-                            result.dropped_by.push(rule.name.clone())
-                        }
-                        Ok(evs) => next.extend(evs),
-                        Err(e) => result.dead_letters.push(DeadLetter {
-                            rule: rule.name.clone(),
-                            error: e,
-                            event: ev,
-                        }),
-                    },
+                let given = ev.clone();
+                let outcome = self
+                    .call(rule, "on_event", Dynamic::from_map(ev))
+                    .and_then(|out| {
+                        let dropped = out.is_unit();
+                        outputs(out, &given).map(|evs| (dropped, evs))
+                    });
+                match outcome {
+                    Ok((true, _)) => result.dropped_by.push(rule.name.clone()),
+                    Ok((false, evs)) => next.extend(evs),
                     Err(e) => result.dead_letters.push(DeadLetter {
                         rule: rule.name.clone(),
                         error: e,
-                        event: ev,
+                        event: from_map(&given, &fallback).unwrap_or_else(|_| fallback.clone()),
                     }),
                 }
                 self.drain_ctx(&mut result);
             }
             current = next;
         }
-        result.events = current;
+        for m in current {
+            match from_map(&m, &fallback) {
+                Ok(e) => result.events.push(e),
+                Err(e) => result.dead_letters.push(DeadLetter {
+                    rule: "(output)".into(),
+                    error: e,
+                    event: fallback.clone(),
+                }),
+            }
+        }
         result
     }
 
-    /// Runs every rule's `on_tick(now)`; what they return goes through the rules after them.
+    /// Runs every rule's `on_tick(now)`; what they return is forwarded as it is.
     pub fn on_tick(&mut self, now: i64) -> StepResult {
         let mut result = StepResult::default();
-        for i in 0..self.rules.len() {
-            if !self.rules[i].has_on_tick {
+        for rule in &self.rules {
+            if !rule.has_on_tick {
                 continue;
             }
-            let rule = self.rules[i].clone();
             let tick_event = RuleEvent {
                 id: 0,
                 ts: now,
@@ -422,15 +474,17 @@ impl RuleSet {
                 topic: String::new(),
                 payload: Value::Null,
             };
-            match self.call(&rule, "on_tick", Dynamic::from(now)) {
-                Ok(out) => match outputs(&out, &tick_event) {
-                    Ok(evs) => result.events.extend(evs),
-                    Err(e) => result.dead_letters.push(DeadLetter {
-                        rule: rule.name.clone(),
-                        error: e,
-                        event: tick_event,
-                    }),
-                },
+            let given = event_map(&tick_event);
+            let outcome = self
+                .call(rule, "on_tick", Dynamic::from(now))
+                .and_then(|out| outputs(out, &given))
+                .and_then(|maps| {
+                    maps.iter()
+                        .map(|m| from_map(m, &tick_event))
+                        .collect::<Result<Vec<_>, _>>()
+                });
+            match outcome {
+                Ok(evs) => result.events.extend(evs),
                 Err(e) => result.dead_letters.push(DeadLetter {
                     rule: rule.name.clone(),
                     error: e,
@@ -451,7 +505,9 @@ impl RuleSet {
     fn call(&self, rule: &Rule, f: &str, arg: Dynamic) -> Result<Dynamic, String> {
         {
             let mut c = self.ctx.lock().unwrap();
-            c.rule = rule.name.clone();
+            if c.rule != rule.name {
+                c.rule = rule.name.clone();
+            }
             c.now_ms = now_ms();
         }
         let until = epoch().elapsed() + self.limits.max_call_time;
@@ -474,33 +530,55 @@ fn describe(e: &EvalAltResult) -> String {
     }
 }
 
-fn event_map(e: &RuleEvent) -> Dynamic {
+fn event_map(e: &RuleEvent) -> Map {
     let mut m = Map::new();
     m.insert("id".into(), Dynamic::from(e.id as i64));
     m.insert("ts".into(), Dynamic::from(e.ts));
     m.insert("source".into(), Dynamic::from(e.source.clone()));
     m.insert("topic".into(), Dynamic::from(e.topic.clone()));
     m.insert("payload".into(), to_dynamic(&e.payload));
-    Dynamic::from_map(m)
+    m
 }
 
 /// Interprets what `on_event`/`on_tick` returned: `()` none, a map one, an array many.
-fn outputs(out: &Dynamic, input: &RuleEvent) -> Result<Vec<RuleEvent>, String> {
+/// Fields an output leaves out are taken from the event the rule was given.
+fn outputs(out: Dynamic, given: &Map) -> Result<Vec<Map>, String> {
+    let fill = |mut m: Map| -> Result<Map, String> {
+        for k in ["topic", "ts", "source", "id"] {
+            if !m.contains_key(k) {
+                if let Some(v) = given.get(k) {
+                    m.insert(k.into(), v.clone());
+                }
+            }
+        }
+        match m.get("topic") {
+            Some(t) if t.is_string() && !t.to_string().is_empty() => Ok(m),
+            Some(t) if !t.is_string() => Err(format!(
+                "event.topic is a {}, expected a string",
+                t.type_name()
+            )),
+            _ => Err("an event needs a topic".into()),
+        }
+    };
     if out.is_unit() {
         return Ok(Vec::new());
     }
-    if let Some(m) = out.clone().try_cast::<Map>() {
-        return Ok(vec![from_map(&m, input)?]);
+    if out.is_map() {
+        return Ok(vec![fill(out.cast::<Map>())?]);
     }
-    if let Some(arr) = out.clone().try_cast::<Array>() {
-        return arr
-            .iter()
-            .map(|d| match d.clone().try_cast::<Map>() {
-                Some(m) => from_map(&m, input),
-                None => Err(format!(
-                    "returned an array holding a {}, expected event maps",
-                    d.type_name()
-                )),
+    if out.is_array() {
+        return out
+            .cast::<Array>()
+            .into_iter()
+            .map(|d| {
+                if d.is_map() {
+                    fill(d.cast::<Map>())
+                } else {
+                    Err(format!(
+                        "returned an array holding a {}, expected event maps",
+                        d.type_name()
+                    ))
+                }
             })
             .collect();
     }
@@ -616,6 +694,28 @@ fn build_engine(l: &Limits, ctx: Arc<Mutex<CallCtx>>, deadline: Arc<AtomicU64>) 
             Some(to_json(&value))
         };
         g.pending.insert(k, v);
+    });
+    let c = ctx.clone();
+    e.register_fn("state_keys", move || -> Array {
+        let g = c.lock().unwrap();
+        let mut keys: std::collections::BTreeSet<&str> = g
+            .committed
+            .keys()
+            .filter(|(r, _)| *r == g.rule)
+            .map(|(_, k)| k.as_str())
+            .collect();
+        for ((r, k), v) in &g.pending {
+            if *r == g.rule {
+                if v.is_some() {
+                    keys.insert(k.as_str());
+                } else {
+                    keys.remove(k.as_str());
+                }
+            }
+        }
+        keys.into_iter()
+            .map(|k| Dynamic::from(k.to_string()))
+            .collect()
     });
     let c = ctx.clone();
     e.register_fn("state_del", move |key: &str| {
