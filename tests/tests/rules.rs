@@ -305,3 +305,88 @@ fn hot_reload_under_load_no_event_by_neither_or_both_and_broken_versions_refused
     );
     assert!(gw.status()["rules"][0]["refused_update"].is_null());
 }
+
+#[test]
+fn denial_of_service_rules_fail_fast_other_events_flow_rss_bounded() {
+    let rules = tempfile::tempdir().unwrap();
+    let cases = [
+        ("loop", "loop {}"),
+        ("recursion", "f(0)"),
+        ("string", "let s = \"x\"; loop { s += s; }"),
+        ("array", "let a = []; loop { a.push(a.len()); }"),
+        (
+            "map",
+            "let m = #{}; let i = 0; loop { m[`k${i}`] = i; i += 1; }",
+        ),
+        (
+            "closures",
+            "let fs = []; for i in 0..1000000 { fs.push(|x| x + i); } e",
+        ),
+        ("sleep", "sleep(10); e"),
+    ];
+    for (name, body) in cases {
+        std::fs::write(
+            rules.path().join(format!("10-{name}.rhai")),
+            format!("const TOPICS = [\"dos/{name}\"];\nfn f(n) {{ f(n + 1) }}\nfn on_event(e) {{ {body} }}\n"),
+        )
+        .unwrap();
+    }
+    // Refused at compile time, the others keep running.
+    std::fs::write(
+        rules.path().join("20-eval.rhai"),
+        "fn on_event(e) { eval(\"e\") }",
+    )
+    .unwrap();
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    let gw = Gateway::start(&with_rules(rules.path(), Some(up.port), ""));
+    let (c, mut conn) = Client::new(MqttOptions::new("attacker", "127.0.0.1", gw.mqtt_port), 200);
+    std::thread::spawn(move || for _ in conn.iter() {});
+    for (name, _) in cases {
+        for i in 0..5 {
+            c.publish(
+                format!("dos/{name}"),
+                QoS::AtLeastOnce,
+                false,
+                format!("{{\"i\":{i}}}"),
+            )
+            .unwrap();
+        }
+    }
+    run_sim(gw.mqtt_port, 1_000, 0.0, &[]);
+    assert!(
+        sub.wait_for(Duration::from_secs(60), |g| g.len() >= 1_000),
+        "log:\n{}",
+        gw.log()
+    );
+    let expected = (cases.len() * 5) as f64;
+    assert!(
+        wait_until(Duration::from_secs(60), || gw.metric("tidepool_dlq_events")
+            == Some(expected)),
+        "dlq {:?}",
+        gw.metric("tidepool_dlq_events")
+    );
+    let status = gw.status();
+    let refused = status["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "20-eval")
+        .unwrap();
+    assert!(
+        refused["refused_update"].as_str().unwrap().contains("eval"),
+        "{refused}"
+    );
+    let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        hwm_kib < 200 * 1024,
+        "peak RSS {hwm_kib} KiB: a rule was not bounded"
+    );
+    eprintln!("DoS suite: peak RSS {} MiB", hwm_kib / 1024);
+}
