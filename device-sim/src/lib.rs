@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
+pub mod serial;
+
 /// What to simulate.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -55,8 +57,10 @@ pub struct SimStats {
     pub sent: AtomicU64,
     /// Events the broker acknowledged (QoS 1 PUBACK).
     pub acked: AtomicU64,
-    /// Connection failures.
+    /// Connection failures (or serial write failures).
     pub reconnects: AtomicU64,
+    /// Frames sent again for want of an ack (reliable serial).
+    pub resent: AtomicU64,
 }
 
 /// The payload of event `n` of sensor `sensor` (its `seq`-th), deterministic in `seed`.
@@ -76,6 +80,11 @@ pub fn payload(seed: u64, n: u64, sensor: u32, seq: u64, ts: i64, pad_to: usize)
     }
     s.push('}');
     s
+}
+
+/// The payload of event `n` as a JSON value (see [`payload`]).
+pub fn payload_value(seed: u64, n: u64, sensor: u32, seq: u64, ts: i64) -> serde_json::Value {
+    serde_json::from_str(&payload(seed, n, sensor, seq, ts, 0)).expect("payload is JSON")
 }
 
 /// The topic of a sensor.

@@ -8,12 +8,17 @@ use anyhow::Context;
 use clap::Parser;
 use tidepool_sim::{run, SimConfig, SimStats};
 
-/// Simulated sensors publishing numbered JSON events over MQTT (QoS 1).
+/// Simulated sensors publishing numbered JSON events over MQTT (QoS 1) or a serial line.
 ///
-/// Each event goes to `sensors/{i}/temperature` with a payload like
+/// MQTT: each event goes to `sensors/{i}/temperature` with a payload like
 /// {"sensor":"sensor-3","n":1234,"seq":123,"ts":1763785000123,"celsius":21.37};
 /// `n` numbers the events of the run from 0, `seq` those of one sensor, so a receiver can
 /// count loss and duplicates exactly. The same --seed gives the same readings.
+///
+/// Serial (--serial PATH or --pty): the same events as `lines` (one JSON object per line, with
+/// its "topic") or `cobs` (tidepool-proto frames: device "sensor-{i}", seq = n, key/values n and
+/// celsius). With --ack the simulator is a reliable device: it keeps up to 64 frames without an
+/// ack from the gateway and resends them after 1 s, until all are acknowledged.
 #[derive(Parser, Debug)]
 #[command(name = "tidepool-sim", version)]
 struct Args {
@@ -41,11 +46,32 @@ struct Args {
     /// Print the final summary as one JSON line (for scripts).
     #[arg(long)]
     json: bool,
+    /// Write to this serial device (or pty) instead of MQTT.
+    #[arg(long, conflicts_with = "pty")]
+    serial: Option<String>,
+    /// Create a pseudo-terminal pair, print the path to point the gateway at, and write to it.
+    #[arg(long)]
+    pty: bool,
+    /// Serial framing: lines or cobs.
+    #[arg(long, default_value = "lines")]
+    framing: String,
+    /// Serial line speed.
+    #[arg(long, default_value_t = 115_200)]
+    baud: u32,
+    /// Reliable serial: wait for the gateway's acks and resend what is not acknowledged.
+    #[arg(long)]
+    ack: bool,
+    /// Seconds to wait before sending (e.g. to start the gateway on a new --pty).
+    #[arg(long, default_value_t = 0.0)]
+    delay: f64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if a.serial.is_some() || a.pty {
+        return serial_main(a);
+    }
     let rest = a
         .broker
         .strip_prefix("mqtt://")
@@ -103,6 +129,79 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "sim: done: sent {sent}, acked {acked}, reconnects {} in {secs:.1}s ({:.0} events/s)",
             stats.reconnects.load(Relaxed),
+            sent as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+fn serial_main(a: Args) -> anyhow::Result<()> {
+    use tidepool_sim::serial::{self, Framing};
+    let framing = match a.framing.as_str() {
+        "lines" => Framing::Lines,
+        "cobs" => Framing::Cobs,
+        other => anyhow::bail!("--framing {other}: use lines or cobs"),
+    };
+    let port = match &a.serial {
+        Some(p) => serial::open_tty(p, a.baud).with_context(|| format!("opening {p}"))?,
+        None => {
+            let (master, path) = serial::open_pty().context("creating a pty")?;
+            println!("pty: {path}");
+            master
+        }
+    };
+    std::thread::sleep(Duration::from_secs_f64(a.delay));
+    let cfg = SimConfig {
+        sensors: a.sensors,
+        rate: a.rate,
+        count: a.count,
+        seed: a.seed,
+        ..SimConfig::default()
+    };
+    let stats = Arc::new(SimStats::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        s.store(true, Relaxed);
+    });
+    let started = Instant::now();
+    let st = stats.clone();
+    let quiet = a.json;
+    std::thread::spawn(move || {
+        let mut last = 0;
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let n = st.sent.load(Relaxed);
+            if !quiet {
+                eprintln!(
+                    "sim: sent {n} ({}/s)  acked {}  resent {}",
+                    n - last,
+                    st.acked.load(Relaxed),
+                    st.resent.load(Relaxed)
+                );
+            }
+            last = n;
+        }
+    });
+    serial::run(&cfg, port, framing, a.ack, stats.clone(), stop)?;
+    let secs = started.elapsed().as_secs_f64();
+    let (sent, acked, resent) = (
+        stats.sent.load(Relaxed),
+        stats.acked.load(Relaxed),
+        stats.resent.load(Relaxed),
+    );
+    if a.json {
+        println!("{{\"sent\":{sent},\"acked\":{acked},\"resent\":{resent},\"seconds\":{secs:.3}}}");
+    } else {
+        println!(
+            "sim: done: sent {sent}, acked {acked}, resent {resent} in {secs:.1}s ({:.0} frames/s)",
             sent as f64 / secs.max(1e-9)
         );
     }

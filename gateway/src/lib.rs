@@ -128,12 +128,12 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     let commit_loop = commit_loop
         .with_publisher(publisher)
         .with_control(control_rx);
-    if !cfg.ingest.serial.is_empty() {
-        warn!(
-            ports = cfg.ingest.serial.len(),
-            "[[ingest.serial]] is configured but this build does not read serial ports yet"
-        );
-    }
+    let serial_tasks: Vec<_> = cfg
+        .ingest
+        .serial
+        .iter()
+        .map(|p| ingest::serial::start(p.clone(), in_tx.clone(), metrics.clone(), shutdown.clone()))
+        .collect();
     drop(in_tx);
 
     let store_thread = std::thread::Builder::new()
@@ -170,6 +170,9 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
         let deadline = Duration::from_secs(10);
         let stop = async {
             if let Some(t) = client_task {
+                let _ = t.await;
+            }
+            for t in serial_tasks {
                 let _ = t.await;
             }
             if let Some(r) = embedded_reader {

@@ -620,3 +620,59 @@ impl Drop for Proxy {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// A socat-made pair of linked pseudo-terminals: whatever is written to one end is read at
+/// the other, like a serial cable.
+pub struct PtyPair {
+    /// The process.
+    pub proc: Proc,
+    /// One end (give it to the gateway).
+    pub a: PathBuf,
+    /// The other end (give it to the simulator).
+    pub b: PathBuf,
+}
+
+impl PtyPair {
+    /// Creates the pair in `dir`.
+    pub fn start(dir: &Path) -> PtyPair {
+        let (a, b) = (dir.join("ttyA"), dir.join("ttyB"));
+        let mut p = PtyPair {
+            proc: Proc {
+                child: None,
+                name: "socat".into(),
+            },
+            a,
+            b,
+        };
+        p.plug();
+        p
+    }
+
+    /// (Re)creates the pair: a cable plugged in.
+    pub fn plug(&mut self) {
+        let bin = which("socat").expect("socat is not installed: run .ci/run (it installs it)");
+        let child = Command::new(bin)
+            .arg(format!("pty,raw,echo=0,link={}", self.a.display()))
+            .arg(format!("pty,raw,echo=0,link={}", self.b.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start socat");
+        self.proc.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !(self.a.exists() && self.b.exists()) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            self.a.exists() && self.b.exists(),
+            "socat did not create the ptys"
+        );
+    }
+
+    /// Removes the pair: the cable pulled.
+    pub fn unplug(&mut self) {
+        self.proc.kill9();
+        let _ = std::fs::remove_file(&self.a);
+        let _ = std::fs::remove_file(&self.b);
+    }
+}

@@ -137,6 +137,7 @@ pub fn start(
                             event: ev,
                             ack: Some(ack_fn),
                             dedup,
+                            bad: None,
                         },
                         None => {
                             // Oversize: counted; acknowledge so the broker does not resend it forever.

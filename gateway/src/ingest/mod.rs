@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod embedded;
+pub mod serial;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

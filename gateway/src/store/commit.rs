@@ -38,6 +38,8 @@ pub struct Incoming {
     pub ack: Option<AckFn>,
     /// Client-mode redelivery detection.
     pub dedup: Option<Dedup>,
+    /// A frame that could not be decoded: dead-lettered (raw bytes in the event) and counted.
+    pub bad: Option<(DropReason, String)>,
 }
 
 impl Incoming {
@@ -47,6 +49,7 @@ impl Incoming {
             event,
             ack: None,
             dedup: None,
+            bad: None,
         }
     }
 }
@@ -128,6 +131,10 @@ pub struct CommitReport {
     pub dead_lettered: u64,
     /// Dead letters removed (retried or dropped).
     pub dlq_removed: u64,
+    /// Serial frames that could not be decoded.
+    pub dropped_bad_frame: u64,
+    /// Serial frames over `max_frame`.
+    pub dropped_oversize: u64,
 }
 
 impl CommitLoop {
@@ -466,6 +473,19 @@ impl CommitLoop {
                         }
                     }
                 }
+                if let Some((reason, why)) = &m.bad {
+                    out.dead_letters.push(crate::rules::DeadLetter {
+                        rule: m.event.source.clone(),
+                        error: why.clone(),
+                        at: now_ms(),
+                        event: m.event.clone(),
+                    });
+                    match reason {
+                        DropReason::Oversize => report.dropped_oversize += 1,
+                        _ => report.dropped_bad_frame += 1,
+                    }
+                    continue;
+                }
                 self.rules.on_event(m.event.clone(), &mut out);
                 for e in out.events.drain(..) {
                     append(&self.cfg, &mut events, e, &mut t, &mut report)?;
@@ -544,6 +564,8 @@ impl CommitLoop {
                 (DropReason::Rule, report.dropped_rule),
                 (DropReason::BufferFull, report.dropped_full),
                 (DropReason::MaxAge, report.dropped_age),
+                (DropReason::BadFrame, report.dropped_bad_frame),
+                (DropReason::Oversize, report.dropped_oversize),
             ] {
                 if n > 0 {
                     let key = format!("dropped.{}", reason.label());
@@ -581,6 +603,8 @@ impl CommitLoop {
         m.dropped(DropReason::Rule, report.dropped_rule);
         m.dropped(DropReason::BufferFull, report.dropped_full);
         m.dropped(DropReason::MaxAge, report.dropped_age);
+        m.dropped(DropReason::BadFrame, report.dropped_bad_frame);
+        m.dropped(DropReason::Oversize, report.dropped_oversize);
         m.dlq_events.fetch_add(report.dead_lettered, Relaxed);
         m.dlq_events
             .fetch_sub(report.dlq_removed.min(m.dlq_events.load(Relaxed)), Relaxed);

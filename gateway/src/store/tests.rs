@@ -218,6 +218,7 @@ fn redelivered_message_is_not_stored_twice() {
         event: ev(1, 0),
         ack: None,
         dedup: Some(d),
+        bad: None,
     };
     assert_eq!(h.lp.commit(&[first], None, false, None).unwrap().stored, 1);
     // The broker resends it with DUP after a crash before our PUBACK: skipped.
@@ -225,6 +226,7 @@ fn redelivered_message_is_not_stored_twice() {
         event: ev(1, 0),
         ack: None,
         dedup: Some(Dedup { dup: true, ..d }),
+        bad: None,
     };
     let r = h.lp.commit(&[again], None, false, None).unwrap();
     assert_eq!((r.stored, r.deduped), (0, 1));
@@ -237,6 +239,7 @@ fn redelivered_message_is_not_stored_twice() {
             hash: 43,
             dup: true,
         }),
+        bad: None,
     };
     assert_eq!(h.lp.commit(&[other], None, false, None).unwrap().stored, 1);
 }

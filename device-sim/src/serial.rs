@@ -1,0 +1,284 @@
+//! The simulator over a serial line: `lines` (JSON per line) or `cobs` (tidepool-proto frames),
+//! to a given tty (`--serial PATH`) or a pseudo-terminal it creates (`--pty`), optionally
+//! reliable (`--ack`: a window of unacknowledged frames, resent until the gateway acks them).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::{payload_value, topic, SimConfig, SimStats};
+
+/// Frames sent and not yet acknowledged: seq → (bytes, last sent).
+type Window = Mutex<BTreeMap<u64, (Vec<u8>, Instant)>>;
+
+/// Serial framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// One JSON object per line.
+    Lines,
+    /// postcard frames, COBS, 0x00-delimited.
+    Cobs,
+}
+
+fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn make_raw(fd: libc::c_int, baud: Option<u32>) -> std::io::Result<()> {
+    // SAFETY: termios is plain data; fd is an open terminal for the duration of the calls.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        cvt(libc::tcgetattr(fd, &mut t))?;
+        libc::cfmakeraw(&mut t);
+        if let Some(b) = baud {
+            let speed = match b {
+                9600 => libc::B9600,
+                19200 => libc::B19200,
+                38400 => libc::B38400,
+                57600 => libc::B57600,
+                230400 => libc::B230400,
+                460800 => libc::B460800,
+                921600 => libc::B921600,
+                1000000 => libc::B1000000,
+                _ => libc::B115200,
+            };
+            libc::cfsetspeed(&mut t, speed);
+        }
+        cvt(libc::tcsetattr(fd, libc::TCSANOW, &t))?;
+    }
+    Ok(())
+}
+
+/// Opens a tty in raw mode at `baud`.
+pub fn open_tty(path: &str, baud: u32) -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags_noctty()
+        .open(path)?;
+    make_raw(f.as_raw_fd(), Some(baud))?;
+    Ok(f)
+}
+
+trait NoCtty {
+    fn custom_flags_noctty(&mut self) -> &mut Self;
+}
+
+impl NoCtty for std::fs::OpenOptions {
+    fn custom_flags_noctty(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NOCTTY)
+    }
+}
+
+/// Creates a pseudo-terminal pair: (master, path of the slave to point the gateway at).
+pub fn open_pty() -> std::io::Result<(File, String)> {
+    // SAFETY: standard posix_openpt sequence; the fd is owned by the returned File.
+    unsafe {
+        let fd = cvt(libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY))?;
+        let master = File::from_raw_fd(fd);
+        cvt(libc::grantpt(fd))?;
+        cvt(libc::unlockpt(fd))?;
+        let mut name = [0 as libc::c_char; 128];
+        cvt(libc::ptsname_r(fd, name.as_mut_ptr(), name.len()))?;
+        let path = std::ffi::CStr::from_ptr(name.as_ptr())
+            .to_string_lossy()
+            .to_string();
+        // The slave starts in cooked mode with echo; make it raw so bytes pass untouched.
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags_noctty()
+            .open(&path)?;
+        make_raw(slave.as_raw_fd(), None)?;
+        make_raw(fd, None)?;
+        drop(slave);
+        Ok((master, path))
+    }
+}
+
+/// Encodes event `n` for the wire.
+pub fn frame(cfg: &SimConfig, framing: Framing, n: u64, ts: i64) -> Vec<u8> {
+    let sensor = (n % u64::from(cfg.sensors.max(1))) as u32;
+    let v = payload_value(cfg.seed, n, sensor, n, ts);
+    match framing {
+        Framing::Lines => {
+            let mut obj = v;
+            obj["topic"] = topic(sensor).into();
+            let mut s = obj.to_string();
+            s.push('\n');
+            s.into_bytes()
+        }
+        Framing::Cobs => {
+            use tidepool_proto::{Body, Frame, Value};
+            let device = format!("sensor-{sensor}");
+            let kv = [
+                ("n", Value::Int(n as i64)),
+                (
+                    "celsius",
+                    Value::Float(v["celsius"].as_f64().unwrap_or(0.0)),
+                ),
+            ];
+            let f = Frame {
+                ts: Some(ts as u64),
+                ..Frame::new(&device, n as u32, Body::KeyValues(&kv))
+            };
+            postcard::to_stdvec_cobs(&f).expect("frame encodes")
+        }
+    }
+}
+
+/// Reads acks from the port and removes them from `window`.
+fn read_acks(
+    mut port: File,
+    framing: Framing,
+    window: Arc<Window>,
+    stats: Arc<SimStats>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut buf = [0u8; 1024];
+    let mut acc = Vec::new();
+    while !stop.load(Relaxed) {
+        let n = match port.read(&mut buf) {
+            Ok(0) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Ok(n) => n,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        for &b in &buf[..n] {
+            let delim = if framing == Framing::Cobs { 0 } else { b'\n' };
+            if b != delim {
+                acc.push(b);
+                continue;
+            }
+            let seq = match framing {
+                Framing::Lines => serde_json::from_slice::<serde_json::Value>(&acc)
+                    .ok()
+                    .and_then(|v| v["ack"].as_u64()),
+                Framing::Cobs => {
+                    let mut f = std::mem::take(&mut acc);
+                    tidepool_proto::decode_cobs::<tidepool_proto::Ack>(&mut f)
+                        .ok()
+                        .map(|a| u64::from(a.seq))
+                }
+            };
+            acc.clear();
+            if let Some(seq) = seq {
+                if window.lock().unwrap().remove(&seq).is_some() {
+                    stats.acked.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// Sends `cfg.count` events over `port` (blocking; run it on its own thread).
+pub fn run(
+    cfg: &SimConfig,
+    port: File,
+    framing: Framing,
+    ack: bool,
+    stats: Arc<SimStats>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let window: Arc<Window> = Arc::default();
+    if ack {
+        let (rd, w, s, st) = (
+            port.try_clone()?,
+            window.clone(),
+            stats.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || read_acks(rd, framing, w, s, st));
+    }
+    let mut port = port;
+    let started = Instant::now();
+    let count = cfg.count.unwrap_or(u64::MAX);
+    let resend_after = Duration::from_millis(1000);
+    let mut n = 0;
+    while n < count && !stop.load(Relaxed) {
+        if cfg.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(n as f64 / cfg.rate);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+        if ack {
+            // A small window: wait for acks (resending stale frames) when it is full.
+            loop {
+                resend_stale(&mut port, &window, resend_after, &stats);
+                if window.lock().unwrap().len() < 64 || stop.load(Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let bytes = frame(cfg, framing, n, now_ms());
+        if ack {
+            window
+                .lock()
+                .unwrap()
+                .insert(n, (bytes.clone(), Instant::now()));
+        }
+        if port.write_all(&bytes).is_err() {
+            stats.reconnects.fetch_add(1, Relaxed);
+            std::thread::sleep(Duration::from_millis(100));
+            if !ack {
+                continue; // not reliable: that frame is gone
+            }
+        }
+        stats.sent.fetch_add(1, Relaxed);
+        n += 1;
+    }
+    if ack {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !window.lock().unwrap().is_empty() && Instant::now() < deadline && !stop.load(Relaxed)
+        {
+            resend_stale(&mut port, &window, resend_after, &stats);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    } else {
+        let _ = port.flush();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Relaxed);
+    Ok(())
+}
+
+fn resend_stale(port: &mut File, window: &Window, after: Duration, stats: &SimStats) {
+    let stale: Vec<(u64, Vec<u8>)> = window
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, (_, at))| at.elapsed() > after)
+        .map(|(k, (b, _))| (*k, b.clone()))
+        .collect();
+    for (seq, bytes) in stale {
+        if port.write_all(&bytes).is_ok() {
+            stats.resent.fetch_add(1, Relaxed);
+            if let Some(e) = window.lock().unwrap().get_mut(&seq) {
+                e.1 = Instant::now();
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
