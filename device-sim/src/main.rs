@@ -64,6 +64,11 @@ struct Args {
     /// Seconds to wait before sending (e.g. to start the gateway on a new --pty).
     #[arg(long, default_value_t = 0.0)]
     delay: f64,
+    /// Serial faults to inject, as KIND=RATIO per good frame, comma-separated: garbage,
+    /// truncated, oversize, invalid, disconnect, burst (or all=RATIO). Good frames are all
+    /// still sent; the summary counts what was injected.
+    #[arg(long, default_value = "")]
+    faults: String,
 }
 
 #[tokio::main]
@@ -190,18 +195,39 @@ fn serial_main(a: Args) -> anyhow::Result<()> {
             last = n;
         }
     });
-    serial::run(&cfg, port, framing, a.ack, stats.clone(), stop)?;
+    let faults = serial::Faults::parse(&a.faults).map_err(anyhow::Error::msg)?;
+    let counts = serial::FaultCounts::default();
+    let reopen = a.serial.as_deref().map(|p| (p, a.baud));
+    serial::run_with_faults(
+        &cfg,
+        port,
+        reopen,
+        framing,
+        a.ack,
+        &faults,
+        &counts,
+        stats.clone(),
+        stop,
+    )?;
     let secs = started.elapsed().as_secs_f64();
     let (sent, acked, resent) = (
         stats.sent.load(Relaxed),
         stats.acked.load(Relaxed),
         stats.resent.load(Relaxed),
     );
+    let (bad, over, disc, bursts) = (
+        counts.bad.load(Relaxed),
+        counts.oversize.load(Relaxed),
+        counts.disconnects.load(Relaxed),
+        counts.bursts.load(Relaxed),
+    );
     if a.json {
-        println!("{{\"sent\":{sent},\"acked\":{acked},\"resent\":{resent},\"seconds\":{secs:.3}}}");
+        println!(
+            "{{\"sent\":{sent},\"acked\":{acked},\"resent\":{resent},\"seconds\":{secs:.3},\"faults\":{{\"bad\":{bad},\"oversize\":{over},\"disconnects\":{disc},\"bursts\":{bursts}}}}}"
+        );
     } else {
         println!(
-            "sim: done: sent {sent}, acked {acked}, resent {resent} in {secs:.1}s ({:.0} frames/s)",
+            "sim: done: sent {sent}, acked {acked}, resent {resent} in {secs:.1}s ({:.0} frames/s); faults injected: {bad} bad frames, {over} oversize, {disc} disconnects, {bursts} bursts",
             sent as f64 / secs.max(1e-9)
         );
     }

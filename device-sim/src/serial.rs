@@ -12,6 +12,76 @@ use std::time::{Duration, Instant};
 
 use crate::{payload_value, topic, SimConfig, SimStats};
 
+/// Fault kinds `--faults` can inject, each at a ratio per good frame.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    /// Random bytes then a delimiter (one bad frame).
+    pub garbage: f64,
+    /// A good frame cut short, then a delimiter (one bad frame).
+    pub truncated: f64,
+    /// A frame longer than the gateway's max_frame (one oversize frame).
+    pub oversize: f64,
+    /// Well-framed but invalid content: bad JSON, or a COBS frame of junk (one bad frame).
+    pub invalid: f64,
+    /// Close the line and open it again (no frame lost).
+    pub disconnect: f64,
+    /// 50 frames back to back, ignoring --rate.
+    pub burst: f64,
+    /// Size of an oversize frame.
+    pub oversize_bytes: usize,
+}
+
+impl Faults {
+    /// Parses `garbage=0.05,truncated=0.02,...`; a kind alone means 0.01.
+    pub fn parse(s: &str) -> Result<Faults, String> {
+        let mut f = Faults {
+            oversize_bytes: 70_000,
+            ..Default::default()
+        };
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, "0.01"));
+            let v: f64 = v
+                .parse()
+                .map_err(|_| format!("--faults {part}: ratio must be a number"))?;
+            match k {
+                "garbage" => f.garbage = v,
+                "truncated" => f.truncated = v,
+                "oversize" => f.oversize = v,
+                "invalid" => f.invalid = v,
+                "disconnect" => f.disconnect = v,
+                "burst" => f.burst = v,
+                "all" => {
+                    f.garbage = v;
+                    f.truncated = v;
+                    f.oversize = v;
+                    f.invalid = v;
+                    f.disconnect = v;
+                    f.burst = v;
+                }
+                other => {
+                    return Err(format!(
+                        "--faults: unknown kind `{other}`; use garbage, truncated, oversize, invalid, disconnect, burst or all"
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// Faults injected, by kind.
+#[derive(Debug, Default)]
+pub struct FaultCounts {
+    /// Bad frames sent (garbage, truncated, invalid).
+    pub bad: std::sync::atomic::AtomicU64,
+    /// Oversize frames sent.
+    pub oversize: std::sync::atomic::AtomicU64,
+    /// Disconnects.
+    pub disconnects: std::sync::atomic::AtomicU64,
+    /// Bursts.
+    pub bursts: std::sync::atomic::AtomicU64,
+}
+
 /// Frames sent and not yet acknowledged: seq → (bytes, last sent).
 type Window = Mutex<BTreeMap<u64, (Vec<u8>, Instant)>>;
 
@@ -185,6 +255,47 @@ fn read_acks(
     }
 }
 
+/// One fault's bytes (delimiter included).
+fn fault_bytes(
+    rng: &mut fastrand::Rng,
+    framing: Framing,
+    kind: &str,
+    good: &[u8],
+    oversize: usize,
+) -> Vec<u8> {
+    let delim = if framing == Framing::Cobs { 0u8 } else { b'\n' };
+    let mut out = match (kind, framing) {
+        ("garbage", Framing::Lines) => {
+            // Starts with a byte that is never UTF-8: certainly a bad frame.
+            let mut v = vec![0xff];
+            v.extend(
+                (0..rng.usize(1..40))
+                    .map(|_| rng.u8(1..=255))
+                    .filter(|b| *b != b'\n'),
+            );
+            v
+        }
+        ("garbage", Framing::Cobs) => {
+            // A COBS frame of random bytes whose first byte is no known version.
+            let mut raw = vec![0x7f];
+            raw.extend((0..rng.usize(1..40)).map(|_| rng.u8(..)));
+            cobs::encode_vec(&raw)
+        }
+        ("truncated", _) => good[..(good.len() - 1) / 2].to_vec(),
+        ("invalid", Framing::Lines) => b"{\"celsius\": 21.5,,}".to_vec(),
+        ("invalid", Framing::Cobs) => cobs::encode_vec(&[
+            1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]),
+        ("oversize", Framing::Lines) => {
+            format!("{{\"pad\":\"{}\"}}", "x".repeat(oversize)).into_bytes()
+        }
+        ("oversize", Framing::Cobs) => vec![0x55; oversize],
+        _ => Vec::new(),
+    };
+    out.push(delim);
+    out
+}
+
 /// Sends `cfg.count` events over `port` (blocking; run it on its own thread).
 pub fn run(
     cfg: &SimConfig,
@@ -194,6 +305,34 @@ pub fn run(
     stats: Arc<SimStats>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
+    run_with_faults(
+        cfg,
+        port,
+        None,
+        framing,
+        ack,
+        &Faults::default(),
+        &FaultCounts::default(),
+        stats,
+        stop,
+    )
+}
+
+/// Like [`run`], injecting `faults`; `reopen` is the path to reopen on a disconnect fault.
+#[allow(clippy::too_many_arguments)]
+pub fn run_with_faults(
+    cfg: &SimConfig,
+    port: File,
+    reopen: Option<(&str, u32)>,
+    framing: Framing,
+    ack: bool,
+    faults: &Faults,
+    counts: &FaultCounts,
+    stats: Arc<SimStats>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    let mut rng = fastrand::Rng::with_seed(cfg.seed ^ 0xfa17);
+    let mut burst_left = 0u32;
     let window: Arc<Window> = Arc::default();
     if ack {
         let (rd, w, s, st) = (
@@ -210,7 +349,13 @@ pub fn run(
     let resend_after = Duration::from_millis(1000);
     let mut n = 0;
     while n < count && !stop.load(Relaxed) {
-        if cfg.rate > 0.0 {
+        if burst_left == 0 && rng.f64() < faults.burst {
+            burst_left = 50;
+            counts.bursts.fetch_add(1, Relaxed);
+        }
+        if burst_left > 0 {
+            burst_left -= 1;
+        } else if cfg.rate > 0.0 {
             let due = started + Duration::from_secs_f64(n as f64 / cfg.rate);
             if let Some(d) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(d);
@@ -227,6 +372,33 @@ pub fn run(
             }
         }
         let bytes = frame(cfg, framing, n, now_ms());
+        for (kind, ratio) in [
+            ("garbage", faults.garbage),
+            ("truncated", faults.truncated),
+            ("invalid", faults.invalid),
+            ("oversize", faults.oversize),
+        ] {
+            if ratio > 0.0 && rng.f64() < ratio {
+                let fb = fault_bytes(&mut rng, framing, kind, &bytes, faults.oversize_bytes);
+                if port.write_all(&fb).is_ok() {
+                    if kind == "oversize" {
+                        counts.oversize.fetch_add(1, Relaxed);
+                    } else {
+                        counts.bad.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        if let Some((path, baud)) = reopen {
+            if faults.disconnect > 0.0 && rng.f64() < faults.disconnect {
+                let _ = port.flush();
+                std::thread::sleep(Duration::from_millis(50));
+                drop(port);
+                std::thread::sleep(Duration::from_millis(200));
+                port = open_tty(path, baud)?;
+                counts.disconnects.fetch_add(1, Relaxed);
+            }
+        }
         if ack {
             window
                 .lock()

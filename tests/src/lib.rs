@@ -653,7 +653,11 @@ impl PtyPair {
         let bin = which("socat").expect("socat is not installed: run .ci/run (it installs it)");
         let child = Command::new(bin)
             .arg(format!("pty,raw,echo=0,link={}", self.a.display()))
-            .arg(format!("pty,raw,echo=0,link={}", self.b.display()))
+            // ignoreeof: the simulator's end may be closed and opened again (a flaky cable).
+            .arg(format!(
+                "pty,raw,echo=0,link={},ignoreeof",
+                self.b.display()
+            ))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

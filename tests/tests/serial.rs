@@ -233,3 +233,72 @@ fn reliable_serial_survives_kill9() {
     );
     eprintln!("reliable serial: sim {summary}");
 }
+
+fn faults(framing: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = PtyPair::start(dir.path());
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    let gw = Gateway::start(&serial_cfg(&pair.a, framing, false, up.port));
+    std::thread::sleep(Duration::from_millis(500));
+    let out = serial_sim(&pair.b, framing, 2_000, 4_000.0, false)
+        .args([
+            "--faults",
+            "garbage=0.02,truncated=0.02,invalid=0.02,oversize=0.01,disconnect=0.002,burst=0.005",
+            "--seed",
+            "9",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (bad, over) = (
+        summary["faults"]["bad"].as_u64().unwrap(),
+        summary["faults"]["oversize"].as_u64().unwrap(),
+    );
+    assert!(bad > 20 && over > 5, "faults were injected: {summary}");
+    assert!(
+        summary["faults"]["disconnects"].as_u64().unwrap() > 0
+            && summary["faults"]["bursts"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    assert!(
+        sub.wait_for(Duration::from_secs(30), |g| g.len() >= 2_000),
+        "{framing}: {} arrived; {summary}; log:\n{}",
+        sub.snapshot().len(),
+        gw.log()
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while gw.metric("tidepool_dlq_events") != Some((bad + over) as f64)
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check_complete(&sub.snapshot(), 2_000);
+    assert_eq!(sub.snapshot().len(), 2_000, "no bad frame was forwarded");
+    assert_eq!(
+        gw.metric("tidepool_events_dropped_total{reason=\"bad_frame\"}"),
+        Some(bad as f64),
+        "{summary}"
+    );
+    assert_eq!(
+        gw.metric("tidepool_events_dropped_total{reason=\"oversize\"}"),
+        Some(over as f64),
+        "{summary}"
+    );
+    assert_eq!(
+        gw.metric("tidepool_dlq_events"),
+        Some((bad + over) as f64),
+        "each bad frame dead-lettered exactly once"
+    );
+}
+
+#[test]
+fn faults_lines() {
+    faults("lines");
+}
+
+#[test]
+fn faults_cobs() {
+    faults("cobs");
+}
