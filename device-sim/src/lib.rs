@@ -63,33 +63,112 @@ pub struct SimStats {
     pub resent: AtomicU64,
 }
 
-/// The payload of event `n` of sensor `sensor` (its `seq`-th), deterministic in `seed`.
-pub fn payload(seed: u64, n: u64, sensor: u32, seq: u64, ts: i64, pad_to: usize) -> String {
-    let mut rng = fastrand::Rng::with_seed(
-        seed ^ (u64::from(sensor) << 32) ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    );
-    let celsius = 18.0 + 8.0 * rng.f64() + (seq % 100) as f64 * 0.01;
-    let mut s = format!(
-        "{{\"sensor\":\"sensor-{sensor}\",\"n\":{n},\"seq\":{seq},\"ts\":{ts},\"celsius\":{celsius:.2}"
-    );
-    if pad_to > s.len() + 10 {
-        s.push_str(",\"pad\":\"");
-        let k = pad_to - s.len() - 2;
-        s.extend(std::iter::repeat_n('x', k));
-        s.push('"');
+/// What a simulated sensor measures; sensor `i` is kind `i % 4`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A temperature that wanders (random walk), in °C.
+    Temperature,
+    /// Relative humidity that wanders, in %.
+    Humidity,
+    /// A door that now and then opens or closes.
+    Door,
+    /// A counter that rises (a flow meter, a people counter).
+    Counter,
+}
+
+impl Kind {
+    /// The kind of sensor `i`.
+    pub fn of(sensor: u32) -> Kind {
+        match sensor % 4 {
+            0 => Kind::Temperature,
+            1 => Kind::Humidity,
+            2 => Kind::Door,
+            _ => Kind::Counter,
+        }
     }
-    s.push('}');
-    s
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Temperature => "temperature",
+            Kind::Humidity => "humidity",
+            Kind::Door => "door",
+            Kind::Counter => "counter",
+        }
+    }
 }
 
-/// The payload of event `n` as a JSON value (see [`payload`]).
-pub fn payload_value(seed: u64, n: u64, sensor: u32, seq: u64, ts: i64) -> serde_json::Value {
-    serde_json::from_str(&payload(seed, n, sensor, seq, ts, 0)).expect("payload is JSON")
+/// Generates the events of a run: the same seed, the same events.
+#[derive(Debug)]
+pub struct Generator {
+    rng: fastrand::Rng,
+    sensors: u32,
+    pad_to: usize,
+    value: Vec<f64>,
+    open: Vec<bool>,
+    count: Vec<u64>,
+    seq: Vec<u64>,
 }
 
-/// The topic of a sensor.
-pub fn topic(sensor: u32) -> String {
-    format!("sensors/{sensor}/temperature")
+impl Generator {
+    /// For `sensors` sensors, payloads padded to about `pad_to` bytes (0: no padding).
+    pub fn new(seed: u64, sensors: u32, pad_to: usize) -> Generator {
+        let sensors = sensors.max(1);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let value = (0..sensors)
+            .map(|i| match Kind::of(i) {
+                Kind::Temperature => 18.0 + 6.0 * rng.f64(),
+                Kind::Humidity => 35.0 + 20.0 * rng.f64(),
+                _ => 0.0,
+            })
+            .collect();
+        Generator {
+            rng,
+            sensors,
+            pad_to,
+            value,
+            open: vec![false; sensors as usize],
+            count: vec![0; sensors as usize],
+            seq: vec![0; sensors as usize],
+        }
+    }
+
+    /// Event `n` of the run (sent at `ts`): (sensor, topic, JSON object).
+    pub fn next(&mut self, n: u64, ts: i64) -> (u32, String, serde_json::Value) {
+        let sensor = (n % u64::from(self.sensors)) as u32;
+        let i = sensor as usize;
+        let seq = self.seq[i];
+        self.seq[i] += 1;
+        let kind = Kind::of(sensor);
+        let mut v =
+            serde_json::json!({"sensor": format!("sensor-{sensor}"), "n": n, "seq": seq, "ts": ts});
+        match kind {
+            Kind::Temperature => {
+                self.value[i] = (self.value[i] + (self.rng.f64() - 0.5) * 0.2).clamp(-20.0, 60.0);
+                v["celsius"] = ((self.value[i] * 100.0).round() / 100.0).into();
+            }
+            Kind::Humidity => {
+                self.value[i] = (self.value[i] + (self.rng.f64() - 0.5) * 0.5).clamp(5.0, 100.0);
+                v["rh"] = ((self.value[i] * 10.0).round() / 10.0).into();
+            }
+            Kind::Door => {
+                if self.rng.f64() < 0.05 {
+                    self.open[i] = !self.open[i];
+                }
+                v["open"] = self.open[i].into();
+            }
+            Kind::Counter => {
+                self.count[i] += self.rng.u64(0..4);
+                v["count"] = self.count[i].into();
+            }
+        }
+        if self.pad_to > 0 {
+            let len = v.to_string().len();
+            if self.pad_to > len + 10 {
+                v["pad"] = "x".repeat(self.pad_to - len - 9).into();
+            }
+        }
+        (sensor, format!("sensors/{sensor}/{}", kind.name()), v)
+    }
 }
 
 fn now_ms() -> i64 {
@@ -133,8 +212,7 @@ pub async fn run(
         QoS::AtMostOnce
     };
     let started = Instant::now();
-    let sensors = cfg.sensors.max(1);
-    let mut seqs = vec![0u64; sensors as usize];
+    let mut generator = Generator::new(cfg.seed, cfg.sensors, cfg.payload_size);
     tokio::pin!(stop);
     let mut n: u64 = 0;
     loop {
@@ -151,12 +229,9 @@ pub async fn run(
                 }
             }
         }
-        let sensor = (n % u64::from(sensors)) as u32;
-        let seq = seqs[sensor as usize];
-        seqs[sensor as usize] += 1;
-        let body = payload(cfg.seed, n, sensor, seq, now_ms(), cfg.payload_size);
+        let (_, topic, body) = generator.next(n, now_ms());
         tokio::select! {
-            r = client.publish(topic(sensor), qos, false, body) => r?,
+            r = client.publish(topic, qos, false, body.to_string()) => r?,
             _ = &mut stop => break,
         }
         stats.sent.fetch_add(1, Relaxed);
@@ -182,13 +257,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn payloads_are_deterministic_json_of_the_asked_size() {
-        let a = payload(7, 3, 1, 0, 1000, 200);
-        assert_eq!(a, payload(7, 3, 1, 0, 1000, 200));
-        assert_ne!(a, payload(8, 3, 1, 0, 1000, 200));
-        let v: serde_json::Value = serde_json::from_str(&a).unwrap();
-        assert_eq!(v["n"], 3);
-        assert_eq!(v["sensor"], "sensor-1");
-        assert!((a.len() as i64 - 200).abs() <= 2, "{}", a.len());
+    fn the_same_seed_gives_the_same_events_of_every_kind() {
+        let run = |seed| {
+            let mut g = Generator::new(seed, 8, 200);
+            (0..400).map(|n| g.next(n, 1000)).collect::<Vec<_>>()
+        };
+        let a = run(7);
+        assert_eq!(a, run(7));
+        assert_ne!(a, run(8));
+        for (sensor, topic, v) in &a[..8] {
+            assert_eq!(v["sensor"], format!("sensor-{sensor}"));
+            assert!(topic.starts_with(&format!("sensors/{sensor}/")));
+            let len = v.to_string().len() as i64;
+            assert!((len - 200).abs() <= 3, "{len}");
+        }
+        assert!(a[0].2["celsius"].is_f64() && a[1].2["rh"].is_f64());
+        assert!(a[2].2["open"].is_boolean() && a[3].2["count"].is_u64());
+        assert!(
+            a.iter().filter(|e| e.0 == 2).any(|e| e.2["open"] == true),
+            "doors open now and then"
+        );
+        let seqs: Vec<u64> = a
+            .iter()
+            .filter(|e| e.0 == 5)
+            .map(|e| e.2["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, (0..50).collect::<Vec<_>>());
     }
 }

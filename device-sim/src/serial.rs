@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{payload_value, topic, SimConfig, SimStats};
+use crate::{Generator, SimConfig, SimStats};
 
 /// Fault kinds `--faults` can inject, each at a ratio per good frame.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -175,14 +175,12 @@ pub fn open_pty() -> std::io::Result<(File, String)> {
     }
 }
 
-/// Encodes event `n` for the wire.
-pub fn frame(cfg: &SimConfig, framing: Framing, n: u64, ts: i64) -> Vec<u8> {
-    let sensor = (n % u64::from(cfg.sensors.max(1))) as u32;
-    let v = payload_value(cfg.seed, n, sensor, n, ts);
+/// Encodes one generated event for the wire.
+pub fn frame(framing: Framing, sensor: u32, topic: &str, v: &serde_json::Value) -> Vec<u8> {
     match framing {
         Framing::Lines => {
-            let mut obj = v;
-            obj["topic"] = topic(sensor).into();
+            let mut obj = v.clone();
+            obj["topic"] = topic.into();
             let mut s = obj.to_string();
             s.push('\n');
             s.into_bytes()
@@ -190,16 +188,30 @@ pub fn frame(cfg: &SimConfig, framing: Framing, n: u64, ts: i64) -> Vec<u8> {
         Framing::Cobs => {
             use tidepool_proto::{Body, Frame, Value};
             let device = format!("sensor-{sensor}");
-            let kv = [
-                ("n", Value::Int(n as i64)),
-                (
-                    "celsius",
-                    Value::Float(v["celsius"].as_f64().unwrap_or(0.0)),
-                ),
-            ];
+            let kind = topic.rsplit('/').next().unwrap_or("");
+            let kinds = ["celsius", "rh", "open", "count", "n"];
+            let kv: Vec<(&str, Value)> = kinds
+                .iter()
+                .filter_map(|k| {
+                    let x = &v[*k];
+                    let val = if let Some(b) = x.as_bool() {
+                        Value::Bool(b)
+                    } else if let Some(i) = x.as_i64() {
+                        Value::Int(i)
+                    } else {
+                        Value::Float(x.as_f64()?)
+                    };
+                    Some((*k, val))
+                })
+                .chain(std::iter::once(("kind", Value::Text(kind))))
+                .collect();
             let f = Frame {
-                ts: Some(ts as u64),
-                ..Frame::new(&device, n as u32, Body::KeyValues(&kv))
+                ts: v["ts"].as_u64(),
+                ..Frame::new(
+                    &device,
+                    v["n"].as_u64().unwrap_or(0) as u32,
+                    Body::KeyValues(&kv),
+                )
             };
             postcard::to_stdvec_cobs(&f).expect("frame encodes")
         }
@@ -333,6 +345,7 @@ pub fn run_with_faults(
 ) -> std::io::Result<()> {
     let mut rng = fastrand::Rng::with_seed(cfg.seed ^ 0xfa17);
     let mut burst_left = 0u32;
+    let mut generator = Generator::new(cfg.seed, cfg.sensors, 0);
     let window: Arc<Window> = Arc::default();
     if ack {
         let (rd, w, s, st) = (
@@ -371,7 +384,8 @@ pub fn run_with_faults(
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let bytes = frame(cfg, framing, n, now_ms());
+        let (sensor, topic, v) = generator.next(n, now_ms());
+        let bytes = frame(framing, sensor, &topic, &v);
         for (kind, ratio) in [
             ("garbage", faults.garbage),
             ("truncated", faults.truncated),

@@ -302,3 +302,42 @@ fn faults_lines() {
 fn faults_cobs() {
     faults("cobs");
 }
+
+#[test]
+fn a_port_missing_at_start_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    // The gateway starts before the port exists: not fatal, it retries.
+    let gw = Gateway::start(&serial_cfg(
+        &dir.path().join("ttyA"),
+        "lines",
+        false,
+        up.port,
+    ));
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        gw.log().contains("cannot open serial port; retrying"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(gw.status()["store_healthy"], true);
+    let pair = PtyPair::start(dir.path());
+    let until = std::time::Instant::now() + Duration::from_secs(15);
+    while !gw.log().contains("serial port open") && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    serial_sim(&pair.b, "lines", 200, 0.0, false)
+        .output()
+        .unwrap();
+    assert!(
+        sub.wait_for(Duration::from_secs(20), |g| g.len() >= 200),
+        "log:\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        gw.log().matches("cannot open serial port").count(),
+        1,
+        "logged once per state change"
+    );
+}

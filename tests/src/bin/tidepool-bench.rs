@@ -191,8 +191,71 @@ fn kill9_window(rate: f64, runs: usize) -> Vec<u64> {
     losses
 }
 
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+/// Serial ingest over a pty pair: frames/s and gateway CPU per 1,000 frames.
+fn serial_bench(frames: u64) {
+    for baud in [115_200u32, 1_000_000] {
+        for framing in ["lines", "cobs"] {
+            let dir = tempfile::tempdir().unwrap();
+            let pair = PtyPair::start(dir.path());
+            let gw = Gateway::start(&format!(
+                "[[ingest.serial]]\nname = \"bench\"\npath = \"{}\"\nbaud = {baud}\nframing = \"{framing}\"\n[buffer]\nmax_bytes = \"1GiB\"\n",
+                pair.a.display()
+            ));
+            std::thread::sleep(Duration::from_millis(500));
+            let pid = gw.proc.pid();
+            let cpu0 = cpu_secs(pid);
+            let t = Instant::now();
+            let out = std::process::Command::new(bin_dir().join("tidepool-sim"))
+                .args([
+                    "--serial",
+                    pair.b.to_str().unwrap(),
+                    "--baud",
+                    &baud.to_string(),
+                    "--framing",
+                    framing,
+                ])
+                .args(["--count", &frames.to_string(), "--rate", "0", "--json"])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            while gw.metric("tidepool_events_committed_total").unwrap_or(0.0) < frames as f64
+                && t.elapsed() < Duration::from_secs(120)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let secs = t.elapsed().as_secs_f64();
+            let cpu = cpu_secs(pid) - cpu0;
+            println!(
+                "serial    {framing:<5} at {baud:>7} baud (pty): {:>7.0} frames/s, gateway CPU {:.1} ms per 1,000 frames",
+                frames as f64 / secs,
+                cpu * 1000.0 / (frames as f64 / 1000.0)
+            );
+        }
+    }
+}
+
 fn main() {
     std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
+    if std::env::args().nth(1).as_deref() == Some("serial") {
+        bin_dir();
+        serial_bench(
+            std::env::var("BENCH_FRAMES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(50_000),
+        );
+        return;
+    }
     let n: u64 = std::env::var("BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
