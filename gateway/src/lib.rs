@@ -19,6 +19,7 @@ pub mod rules;
 pub mod shutdown;
 pub mod status;
 pub mod store;
+pub mod systemd;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,6 +154,8 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
             shutdown.clone(),
         ))
     });
+    let watchdog = systemd::spawn_watchdog(metrics.heartbeat.clone());
+    systemd::notify(&format!("READY=1\nSTATUS=gateway {} ready", cfg.gateway.id));
     info!(
         gateway = %cfg.gateway.id,
         store = %path.display(),
@@ -165,6 +168,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     let m = metrics.clone();
     let done = tokio::spawn(async move {
         sd.wait().await;
+        systemd::notify("STOPPING=1");
         info!("shutting down: stopping ingest, committing what is in hand");
         // Bounded: sources first, then the forwarder, then the store drains and stops.
         let deadline = Duration::from_secs(10);
@@ -186,6 +190,9 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
         }
         if let Some(a) = admin_task {
             a.abort();
+        }
+        if let Some(w) = watchdog {
+            w.abort();
         }
         info!(
             committed = m.committed.load(std::sync::atomic::Ordering::Relaxed),

@@ -21,10 +21,34 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `tidepool` and `tidepool-sim` once per test binary; returns the folder holding them.
+/// A command for one of the project's binaries. `TIDEPOOL_RUNNER` (e.g.
+/// `qemu-aarch64-static -L /usr/aarch64-linux-gnu`) runs it under an emulator, for binaries
+/// cross-built into `TIDEPOOL_BIN_DIR`.
+pub fn command(bin: &str) -> Command {
+    let path = bin_dir().join(bin);
+    match std::env::var("TIDEPOOL_RUNNER")
+        .ok()
+        .filter(|r| !r.trim().is_empty())
+    {
+        Some(runner) => {
+            let mut parts = runner.split_whitespace();
+            let mut c = Command::new(parts.next().unwrap());
+            c.args(parts).arg(path);
+            c
+        }
+        None => Command::new(path),
+    }
+}
+
+/// Builds `tidepool` and `tidepool-sim` once per test binary; returns the folder holding them
+/// (or `TIDEPOOL_BIN_DIR`, binaries built elsewhere, e.g. cross-built for the Pi).
 pub fn bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Ok(d) = std::env::var("TIDEPOOL_BIN_DIR") {
+            let d = PathBuf::from(d);
+            return if d.is_absolute() { d } else { root().join(d) };
+        }
         let release = std::env::var("TIDEPOOL_TEST_RELEASE").is_ok();
         let mut cmd = Command::new(env!("CARGO"));
         cmd.current_dir(root())
@@ -264,7 +288,7 @@ impl Gateway {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin_dir().join("tidepool"))
+        let child = command("tidepool")
             .args(["run", "--config"])
             .arg(&self.config)
             .env("TIDEPOOL_LOG", "info,rumqttd=off")
@@ -300,7 +324,7 @@ impl Gateway {
 
     /// Runs `tidepool ARGS --config CONFIG`.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin_dir().join("tidepool"))
+        command("tidepool")
             .args(args)
             .arg("--config")
             .arg(&self.config)
@@ -350,7 +374,7 @@ pub fn run_sim(port: u16, count: u64, rate: f64, extra: &[&str]) -> serde_json::
 
 /// The simulator command, for running in the background.
 pub fn sim_command(port: u16, count: u64, rate: f64, extra: &[&str]) -> Command {
-    let mut c = Command::new(bin_dir().join("tidepool-sim"));
+    let mut c = command("tidepool-sim");
     c.args([
         "--broker",
         &format!("mqtt://127.0.0.1:{port}"),

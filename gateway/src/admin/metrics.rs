@@ -125,6 +125,8 @@ pub struct Metrics {
     pub started_ms: i64,
     /// The rule stage's view (rules, counters, refused updates), for `/status`.
     pub rules_status: Mutex<serde_json::Value>,
+    /// When the commit loop last went round (ms), for the systemd watchdog.
+    pub heartbeat: std::sync::Arc<AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -150,6 +152,7 @@ impl Default for Metrics {
             fsyncs: AtomicU64::new(0),
             started_ms: crate::event::now_ms(),
             rules_status: Mutex::new(serde_json::json!([])),
+            heartbeat: std::sync::Arc::new(AtomicI64::new(crate::event::now_ms())),
         }
     }
 }

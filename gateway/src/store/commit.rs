@@ -280,6 +280,7 @@ impl CommitLoop {
                 Tick,
             }
             self.rules.reload();
+            self.metrics.heartbeat.store(now_ms(), Relaxed);
             if self.last_status.elapsed() >= Duration::from_millis(250) {
                 *self.metrics.rules_status.lock().unwrap() = self.rules.status();
                 self.last_status = Instant::now();

@@ -1,0 +1,87 @@
+//! systemd: readiness and watchdog notifications, and the unit's exposure score.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tidepool_e2e::*;
+
+#[test]
+fn ready_then_watchdog_pings_then_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let gw = Gateway::configure(dir.path().to_path_buf(), "");
+    let started = Instant::now();
+    let mut child = Proc {
+        child: Some(
+            Command::new(bin_dir().join("tidepool"))
+                .args(["run", "--config"])
+                .arg(&gw.config)
+                .env("NOTIFY_SOCKET", &sock_path)
+                .env("WATCHDOG_USEC", "400000")
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ),
+        name: "tidepool".into(),
+    };
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    let ready = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(ready.starts_with("READY=1"), "{ready}");
+    eprintln!(
+        "start-up to READY=1: {:?} (debug build, empty store)",
+        started.elapsed()
+    );
+    let mut pings = 0;
+    while pings < 3 {
+        let n = sock.recv(&mut buf).unwrap();
+        if &buf[..n] == b"WATCHDOG=1" {
+            pings += 1;
+        }
+    }
+    assert_eq!(child.terminate(Duration::from_secs(15)), Some(0));
+    let mut saw_stopping = false;
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Ok(n) = sock.recv(&mut buf) {
+        saw_stopping |= &buf[..n] == b"STOPPING=1";
+    }
+    assert!(saw_stopping);
+}
+
+#[test]
+fn unit_exposure_is_at_most_2_5() {
+    let analyze =
+        which("systemd-analyze").expect("systemd-analyze (package systemd): .ci/run installs it");
+    let unit = root().join("systemd/tidepool.service");
+    let out = Command::new(analyze)
+        .args(["security", "--offline=yes"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("tidepool.service: ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure score in:\n{text}"));
+    assert!(score <= 2.5, "exposure {score}:\n{text}");
+    let unit_text = std::fs::read_to_string(&unit).unwrap();
+    for d in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "StateDirectory=tidepool",
+        "ConfigurationDirectory=tidepool",
+        "SupplementaryGroups=dialout",
+        "After=network-online.target",
+    ] {
+        assert!(unit_text.contains(d), "unit lacks {d}");
+    }
+}
