@@ -2,7 +2,9 @@
 //!
 //! Prints events/s, ingest-to-upstream latency percentiles, backlog drain rate, RSS and
 //! events per fsync, plus the ceiling (simulator → embedded broker, nothing stored).
-//! Run it with `scripts/bench` (release build). Not a test: it asserts nothing.
+//! Run it with `scripts/bench` (release build); `scripts/bench serial` for serial ingest,
+//! `scripts/bench pi` for start-up time, RSS with rules and bytes written per event.
+//! Not a test: it asserts nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -244,8 +246,150 @@ fn serial_bench(frames: u64) {
     }
 }
 
+fn write_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Seconds from spawning the daemon to its sd_notify READY=1.
+fn time_to_ready(gw: &Gateway) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let t = Instant::now();
+    let mut child = Proc {
+        child: Some(
+            command("tidepool")
+                .args(["run", "--config"])
+                .arg(&gw.config)
+                .env("NOTIFY_SOCKET", &sock_path)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        ),
+        name: "tidepool".into(),
+    };
+    let mut buf = [0u8; 128];
+    let _ = sock.recv(&mut buf);
+    let secs = t.elapsed().as_secs_f64();
+    child.terminate(Duration::from_secs(20));
+    secs
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Footprint figures for the Pi issue: start-up, RSS with rules at 1,000 ev/s, bytes written.
+fn pi_bench() {
+    // Start-up to READY, empty store.
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::configure(dir.path().to_path_buf(), "");
+    let empty: Vec<f64> = (0..5)
+        .map(|_| {
+            let _ = std::fs::remove_dir_all(dir.path().join("data"));
+            time_to_ready(&gw)
+        })
+        .collect();
+    println!(
+        "start-up  to READY=1, empty store: median {:.0} ms",
+        median(empty) * 1000.0
+    );
+
+    // With a 1,000,000-event backlog.
+    let n: u64 = std::env::var("BENCH_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut gw = Gateway::start("[buffer]\nmax_bytes = \"4GiB\"\n");
+    run_sim(
+        gw.mqtt_port,
+        n,
+        0.0,
+        &["--payload-size", "200", "--sensors", "20"],
+    );
+    while gw.metric("tidepool_backlog_events").unwrap_or(0.0) < n as f64 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gw.proc.terminate(Duration::from_secs(20));
+    let full: Vec<f64> = (0..3).map(|_| time_to_ready(&gw)).collect();
+    println!(
+        "start-up  to READY=1, {n}-event backlog: median {:.0} ms",
+        median(full) * 1000.0
+    );
+    drop(gw);
+
+    // RSS and bytes written at 1,000 events/s through three example rules.
+    let rules = tempfile::tempdir().unwrap();
+    for r in ["05-drop-malformed", "20-units-enrich", "30-deadband"] {
+        std::fs::copy(
+            root().join(format!("rules/examples/{r}.rhai")),
+            rules.path().join(format!("{r}.rhai")),
+        )
+        .unwrap();
+    }
+    let gw = Gateway::start(&format!("[rules]\ndir = \"{}\"\n", rules.path().display()));
+    let pid = gw.proc.pid();
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = rss_kib(pid, "VmRSS:");
+    let w0 = write_bytes(pid);
+    let c0 = gw.metric("tidepool_events_committed_total").unwrap_or(0.0);
+    let mut sim = spawn_sim(gw.mqtt_port, 20_000, 1_000.0, &["--sensors", "20"]);
+    let mut max_rss = 0;
+    while sim.running() {
+        max_rss = max_rss.max(rss_kib(pid, "VmRSS:"));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let committed = gw.metric("tidepool_events_committed_total").unwrap_or(0.0) - c0;
+    let written = write_bytes(pid) - w0;
+    let fsyncs = gw.metric("tidepool_fsyncs_total").unwrap_or(0.0);
+    println!(
+        "rss       idle {:.1} MiB; at 1,000 events/s through 3 example rules: max {:.1} MiB",
+        idle as f64 / 1024.0,
+        max_rss as f64 / 1024.0
+    );
+    println!(
+        "disk      at 1,000 events/s: {:.0} bytes written per event committed ({committed} events, {fsyncs} commits)",
+        written as f64 / committed.max(1.0)
+    );
+    drop(gw);
+
+    // Bytes written per event flat out (bigger groups per fsync).
+    let gw = Gateway::start("");
+    let pid = gw.proc.pid();
+    std::thread::sleep(Duration::from_secs(1));
+    let w0 = write_bytes(pid);
+    run_sim(
+        gw.mqtt_port,
+        200_000,
+        0.0,
+        &["--payload-size", "200", "--sensors", "20"],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let committed = gw.metric("tidepool_events_committed_total").unwrap_or(0.0);
+    let fsyncs = gw.metric("tidepool_fsyncs_total").unwrap_or(1.0);
+    println!(
+        "disk      flat out: {:.0} bytes written per event ({committed} events, {:.0} events per commit)",
+        (write_bytes(pid) - w0) as f64 / committed.max(1.0),
+        committed / fsyncs
+    );
+}
+
 fn main() {
     std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
+    if std::env::args().nth(1).as_deref() == Some("pi") {
+        bin_dir();
+        pi_bench();
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("serial") {
         bin_dir();
         serial_bench(
