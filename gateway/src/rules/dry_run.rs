@@ -52,6 +52,26 @@ fn diff(before: &Value, after: &Value) -> String {
     }
 }
 
+/// Reports a step's publishes and dead letters (they come before its output events).
+fn report_side_effects(
+    r: &tidepool_rules::StepResult,
+    report: &mut String,
+    actual: &mut Vec<Value>,
+) {
+    for p in &r.publishes {
+        let _ = writeln!(
+            report,
+            "   publish  {} {}  ({})",
+            p.topic, p.payload, p.rule
+        );
+        actual.push(json!({"publish": p.topic, "payload": p.payload}));
+    }
+    for d in &r.dead_letters {
+        let _ = writeln!(report, "   dead letter ({}): {}", d.rule, d.error);
+        actual.push(json!({"dead_letter": d.rule}));
+    }
+}
+
 /// Runs the rules at `rules` on the events of `events`.
 pub fn run(rules: &Path, events: &Path, limits: Limits) -> anyhow::Result<DryRun> {
     let mut set = RuleSet::load(rules, limits).map_err(|errs| {
@@ -90,18 +110,7 @@ pub fn run(rules: &Path, events: &Path, limits: Limits) -> anyhow::Result<DryRun
         let r = set.on_event(input.clone());
         set.commit_state();
         let _ = writeln!(report, "#{line} {} {}", input.topic, input.payload);
-        for p in &r.publishes {
-            let _ = writeln!(
-                report,
-                "   publish  {} {}  ({})",
-                p.topic, p.payload, p.rule
-            );
-            actual.push(json!({"publish": p.topic, "payload": p.payload}));
-        }
-        for d in &r.dead_letters {
-            let _ = writeln!(report, "   dead letter ({}): {}", d.rule, d.error);
-            actual.push(json!({"dead_letter": d.rule}));
-        }
+        report_side_effects(&r, &mut report, &mut actual);
         if r.events.is_empty() && r.dead_letters.is_empty() {
             let _ = writeln!(report, "   dropped by {}", r.dropped_by.join(", "));
         }
@@ -128,18 +137,7 @@ pub fn run(rules: &Path, events: &Path, limits: Limits) -> anyhow::Result<DryRun
     set.commit_state();
     if !tick.events.is_empty() || !tick.publishes.is_empty() || !tick.dead_letters.is_empty() {
         let _ = writeln!(report, "#tick");
-        for p in &tick.publishes {
-            let _ = writeln!(
-                report,
-                "   publish  {} {}  ({})",
-                p.topic, p.payload, p.rule
-            );
-            actual.push(json!({"publish": p.topic, "payload": p.payload}));
-        }
-        for d in &tick.dead_letters {
-            let _ = writeln!(report, "   dead letter ({}): {}", d.rule, d.error);
-            actual.push(json!({"dead_letter": d.rule}));
-        }
+        report_side_effects(&tick, &mut report, &mut actual);
         for e in &tick.events {
             let _ = writeln!(report, "   emitted  {} {}", e.topic, e.payload);
             actual.push(json!({"topic": e.topic, "payload": e.payload}));
