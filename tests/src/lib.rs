@@ -50,7 +50,7 @@ pub fn bin_dir() -> PathBuf {
             return if d.is_absolute() { d } else { root().join(d) };
         }
         let release = std::env::var("TIDEPOOL_TEST_RELEASE").is_ok();
-        let mut cmd = Command::new(env!("CARGO"));
+        let mut cmd = outer_env(Command::new(env!("CARGO")));
         cmd.current_dir(root())
             .args(["build", "-q", "-p", "tidepool", "-p", "tidepool-sim"]);
         if release {
@@ -64,6 +64,28 @@ pub fn bin_dir() -> PathBuf {
         target.join(if release { "release" } else { "debug" })
     })
     .clone()
+}
+
+/// `cmd` without the variables cargo sets for a running test (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, ...), for a nested `cargo build`: some build scripts (ring's) rerun
+/// when those differ, which would rebuild half the tree once inside the tests and again outside.
+pub fn outer_env(mut cmd: Command) -> Command {
+    const SET_FOR_TESTS: [&str; 7] = [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if SET_FOR_TESTS.iter().any(|p| k.starts_with(p)) {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
 }
 
 /// A free loopback TCP port.
