@@ -1,5 +1,6 @@
 //! The Debian package for the Pi: what it installs, its conffile, its maintainer scripts.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use tidepool_e2e::*;
@@ -17,10 +18,26 @@ fn dpkg_deb(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// ELF `e_machine` values of the Pi's two architectures.
+const EM_ARM: u16 = 0x28;
+const EM_AARCH64: u16 = 0xb7;
+
 #[test]
 fn arm64_deb_has_binaries_unit_conffile_rules_and_user_creation() {
-    let out = Command::new(root().join("scripts/package-deb"))
-        .arg("aarch64-unknown-linux-gnu")
+    check_deb("aarch64-unknown-linux-gnu", "arm64", EM_AARCH64, 64);
+}
+
+#[test]
+fn armhf_deb_has_binaries_unit_conffile_rules_and_user_creation() {
+    check_deb("armv7-unknown-linux-gnueabihf", "armhf", EM_ARM, 32);
+}
+
+/// Builds the package for `target` and checks what it installs, that its binaries are for
+/// `arch` (ELF machine and class, so a package never carries the wrong build), its conffile and
+/// its maintainer scripts.
+fn check_deb(target: &str, arch: &str, machine: u16, bits: u8) {
+    let out = outer_env(Command::new(root().join("scripts/package-deb")))
+        .arg(target)
         .current_dir(root())
         .output()
         .unwrap();
@@ -53,15 +70,44 @@ fn arm64_deb_has_binaries_unit_conffile_rules_and_user_creation() {
             "{path} missing from:\n{listing}"
         );
     }
-    assert_eq!(dpkg_deb(&["-f", deb, "Architecture"]).trim(), "arm64");
+    assert_eq!(dpkg_deb(&["-f", deb, "Architecture"]).trim(), arch);
     assert!(dpkg_deb(&["-f", deb, "Depends"]).contains("libc6 (>= 2.35)"));
     let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    dpkg_deb(&["-x", deb, tree.to_str().unwrap()]);
+    for bin in ["usr/bin/tidepool", "usr/bin/tidepool-sim"] {
+        let elf = std::fs::read(tree.join(bin)).unwrap();
+        assert_eq!(&elf[..4], b"\x7fELF", "{bin} is not an ELF file");
+        let class = if elf[4] == 2 { 64 } else { 32 };
+        let em = u16::from_le_bytes([elf[18], elf[19]]);
+        assert_eq!(
+            (em, class),
+            (machine, bits),
+            "{bin} in the {arch} package is built for another machine"
+        );
+        // The package promises libc6 (>= 2.35): no binary may need a newer glibc symbol.
+        let needed = max_glibc(&tree.join(bin));
+        assert!(
+            needed <= (2, 35),
+            "{bin} needs GLIBC_{}.{}, the package says 2.35",
+            needed.0,
+            needed.1
+        );
+    }
     let ctl = dir.path().join("control");
     dpkg_deb(&["-e", deb, ctl.to_str().unwrap()]);
     let conffiles = std::fs::read_to_string(ctl.join("conffiles")).unwrap();
     assert_eq!(conffiles.trim(), "/etc/tidepool/tidepool.toml");
     let postinst = std::fs::read_to_string(ctl.join("postinst")).unwrap();
     assert!(postinst.contains("adduser --system --group") && postinst.contains("dialout"));
+    // preinst refuses an ARMv6 board (Pi Zero/1) and lets ARMv7 and newer through.
+    for (machine, ok) in [("armv6l", false), ("armv7l", true), ("aarch64", true)] {
+        assert_eq!(
+            preinst_accepts(&ctl.join("preinst"), machine),
+            ok,
+            "preinst on {machine}"
+        );
+    }
     // The installed config is valid as shipped.
     let out = command("tidepool")
         .args(["check", "--config"])
@@ -73,4 +119,58 @@ fn arm64_deb_has_binaries_unit_conffile_rules_and_user_creation() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs a package's preinst as `dpkg` would for a fresh install, on a machine whose
+/// `uname -m` says `machine`.
+fn preinst_accepts(preinst: &std::path::Path, machine: &str) -> bool {
+    let bin = tempfile::tempdir().unwrap();
+    let uname = bin.path().join("uname");
+    std::fs::write(&uname, format!("#!/bin/sh\necho {machine}\n")).unwrap();
+    std::fs::set_permissions(&uname, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("sh")
+        .arg(preinst)
+        .arg("install")
+        .env("PATH", path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The newest `GLIBC_x.y` symbol version a binary needs (from `objdump -T`).
+fn max_glibc(bin: &std::path::Path) -> (u32, u32) {
+    let out = Command::new("objdump")
+        .arg("-T")
+        .arg(bin)
+        .output()
+        .expect("objdump (binutils)");
+    assert!(out.status.success(), "objdump -T {}", bin.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let versions: Vec<(u32, u32)> = text
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|rest| {
+            let v: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut parts = v.split('.').map(|p| p.parse::<u32>());
+            match (parts.next(), parts.next()) {
+                (Some(Ok(major)), Some(Ok(minor))) => Some((major, minor)),
+                _ => None,
+            }
+        })
+        .collect();
+    assert!(
+        !versions.is_empty(),
+        "{} links no glibc symbol",
+        bin.display()
+    );
+    versions.into_iter().max().unwrap()
 }
