@@ -100,12 +100,19 @@ fn check_deb(target: &str, arch: &str, machine: u16, bits: u8) {
     assert_eq!(conffiles.trim(), "/etc/tidepool/tidepool.toml");
     let postinst = std::fs::read_to_string(ctl.join("postinst")).unwrap();
     assert!(postinst.contains("adduser --system --group") && postinst.contains("dialout"));
-    // preinst refuses an ARMv6 board (Pi Zero/1) and lets ARMv7 and newer through.
-    for (machine, ok) in [("armv6l", false), ("armv7l", true), ("aarch64", true)] {
+    // preinst refuses to install or upgrade on an ARMv6 board (Pi Zero/1), lets ARMv7 and
+    // newer through, and never blocks dpkg's error unwinding.
+    for (machine, args, ok) in [
+        ("armv6l", &["install"][..], false),
+        ("armv6l", &["upgrade", "0.1.0"], false),
+        ("armv6l", &["abort-upgrade", "0.1.0"], true),
+        ("armv7l", &["install"], true),
+        ("aarch64", &["upgrade", "0.1.0"], true),
+    ] {
         assert_eq!(
-            preinst_accepts(&ctl.join("preinst"), machine),
+            preinst_accepts(&ctl.join("preinst"), machine, args),
             ok,
-            "preinst on {machine}"
+            "preinst {args:?} on {machine}"
         );
     }
     // The installed config is valid as shipped.
@@ -121,9 +128,9 @@ fn check_deb(target: &str, arch: &str, machine: u16, bits: u8) {
     );
 }
 
-/// Runs a package's preinst as `dpkg` would for a fresh install, on a machine whose
-/// `uname -m` says `machine`.
-fn preinst_accepts(preinst: &std::path::Path, machine: &str) -> bool {
+/// Runs a package's preinst as `dpkg` would (with `args`), on a machine whose `uname -m` says
+/// `machine`.
+fn preinst_accepts(preinst: &std::path::Path, machine: &str, args: &[&str]) -> bool {
     let bin = tempfile::tempdir().unwrap();
     let uname = bin.path().join("uname");
     std::fs::write(&uname, format!("#!/bin/sh\necho {machine}\n")).unwrap();
@@ -135,7 +142,7 @@ fn preinst_accepts(preinst: &std::path::Path, machine: &str) -> bool {
     );
     Command::new("sh")
         .arg(preinst)
-        .arg("install")
+        .args(args)
         .env("PATH", path)
         .stderr(std::process::Stdio::null())
         .status()
