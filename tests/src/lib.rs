@@ -601,8 +601,15 @@ pub struct Proxy {
 impl Proxy {
     /// Proxies a free port to `target`.
     pub fn start(target: u16) -> Proxy {
+        Proxy::start_on(0, target)
+    }
+
+    /// Proxies `listen` (0: a free port) to `target`. Puts a broker behind a port a gateway
+    /// already dials only once the test's subscriber is ready there, so no batch can reach
+    /// the broker before the subscriber does.
+    pub fn start_on(listen: u16, target: u16) -> Proxy {
         use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", listen)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let open = Arc::new(AtomicBool::new(true));

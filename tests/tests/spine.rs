@@ -77,8 +77,10 @@ fn offline_then_online_delivers_everything_once() {
     assert_eq!(gw.metric("tidepool_upstream_connected"), Some(0.0));
     assert_eq!(gw.status()["upstream"]["state"], "offline");
 
-    let up = Mosquitto::start_on(port, "");
+    // Upstream comes up behind the port the gateway dials only once the subscriber is in.
+    let up = Mosquitto::start("");
     let sub = Subscriber::start(up.port, &[TOPIC]);
+    let _link = Proxy::start_on(port, up.port);
     assert!(
         sub.wait_for(Duration::from_secs(60), |g| g.len() >= 20_000),
         "only {} arrived",

@@ -522,8 +522,9 @@ fn main() {
     let fill_rate = backlog as f64 / fill.elapsed().as_secs_f64();
     let bytes = gw.metric("tidepool_backlog_bytes").unwrap_or(0.0);
     println!("buffer    {backlog} events stored at {fill_rate:.0} events/s with upstream down ({:.0} MiB, {:.0} B/event)", bytes / 1048576.0, bytes / backlog as f64);
-    let up = Mosquitto::start_on(port, "");
+    let up = Mosquitto::start("");
     let counter = Counter::start(up.port);
+    let _link = Proxy::start_on(port, up.port);
     let t = Instant::now();
     let ok = counter.wait(backlog, Duration::from_secs(600));
     let drain = counter.events.load(Relaxed) as f64 / t.elapsed().as_secs_f64();
