@@ -262,6 +262,10 @@ pub struct BufferConfig {
     pub commit_max_wait: HumanDuration,
     /// redb page cache.
     pub cache_size: ByteSize,
+    /// Free space the filesystem must keep; below it the buffer counts as full.
+    pub min_free: MinFree,
+    /// Memory that events between ingest and the store may take (channel and commit group).
+    pub ingest_max_bytes: ByteSize,
 }
 
 /// `[admin]`.
@@ -340,6 +344,50 @@ impl<'de> Deserialize<'de> for ByteSize {
         })? {
             Raw::N(n) => Ok(ByteSize(n)),
             Raw::S(s) => ByteSize::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Free space to keep on the store's filesystem: a size (`"64MiB"`) or a share (`"5%"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    /// Bytes.
+    Bytes(u64),
+    /// Percent of the filesystem's size.
+    Percent(f64),
+}
+
+impl MinFree {
+    /// The bytes to keep free on a filesystem of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => (total as f64 * p / 100.0) as u64,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MinFree {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let bad =
+            || de::Error::custom("expected a size such as \"64MiB\" or a share such as \"5%\"");
+        match Raw::deserialize(d).map_err(|_| bad())? {
+            Raw::N(n) => Ok(MinFree::Bytes(n)),
+            Raw::S(s) => match s.trim().strip_suffix('%') {
+                Some(p) => match p.trim().parse::<f64>() {
+                    Ok(p) if (0.0..=100.0).contains(&p) => Ok(MinFree::Percent(p)),
+                    _ => Err(bad()),
+                },
+                None => ByteSize::parse(&s)
+                    .map(|b| MinFree::Bytes(b.0))
+                    .map_err(de::Error::custom),
+            },
         }
     }
 }

@@ -34,7 +34,7 @@ pub async fn list(cfg: &Config, ids: &[u64]) -> anyhow::Result<Vec<Value>> {
     }
     let db = open_offline(cfg)?;
     let sel = (!ids.is_empty()).then_some(ids);
-    Ok(store::dlq_list(&*db, sel)?
+    Ok(store::dlq_list(&*db.db()?, sel)?
         .iter()
         .map(|(id, d)| crate::admin::dead_letter_json(*id, d))
         .collect())
@@ -58,7 +58,7 @@ pub async fn act(cfg: &Config, retry: bool, ids: &[u64]) -> anyhow::Result<Strin
     let db = open_offline(cfg)?;
     let metrics = Arc::new(Metrics::default());
     let rules = crate::rules::RhaiStage::new(&cfg.rules, &cfg.gateway.id, metrics.clone());
-    let (_in_tx, in_rx) = mpsc::channel(1);
+    let (_in_tx, in_rx) = crate::ingest::channel::channel(1, 1 << 20);
     let (_ack_tx, ack_rx) = mpsc::unbounded_channel();
     let (committed, _) = watch::channel(0);
     let mut lp = CommitLoop::new(
@@ -80,7 +80,7 @@ pub async fn act(cfg: &Config, retry: bool, ids: &[u64]) -> anyhow::Result<Strin
     })
 }
 
-fn open_offline(cfg: &Config) -> anyhow::Result<Arc<redb::Database>> {
+fn open_offline(cfg: &Config) -> anyhow::Result<store::Store> {
     let path = cfg.store_path();
     if !path.exists() {
         anyhow::bail!("no store at {} (is data_dir right?)", path.display());

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
+
 use tracing::{info, warn};
 
 use admin::metrics::Metrics;
@@ -47,7 +48,10 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     let path = cfg.store_path();
     let db = store::open(&path, cfg.buffer.cache_size.0)?;
 
-    let (in_tx, in_rx) = mpsc::channel(cfg.buffer.commit_max_events * 4);
+    let (in_tx, in_rx) = ingest::channel::channel(
+        cfg.buffer.commit_max_events * 4,
+        cfg.buffer.ingest_max_bytes.0 as usize,
+    );
     let own = ingest::OwnPublishes::new(&cfg.ingest.mqtt.topics);
     let rules = rules::RhaiStage::new(&cfg.rules, &cfg.gateway.id, metrics.clone());
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();

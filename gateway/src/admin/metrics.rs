@@ -19,16 +19,23 @@ pub enum DropReason {
     Oversize,
     /// A serial frame could not be decoded.
     BadFrame,
+    /// The store's filesystem was below `[buffer] min_free`: the buffer counted as full.
+    MinFree,
+    /// The embedded broker had acknowledged the event, but its memory log wrapped before the
+    /// gateway could take it (the store could not keep up, or could not store).
+    IngestOverflow,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Rule,
         DropReason::BufferFull,
         DropReason::MaxAge,
         DropReason::Oversize,
         DropReason::BadFrame,
+        DropReason::MinFree,
+        DropReason::IngestOverflow,
     ];
 
     /// The label value.
@@ -39,6 +46,8 @@ impl DropReason {
             DropReason::MaxAge => "max_age",
             DropReason::Oversize => "oversize",
             DropReason::BadFrame => "bad_frame",
+            DropReason::MinFree => "min_free",
+            DropReason::IngestOverflow => "ingest_overflow",
         }
     }
 
@@ -100,7 +109,7 @@ pub struct Metrics {
     pub forwarded: AtomicU64,
     /// Batches acknowledged by upstream.
     pub batches_forwarded: AtomicU64,
-    dropped: [AtomicU64; 5],
+    dropped: [AtomicU64; DropReason::ALL.len()],
     /// Events buffered.
     pub backlog_events: AtomicU64,
     /// Stored bytes buffered.
@@ -296,7 +305,9 @@ impl Metrics {
         counter(
             &mut o,
             "tidepool_events_dropped_total",
-            "Events dropped, by reason.",
+            "Events dropped, by reason: rule (a rule returned ()), buffer_full (max_bytes), max_age, \
+             oversize, bad_frame, min_free (the disk below [buffer] min_free), ingest_overflow (acknowledged \
+             by the embedded broker, lost when its memory log wrapped).",
         );
         for r in DropReason::ALL {
             let _ = writeln!(

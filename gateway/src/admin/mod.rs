@@ -24,7 +24,7 @@ pub struct StatusSource {
     /// The counters.
     pub metrics: Arc<Metrics>,
     /// The store, for `/dlq`.
-    pub db: Option<Arc<redb::Database>>,
+    pub db: Option<crate::store::Store>,
     /// The commit loop, for `POST /dlq/retry|drop`.
     pub control: Option<tokio::sync::mpsc::UnboundedSender<crate::store::commit::Control>>,
 }
@@ -137,11 +137,12 @@ async fn dlq(
                 return ("503 Service Unavailable", "text/plain", "no store\n".into());
             };
             let ids = parse_ids(query);
-            let rows =
-                tokio::task::spawn_blocking(move || crate::store::dlq_list(&*db, ids.as_deref()))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+            let rows = tokio::task::spawn_blocking(move || {
+                crate::store::dlq_list(&*db.db()?, ids.as_deref())
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
             match rows {
                 Ok(rows) => {
                     let v: Vec<_> = rows

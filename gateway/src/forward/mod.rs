@@ -163,7 +163,7 @@ enum State {
 pub struct Forwarder {
     cfg: UpstreamConfig,
     gateway: String,
-    db: Arc<Database>,
+    db: store::Store,
     metrics: Arc<Metrics>,
     committed: watch::Receiver<u64>,
     acks: mpsc::UnboundedSender<ForwardAck>,
@@ -188,7 +188,7 @@ impl Forwarder {
     pub fn new(
         cfg: UpstreamConfig,
         gateway: String,
-        db: Arc<Database>,
+        db: store::Store,
         metrics: Arc<Metrics>,
         committed: watch::Receiver<u64>,
         acks: mpsc::UnboundedSender<ForwardAck>,
@@ -207,7 +207,11 @@ impl Forwarder {
             }
             None => (String::new(), 0, None),
         };
-        let next_batch = meta_get(&db, "next_batch").max(1);
+        let next_batch = db
+            .db()
+            .map(|d| meta_get(&d, "next_batch"))
+            .unwrap_or(0)
+            .max(1);
         let max_packet = cfg.batch_max_bytes.0 as usize + 2 * max_payload + 16 * 1024;
         Ok(Forwarder {
             cfg,
@@ -507,7 +511,7 @@ impl Forwarder {
         let gateway = self.gateway.clone();
         let batch = self.next_batch;
         let r = tokio::task::spawn_blocking(move || {
-            let events = store::read_after(&db, after, max_events, max_bytes)?;
+            let events = store::read_after(&*db.db()?, after, max_events, max_bytes)?;
             if events.is_empty() {
                 return Ok(None);
             }

@@ -18,7 +18,7 @@ use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{mqtt_event, stable_hash, Incoming, OwnPublishes};
+use super::{mqtt_event, stable_hash, Incoming, IngestTx, OwnPublishes};
 use crate::admin::metrics::Metrics;
 use crate::config::{parse_mqtt_url, MqttIngestConfig};
 use crate::shutdown::Shutdown;
@@ -27,7 +27,7 @@ use crate::store::commit::Dedup;
 /// Starts the client; the returned task ends after shutdown, once acks are flushed.
 pub fn start(
     cfg: &MqttIngestConfig,
-    tx: mpsc::Sender<Incoming>,
+    tx: IngestTx,
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
     own: OwnPublishes,

@@ -3,7 +3,10 @@
 //! rumqttd acknowledges a sensor's QoS 1 PUBLISH as soon as it has it in memory, before the
 //! gateway has stored anything: a `kill -9` loses what the broker and the commit loop hold
 //! but have not committed (see README, "Guarantees"). Its memory is capped by
-//! `broker_memory` (segment size × count).
+//! `broker_memory` (segment size × count): when the store cannot keep up (a slow card) or
+//! cannot store (a full disk), the reader waits, rumqttd's log wraps and the reader's cursor
+//! jumps ahead. The reader sees the jump in the log offsets and counts what was skipped as
+//! `dropped{reason="ingest_overflow"}`: acknowledged to a sensor, never stored.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, Config as BrokerConfig, Notification};
-use tokio::sync::mpsc;
 use tracing::{error, info};
 
-use super::{mqtt_event, Incoming, OwnPublishes};
-use crate::admin::metrics::Metrics;
+use super::{mqtt_event, Incoming, IngestTx, OwnPublishes};
+use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::MqttIngestConfig;
 use crate::shutdown::Shutdown;
 
@@ -92,7 +94,7 @@ pub struct Embedded {
 /// Starts the broker (thread for the life of the process) and the link reader.
 pub fn start(
     cfg: &MqttIngestConfig,
-    tx: mpsc::Sender<Incoming>,
+    tx: IngestTx,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     own: OwnPublishes,
@@ -129,9 +131,20 @@ pub fn start(
     }
     info!(listen = %cfg.listen, "embedded MQTT broker listening");
     let max_payload = cfg.max_payload.0 as usize;
+    let rt = tokio::runtime::Handle::current();
+    let gaps = Gaps::new(&cfg.topics);
     let reader = std::thread::Builder::new()
         .name("tidepool-ingest".into())
-        .spawn(move || read_link(link_rx, tx, max_payload, metrics, shutdown, own))
+        .spawn(move || {
+            let link = Link {
+                tx,
+                rt,
+                max_payload,
+                metrics,
+                own,
+            };
+            read_link(link_rx, link, gaps, shutdown)
+        })
         .expect("spawn ingest thread");
     Ok(Embedded {
         link_tx: pub_tx,
@@ -139,14 +152,65 @@ pub fn start(
     })
 }
 
-fn read_link(
-    mut rx: LinkRx,
-    tx: mpsc::Sender<Incoming>,
+/// Where the reader hands events.
+struct Link {
+    tx: IngestTx,
+    rt: tokio::runtime::Handle,
     max_payload: usize,
     metrics: Arc<Metrics>,
-    shutdown: Shutdown,
     own: OwnPublishes,
-) {
+}
+
+/// Finds what rumqttd skipped: per subscribed filter, the log offset of the next message.
+///
+/// Each filter has its own log with consecutive absolute offsets; a forward whose offset is
+/// past the expected one means the messages between were dropped from the log before the
+/// reader got to them. Topics matching more than one filter are not checked (their filter
+/// cannot be told from the forward).
+#[derive(Debug)]
+pub struct Gaps {
+    filters: Vec<String>,
+    next: HashMap<usize, u64>,
+}
+
+impl Gaps {
+    /// For these subscriptions.
+    pub fn new(filters: &[String]) -> Gaps {
+        Gaps {
+            filters: filters.to_vec(),
+            next: HashMap::new(),
+        }
+    }
+
+    /// Notes a forward of `topic` at absolute `offset`; returns how many were skipped before it.
+    pub fn skipped(&mut self, topic: &str, offset: u64) -> u64 {
+        let mut matching = self
+            .filters
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| tidepool_rules::topic_matches(f, topic))
+            .map(|(i, _)| i);
+        let (Some(i), None) = (matching.next(), matching.next()) else {
+            return 0;
+        };
+        let skipped = match self.next.get(&i) {
+            Some(&want) if offset > want => offset - want,
+            _ => 0,
+        };
+        self.next.insert(i, offset + 1);
+        skipped
+    }
+}
+
+fn read_link(mut rx: LinkRx, link: Link, mut gaps: Gaps, shutdown: Shutdown) {
+    let Link {
+        tx,
+        rt,
+        max_payload,
+        metrics,
+        own,
+    } = link;
+    let mut overflow_logged: Option<Instant> = None;
     while !shutdown.is_set() {
         match rx.recv_deadline(Instant::now() + Duration::from_millis(100)) {
             Ok(Some(Notification::Forward(f))) => {
@@ -154,11 +218,25 @@ fn read_link(
                     Ok(t) => t,
                     Err(_) => continue,
                 };
+                if let Some((_, offset)) = f.cursor {
+                    let lost = gaps.skipped(topic, offset);
+                    if lost > 0 {
+                        metrics.dropped(DropReason::IngestOverflow, lost);
+                        if overflow_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            error!(
+                                lost,
+                                total = metrics.dropped_count(DropReason::IngestOverflow),
+                                "embedded broker dropped events it had acknowledged: the store could not keep up (or could not store); counted as ingest_overflow"
+                            );
+                            overflow_logged = Some(Instant::now());
+                        }
+                    }
+                }
                 if own.take(topic, &f.publish.payload) {
                     continue;
                 }
                 if let Some(ev) = mqtt_event(topic, &f.publish.payload, max_payload, &metrics) {
-                    if tx.blocking_send(Incoming::plain(ev)).is_err() {
+                    if tx.blocking_send(Incoming::plain(ev), &rt).is_err() {
                         return;
                     }
                 }
@@ -175,5 +253,38 @@ fn read_link(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jump_in_offsets_is_counted_once() {
+        let mut g = Gaps::new(&["sensors/#".to_string(), "other/#".to_string()]);
+        assert_eq!(
+            g.skipped("sensors/a", 0),
+            0,
+            "the first forward sets the cursor"
+        );
+        assert_eq!(g.skipped("sensors/b", 1), 0);
+        assert_eq!(g.skipped("other/x", 7), 0, "each filter has its own log");
+        assert_eq!(
+            g.skipped("sensors/a", 5),
+            3,
+            "offsets 2, 3 and 4 were dropped"
+        );
+        assert_eq!(g.skipped("sensors/a", 6), 0);
+        assert_eq!(g.skipped("other/x", 8), 0);
+    }
+
+    #[test]
+    fn overlapping_filters_are_not_checked() {
+        let mut g = Gaps::new(&["#".to_string(), "a/#".to_string()]);
+        assert_eq!(g.skipped("a/b", 0), 0);
+        assert_eq!(g.skipped("a/b", 10), 0);
+        assert_eq!(g.skipped("z", 0), 0);
+        assert_eq!(g.skipped("z", 4), 3);
     }
 }

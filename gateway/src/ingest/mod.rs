@@ -2,6 +2,7 @@
 //! one bounded channel; when it is full, sources wait (MQTT flow control pushes back on the
 //! sensors or the broker), they never drop silently.
 
+pub mod channel;
 pub mod client;
 pub mod embedded;
 pub mod serial;
@@ -13,6 +14,7 @@ use crate::admin::metrics::{DropReason, Metrics};
 use crate::event::{Event, Payload};
 
 pub use crate::store::Incoming;
+pub use channel::IngestTx;
 
 /// The source label of MQTT events.
 pub const MQTT_SOURCE: &str = "mqtt";

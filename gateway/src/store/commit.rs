@@ -4,16 +4,20 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use super::arrivals::{self, Arrivals};
+use super::space::{below_min_free, fs_space};
 use super::{
-    decode, encode, row_size, StoreError, DEAD_LETTERS, EVENTS, INGEST_DEDUP, META, RULE_STATE,
+    encode, row_size, Store, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, INGEST_DEDUP, META,
+    RULE_STATE,
 };
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{BufferConfig, WhenFull};
 use crate::event::{now_ms, Event};
+use crate::ingest::channel::{unbudgeted, IngestRx, Queued};
 use crate::rules::{LocalPublish, RuleStage, StepOutput};
 
 /// Called once the event it came with is committed (client-mode PUBACK, serial ack).
@@ -65,11 +69,11 @@ pub struct ForwardAck {
 
 /// The store's writer.
 pub struct CommitLoop {
-    db: Arc<Database>,
+    store: Store,
     cfg: BufferConfig,
     metrics: Arc<Metrics>,
     rules: Box<dyn RuleStage>,
-    input: mpsc::Receiver<Incoming>,
+    input: IngestRx,
     acks: mpsc::UnboundedReceiver<ForwardAck>,
     committed: watch::Sender<u64>,
     rt: tokio::runtime::Handle,
@@ -77,10 +81,11 @@ pub struct CommitLoop {
     next_id: u64,
     stored_bytes: u64,
     backlog: u64,
-    last_expiry: Instant,
+    arrivals: Arrivals,
+    wall: fn() -> i64,
+    mono: fn() -> Instant,
     publisher: Option<Publisher>,
     control: Option<mpsc::UnboundedReceiver<Control>>,
-    dlq_remove: Vec<u64>,
     tick: Duration,
     next_tick: Instant,
     last_status: Instant,
@@ -104,11 +109,48 @@ pub enum Control {
 /// Sends rule publishes to local subscribers, after the commit.
 pub type Publisher = Box<dyn FnMut(&LocalPublish) + Send>;
 
+/// What one commit is to do, gathered by [`CommitLoop::run`] and turned into one
+/// transaction by [`CommitLoop::write`].
+#[derive(Default)]
+pub struct Plan {
+    /// Ingested events, in arrival order.
+    pub group: Vec<Queued>,
+    /// Upstream acknowledged everything up to here: delete it.
+    pub acked: Option<ForwardAck>,
+    /// `on_tick(now)` is due.
+    pub tick: Option<i64>,
+    /// Dead letters to remove (retried or dropped).
+    pub dlq_remove: Vec<u64>,
+    /// The filesystem is below `min_free` (or was full): the buffer may not grow.
+    pub tight: bool,
+    /// Evict at least this many stored bytes, oldest first, making room on a full disk.
+    pub evict_bytes: u64,
+}
+
+impl Plan {
+    /// A plan with these events.
+    pub fn with_group(group: Vec<Incoming>) -> Plan {
+        Plan {
+            group: group.into_iter().map(unbudgeted).collect(),
+            ..Plan::default()
+        }
+    }
+
+    fn group_bytes(&self) -> u64 {
+        self.group.iter().map(|q| q.size() as u64).sum()
+    }
+}
+
 /// Running totals of one commit.
 struct Tally {
     next_id: u64,
     bytes: u64,
     backlog: u64,
+    /// The cap for this commit: `max_bytes`, or what is stored now when `tight`.
+    cap: u64,
+    /// Drops at the cap count as `min_free` rather than `buffer_full`.
+    tight: bool,
+    first_stored: Option<u64>,
     last_stored: Option<u64>,
 }
 
@@ -125,6 +167,8 @@ pub struct CommitReport {
     pub dropped_rule: u64,
     /// Dropped for `max_bytes`.
     pub dropped_full: u64,
+    /// Dropped because the filesystem was below `min_free` (or full).
+    pub dropped_min_free: u64,
     /// Dropped for `max_age`.
     pub dropped_age: u64,
     /// Inputs rules failed on, now in the dead-letter table.
@@ -137,23 +181,31 @@ pub struct CommitReport {
     pub dropped_oversize: u64,
 }
 
+/// A transaction that committed, and what must follow it.
+struct Written {
+    report: CommitReport,
+    publishes: Vec<LocalPublish>,
+    last_stored: Option<u64>,
+    took: Duration,
+}
+
 impl CommitLoop {
     /// Prepares the loop; `committed` is told the highest committed id after every commit.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        db: Arc<Database>,
+        store: Store,
         cfg: BufferConfig,
         metrics: Arc<Metrics>,
         rules: Box<dyn RuleStage>,
-        input: mpsc::Receiver<Incoming>,
+        input: IngestRx,
         acks: mpsc::UnboundedReceiver<ForwardAck>,
         committed: watch::Sender<u64>,
         rt: tokio::runtime::Handle,
     ) -> Result<CommitLoop, StoreError> {
+        let db = store.db()?;
         let st = super::stats(&*db)?;
         let mut rules = rules;
-        {
-            use redb::ReadableDatabase;
+        let (first_group, has_unknown) = {
             let txn = db.begin_read()?;
             let table = txn.open_table(RULE_STATE)?;
             let mut entries = Vec::new();
@@ -163,14 +215,17 @@ impl CommitLoop {
                 entries.push(((rule.to_string(), key.to_string()), v.value().to_vec()));
             }
             rules.load_state(entries);
-        }
+            arrivals::load(&txn.open_table(ARRIVALS)?)?
+        };
+        drop(db);
+        let arrivals = Arrivals::new(cfg.max_age.0, st.next_id, first_group, has_unknown);
         metrics.backlog_events.store(st.backlog_events, Relaxed);
         metrics.backlog_bytes.store(st.backlog_bytes, Relaxed);
-        metrics.oldest_ts.store(st.oldest_ts.unwrap_or(0), Relaxed);
+        metrics.oldest_ts.store(arrivals.oldest(), Relaxed);
         metrics.dlq_events.store(st.dlq_events, Relaxed);
         committed.send_replace(st.next_id - 1);
         Ok(CommitLoop {
-            db,
+            store,
             cfg,
             metrics,
             rules,
@@ -181,10 +236,11 @@ impl CommitLoop {
             next_id: st.next_id,
             stored_bytes: st.backlog_bytes,
             backlog: st.backlog_events,
-            last_expiry: Instant::now() - Duration::from_secs(3600),
+            arrivals,
+            wall: now_ms,
+            mono: Instant::now,
             publisher: None,
             control: None,
-            dlq_remove: Vec::new(),
             tick: Duration::from_secs(10),
             next_tick: Instant::now() + Duration::from_secs(10),
             last_status: Instant::now() - Duration::from_secs(10),
@@ -203,11 +259,26 @@ impl CommitLoop {
         self
     }
 
+    /// The period of `on_tick`.
+    pub fn with_tick(mut self, every: Duration) -> Self {
+        self.tick = every.max(Duration::from_millis(10));
+        self.next_tick = Instant::now() + self.tick;
+        self
+    }
+
+    /// The clocks the loop ages events by: wall (ms since the epoch) and monotonic; tests
+    /// set their own.
+    pub fn with_clocks(mut self, wall: fn() -> i64, mono: fn() -> Instant) -> Self {
+        self.wall = wall;
+        self.mono = mono;
+        self
+    }
+
     /// Re-runs dead letters (all, or `ids`) through the rules in one commit: they leave the
     /// dead-letter table, and what the rules make of them now is stored (or dead-lettered
     /// again). Returns (retried, failed again).
     pub fn retry_dead_letters(&mut self, ids: Option<&[u64]>) -> Result<(u64, u64), StoreError> {
-        let rows = super::dlq_list(&*self.db, ids)?;
+        let rows = super::dlq_list(&*self.store.db()?, ids)?;
         if rows.is_empty() {
             return Ok((0, 0));
         }
@@ -219,20 +290,20 @@ impl CommitLoop {
                 Incoming::plain(e)
             })
             .collect();
-        self.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
-        let r = self.commit(&group, None, false, None);
-        self.dlq_remove.clear();
-        let r = r?;
+        let mut plan = Plan::with_group(group);
+        plan.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
+        let r = self.commit_plan(plan)?;
         Ok((rows.len() as u64, r.dead_lettered))
     }
 
     /// Deletes dead letters (all, or `ids`) in one commit; returns how many went.
     pub fn drop_dead_letters(&mut self, ids: Option<&[u64]>) -> Result<u64, StoreError> {
-        let rows = super::dlq_list(&*self.db, ids)?;
-        self.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
-        let r = self.commit(&[], None, false, None);
-        self.dlq_remove.clear();
-        r?;
+        let rows = super::dlq_list(&*self.store.db()?, ids)?;
+        let plan = Plan {
+            dlq_remove: rows.iter().map(|(id, _)| *id).collect(),
+            ..Plan::default()
+        };
+        self.commit_plan(plan)?;
         Ok(rows.len() as u64)
     }
 
@@ -255,168 +326,245 @@ impl CommitLoop {
         }
     }
 
-    /// The period of `on_tick`.
-    pub fn with_tick(mut self, every: Duration) -> Self {
-        self.tick = every.max(Duration::from_millis(10));
-        self.next_tick = Instant::now() + self.tick;
-        self
-    }
-
-    /// Runs until both ingest and the forwarder have hung up, committing everything received.
+    /// Runs until both ingest and the forwarder have hung up, committing everything received:
+    /// gathers a [`Plan`], turns it into one transaction, applies what follows the commit.
     pub fn run(mut self) {
         let rt = self.rt.clone();
         let _guard = rt.enter();
-        let mut input_open = true;
-        let mut acks_open = true;
-        let max = self.cfg.commit_max_events;
-        let linger = self.cfg.commit_max_wait.0;
-        while input_open || acks_open {
-            let mut group: Vec<Incoming> = Vec::new();
-            let mut acked: Option<ForwardAck> = None;
-            enum Wake {
-                In(Option<Incoming>),
-                Ack(Option<ForwardAck>),
-                Control(Option<Control>),
-                Tick,
-            }
-            self.rules.reload();
-            self.metrics.heartbeat.store(now_ms(), Relaxed);
-            if self.last_status.elapsed() >= Duration::from_millis(250) {
-                *self.metrics.rules_status.lock().unwrap() = self.rules.status();
-                self.last_status = Instant::now();
-            }
-            let idle = Duration::from_secs(1)
-                .min(self.next_tick.saturating_duration_since(Instant::now()));
-            let control_open = self.control.is_some();
-            let wake = self.rt.block_on(async {
-                let control = async {
-                    match self.control.as_mut() {
-                        Some(c) => c.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    m = self.input.recv(), if input_open => Wake::In(m),
-                    a = self.acks.recv(), if acks_open => Wake::Ack(a),
-                    c = control, if control_open => Wake::Control(c),
-                    _ = tokio::time::sleep(idle) => Wake::Tick,
-                }
-            });
-            match wake {
-                Wake::In(Some(m)) => group.push(m),
-                Wake::In(None) => input_open = false,
-                Wake::Ack(Some(a)) => acked = Some(a),
-                Wake::Ack(None) => acks_open = false,
-                Wake::Control(Some(c)) => {
-                    self.on_control(c);
-                    continue;
-                }
-                Wake::Control(None) => self.control = None,
-                Wake::Tick => {}
-            }
-            if !group.is_empty() {
-                let deadline = tokio::time::Instant::now() + linger;
-                while group.len() < max {
-                    match self.input.try_recv() {
-                        Ok(m) => group.push(m),
-                        Err(mpsc::error::TryRecvError::Disconnected) => {
-                            input_open = false;
-                            break;
-                        }
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            match self
-                                .rt
-                                .block_on(tokio::time::timeout_at(deadline, self.input.recv()))
-                            {
-                                Ok(Some(m)) => group.push(m),
-                                Ok(None) => {
-                                    input_open = false;
-                                    break;
-                                }
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                }
-            }
-            loop {
-                match self.acks.try_recv() {
-                    Ok(a) => {
-                        if acked.is_none_or(|b| a.up_to > b.up_to) {
-                            acked = Some(a)
-                        }
-                    }
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        acks_open = false;
-                        break;
-                    }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                }
-            }
-            let expire = self.last_expiry.elapsed() >= Duration::from_secs(1);
-            let tick = if Instant::now() >= self.next_tick {
-                self.next_tick = Instant::now() + self.tick;
-                self.rules.wants_tick().then(now_ms)
-            } else {
-                None
-            };
-            if group.is_empty() && acked.is_none() && !expire && tick.is_none() {
+        let mut open = Open {
+            input: true,
+            acks: true,
+        };
+        while open.input || open.acks {
+            let Some(plan) = self.gather(&mut open) else {
                 continue;
-            }
-            self.commit_with_retry(group, acked, expire, tick);
+            };
+            self.execute(plan);
         }
         info!(next_id = self.next_id, "store: commit loop stopped");
     }
 
-    /// Commits, retrying while the store fails: ingest waits (backpressure) instead of losing.
-    fn commit_with_retry(
-        &mut self,
-        mut group: Vec<Incoming>,
-        acked: Option<ForwardAck>,
-        expire: bool,
-        tick: Option<i64>,
-    ) {
-        let mut acks: Vec<AckFn> = group.iter_mut().filter_map(|m| m.ack.take()).collect();
-        let mut delay = Duration::from_millis(100);
+    /// Waits for something to do and gathers it into a plan; `None` when there is nothing
+    /// to commit (a wake-up for the heartbeat, an admin request handled).
+    fn gather(&mut self, open: &mut Open) -> Option<Plan> {
+        enum Wake {
+            In(Option<Queued>),
+            Ack(Option<ForwardAck>),
+            Control(Option<Control>),
+            Idle,
+        }
+        self.rules.reload();
+        self.metrics.heartbeat.store(now_ms(), Relaxed);
+        if self.last_status.elapsed() >= Duration::from_millis(250) {
+            *self.metrics.rules_status.lock().unwrap() = self.rules.status();
+            self.last_status = Instant::now();
+        }
+        // Sleep until the next tick, the next expiry, or a second (the watchdog's heartbeat).
+        let wall = (self.wall)();
+        let mut idle = Duration::from_secs(1);
+        if self.rules.wants_tick() {
+            idle = idle.min(self.next_tick.saturating_duration_since(Instant::now()));
+        }
+        if let Some(due) = self.arrivals.due_at() {
+            idle = idle.min(Duration::from_millis(due.saturating_sub(wall).max(0) as u64));
+        }
+        let control_open = self.control.is_some();
+        let wake = self.rt.block_on(async {
+            let control = async {
+                match self.control.as_mut() {
+                    Some(c) => c.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                m = self.input.recv(), if open.input => Wake::In(m),
+                a = self.acks.recv(), if open.acks => Wake::Ack(a),
+                c = control, if control_open => Wake::Control(c),
+                _ = tokio::time::sleep(idle) => Wake::Idle,
+            }
+        });
+        let mut plan = Plan::default();
+        match wake {
+            Wake::In(Some(m)) => plan.group.push(m),
+            Wake::In(None) => open.input = false,
+            Wake::Ack(Some(a)) => plan.acked = Some(a),
+            Wake::Ack(None) => open.acks = false,
+            Wake::Control(Some(c)) => {
+                self.on_control(c);
+                return None;
+            }
+            Wake::Control(None) => self.control = None,
+            Wake::Idle => {}
+        }
+        if !plan.group.is_empty() {
+            self.fill_group(&mut plan, open);
+        }
+        self.take_acks(&mut plan.acked, open);
+        if Instant::now() >= self.next_tick {
+            self.next_tick = Instant::now() + self.tick;
+            plan.tick = self.rules.wants_tick().then_some(wall);
+        }
+        let arrivals_due = self.arrivals.needs_commit((self.wall)());
+        if plan.group.is_empty() && plan.acked.is_none() && plan.tick.is_none() && !arrivals_due {
+            return None;
+        }
+        plan.tight = below_min_free(self.store.path(), self.cfg.min_free);
+        Some(plan)
+    }
+
+    /// Adds to the group what arrives within `commit_max_wait`, up to `commit_max_events` and
+    /// half of `ingest_max_bytes` (so sources can queue the next group meanwhile).
+    fn fill_group(&mut self, plan: &mut Plan, open: &mut Open) {
+        let max = self.cfg.commit_max_events;
+        let max_bytes = (self.cfg.ingest_max_bytes.0 / 2).max(1) as usize;
+        let mut bytes: usize = plan.group.iter().map(Queued::size).sum();
+        let deadline = tokio::time::Instant::now() + self.cfg.commit_max_wait.0;
+        while plan.group.len() < max && bytes < max_bytes {
+            let next = match self.input.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match self
+                        .rt
+                        .block_on(tokio::time::timeout_at(deadline, self.input.recv()))
+                    {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    }
+                }
+            };
+            match next {
+                Some(m) => {
+                    bytes += m.size();
+                    plan.group.push(m);
+                }
+                None => {
+                    open.input = false;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes every waiting upstream acknowledgement; the highest wins (they cover a prefix).
+    fn take_acks(&mut self, acked: &mut Option<ForwardAck>, open: &mut Open) {
         loop {
-            match self.commit(&group, acked, expire, tick) {
-                Ok(_) => {
+            match self.acks.try_recv() {
+                Ok(a) => {
+                    if acked.is_none_or(|b| a.up_to > b.up_to) {
+                        *acked = Some(a)
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open.acks = false;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
+    }
+
+    /// Commits a plan, and when the store fails, recovers instead of losing or stalling:
+    /// the store is reopened (redb refuses every call after an I/O error until then); what
+    /// upstream acknowledged is committed on its own, so space comes back and forwarding goes
+    /// on; on a full disk the oldest events make room (`drop_oldest`) or new ones are refused
+    /// (`reject_new`), counted as `min_free`; ingest waits meanwhile (client-mode and serial
+    /// acknowledgements are not sent), and resumes by itself once a commit succeeds.
+    fn execute(&mut self, mut plan: Plan) {
+        let mut delay = Duration::from_millis(50);
+        let mut failures = 0u32;
+        let mut open = Open {
+            input: true,
+            acks: true,
+        };
+        loop {
+            match self.write(&plan) {
+                Ok(w) => {
                     if !self.metrics.store_healthy.swap(true, Relaxed) {
-                        info!("store: commits succeed again");
+                        info!(failures, "store: commits succeed again; ingest resumes");
                     }
-                    for a in acks.drain(..) {
-                        a();
-                    }
+                    self.after_commit(plan, w);
                     return;
                 }
                 Err(e) => {
+                    self.rules.rollback_state();
+                    failures += 1;
                     if self.metrics.store_healthy.swap(false, Relaxed) {
-                        error!(error = %e, events = group.len(), "store: commit failed; ingest is held until it succeeds");
+                        error!(error = %e, events = plan.group.len(), "store: commit failed; ingest is held until the store can write again");
                     }
-                    std::thread::sleep(delay);
+                    self.metrics.heartbeat.store(now_ms(), Relaxed);
+                    if let Err(e) = self.store.reopen() {
+                        warn!(error = %e, "store: reopening after the failure failed; retrying");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                    let full = below_min_free(self.store.path(), self.cfg.min_free)
+                        || fs_space(self.store.path()).is_some_and(|(avail, _)| {
+                            avail < plan.group_bytes().saturating_mul(4) + (1 << 20)
+                        });
+                    // Deletions on their own first, so space comes back.
+                    if plan.acked.is_some() && (!plan.group.is_empty() || plan.tick.is_some()) {
+                        let acks_only = Plan {
+                            acked: plan.acked.take(),
+                            ..Plan::default()
+                        };
+                        match self.write(&acks_only) {
+                            Ok(w) => self.after_commit(acks_only, w),
+                            Err(_) => {
+                                plan.acked = acks_only.acked;
+                                let _ = self.store.reopen();
+                            }
+                        }
+                    }
+                    if full {
+                        plan.tight = true;
+                        if self.cfg.when_full == WhenFull::DropOldest && failures >= 2 {
+                            // Still failing with a full disk: evict on its own first, so the
+                            // pages it frees are free for the group's commit.
+                            let evict = Plan {
+                                evict_bytes: plan.group_bytes().max(1 << 16) * 2,
+                                tight: true,
+                                acked: plan.acked.take(),
+                                ..Plan::default()
+                            };
+                            match self.write(&evict) {
+                                Ok(w) => self.after_commit(evict, w),
+                                Err(_) => {
+                                    plan.acked = evict.acked;
+                                    let _ = self.store.reopen();
+                                }
+                            }
+                        }
+                    }
+                    // Wait, taking what upstream acknowledges meanwhile into the next try.
+                    let deadline = Instant::now() + delay;
+                    while Instant::now() < deadline {
+                        self.metrics.heartbeat.store(now_ms(), Relaxed);
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        let step = left.min(Duration::from_millis(500));
+                        if let Ok(Some(a)) = self
+                            .rt
+                            .block_on(tokio::time::timeout(step, self.acks.recv()))
+                        {
+                            if plan.acked.is_none_or(|b| a.up_to > b.up_to) {
+                                plan.acked = Some(a);
+                            }
+                        }
+                        self.take_acks(&mut plan.acked, &mut open);
+                    }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
     }
 
-    /// One write transaction: upstream acks, the group (and a tick) through the rule stage,
-    /// dead letters and rule state, caps, meta. Rule publishes are sent after it commits.
-    pub fn commit(
-        &mut self,
-        group: &[Incoming],
-        acked: Option<ForwardAck>,
-        expire: bool,
-        tick: Option<i64>,
-    ) -> Result<CommitReport, StoreError> {
-        match self.commit_inner(group, acked, expire, tick) {
-            Ok((report, publishes)) => {
-                self.rules.commit_state();
-                if let Some(p) = self.publisher.as_mut() {
-                    for m in &publishes {
-                        p(m);
-                    }
-                }
+    /// Commits one plan without the recovery of the run loop (DLQ commands, tests).
+    pub fn commit_plan(&mut self, plan: Plan) -> Result<CommitReport, StoreError> {
+        match self.write(&plan) {
+            Ok(w) => {
+                let report = w.report.clone();
+                self.after_commit(plan, w);
                 Ok(report)
             }
             Err(e) => {
@@ -426,32 +574,105 @@ impl CommitLoop {
         }
     }
 
-    fn commit_inner(
+    /// [`commit_plan`](Self::commit_plan) of a group, an upstream ack and a tick.
+    pub fn commit(
         &mut self,
-        group: &[Incoming],
+        group: Vec<Incoming>,
         acked: Option<ForwardAck>,
-        expire: bool,
         tick: Option<i64>,
-    ) -> Result<(CommitReport, Vec<LocalPublish>), StoreError> {
+    ) -> Result<CommitReport, StoreError> {
+        let mut plan = Plan::with_group(group);
+        plan.acked = acked;
+        plan.tick = tick;
+        self.commit_plan(plan)
+    }
+
+    /// What follows a commit: acknowledgements to sources, rule publishes, the forwarder
+    /// woken, counters.
+    fn after_commit(&mut self, plan: Plan, w: Written) {
+        self.rules.commit_state();
+        for q in plan.group {
+            if let Some(ack) = q.incoming.ack {
+                ack();
+            }
+        }
+        if let Some(p) = self.publisher.as_mut() {
+            for m in &w.publishes {
+                p(m);
+            }
+        }
+        let r = &w.report;
+        let m = &self.metrics;
+        m.observe_commit(w.took);
+        m.fsyncs.fetch_add(1, Relaxed);
+        m.committed.fetch_add(r.stored, Relaxed);
+        m.backlog_events.store(self.backlog, Relaxed);
+        m.backlog_bytes.store(self.stored_bytes, Relaxed);
+        m.oldest_ts.store(self.arrivals.oldest(), Relaxed);
+        for (reason, n) in r.drops() {
+            m.dropped(reason, n);
+        }
+        m.dlq_events.fetch_add(r.dead_lettered, Relaxed);
+        m.dlq_events
+            .fetch_sub(r.dlq_removed.min(m.dlq_events.load(Relaxed)), Relaxed);
+        if r.dropped_full > 0 {
+            warn!(dropped = r.dropped_full, policy = ?self.cfg.when_full, "buffer full (max_bytes): events dropped");
+        }
+        if r.dropped_min_free > 0 {
+            warn!(dropped = r.dropped_min_free, policy = ?self.cfg.when_full, "disk below min_free: events dropped");
+        }
+        if r.dropped_age > 0 {
+            warn!(dropped = r.dropped_age, "events older than max_age dropped");
+        }
+        if let Some(id) = w.last_stored {
+            self.committed.send_replace(id);
+        } else if r.dropped_full > 0 || r.dropped_age > 0 || r.dropped_min_free > 0 {
+            // Rows went: let the forwarder re-read.
+            self.committed.send_modify(|_| {});
+        }
+    }
+
+    /// Turns a plan into one `Durability::Immediate` transaction: upstream acks, the group
+    /// (and a tick) through the rule stage, dead letters and rule state, caps and expiry,
+    /// arrival times, meta. Changes nothing in memory unless it commits.
+    fn write(&mut self, plan: &Plan) -> Result<Written, StoreError> {
         let started = Instant::now();
-        let mut txn = self.db.begin_write()?;
+        let db = self.store.db()?;
+        let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .expect("no persistent savepoints are used");
+        let wall = (self.wall)();
+        let mono = (self.mono)();
         let mut report = CommitReport::default();
         let mut t = Tally {
             next_id: self.next_id,
             bytes: self.stored_bytes,
             backlog: self.backlog,
+            cap: if plan.tight {
+                self.cfg.max_bytes.0.min(self.stored_bytes)
+            } else {
+                self.cfg.max_bytes.0
+            },
+            tight: plan.tight,
+            first_stored: None,
             last_stored: None,
         };
-        let publishes;
-        {
+        // Worked on a copy: kept only if the transaction commits.
+        let mut arrivals = self.arrivals.clone();
+        if let Some(jump) = arrivals.observe(wall, mono).jump {
+            warn!(
+                jump_ms = jump,
+                "the wall clock jumped: ages of events stored since start-up follow it"
+            );
+        }
+        let result = (|| -> Result<Vec<LocalPublish>, StoreError> {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
             let mut dedup = txn.open_table(INGEST_DEDUP)?;
+            let mut arr = txn.open_table(ARRIVALS)?;
 
             // 1. What upstream acknowledged goes.
-            if let Some(a) = acked {
+            if let Some(a) = plan.acked {
                 while let Some((k, v)) = first_at_or_below(&mut events, a.up_to)? {
                     t.bytes = t.bytes.saturating_sub(row_size(v));
                     t.backlog = t.backlog.saturating_sub(1);
@@ -460,10 +681,26 @@ impl CommitLoop {
                 }
                 meta.insert("next_batch", a.batch + 1)?;
             }
+            // On a full disk, room first.
+            let mut evicted = 0;
+            while evicted < plan.evict_bytes {
+                let Some((_, v)) = events.pop_first()? else {
+                    break;
+                };
+                let size = row_size(v.value().len());
+                evicted += size;
+                t.bytes = t.bytes.saturating_sub(size);
+                t.backlog = t.backlog.saturating_sub(1);
+                report.dropped_min_free += 1;
+            }
+            if plan.evict_bytes > 0 {
+                t.cap = t.cap.min(t.bytes);
+            }
 
             // 2. The group, through the rule stage, given ids, appended under the caps.
             let mut out = StepOutput::default();
-            for m in group {
+            for q in &plan.group {
+                let m = &q.incoming;
                 if let Some(d) = m.dedup {
                     if d.dup {
                         if let Some(prev) = dedup.get(d.pkid)? {
@@ -495,7 +732,7 @@ impl CommitLoop {
                     dedup.insert(d.pkid, (d.hash, t.next_id - 1))?;
                 }
             }
-            if let Some(now) = tick {
+            if let Some(now) = plan.tick {
                 self.rules.on_tick(now, &mut out);
                 for e in out.events.drain(..) {
                     append(&self.cfg, &mut events, e, &mut t, &mut report)?;
@@ -504,9 +741,9 @@ impl CommitLoop {
             report.dropped_rule += out.dropped;
 
             // Dead letters and rule state, in the same transaction as the outputs.
-            if !self.dlq_remove.is_empty() {
+            if !plan.dlq_remove.is_empty() {
                 let mut dlq = txn.open_table(DEAD_LETTERS)?;
-                for id in &self.dlq_remove {
+                for id in &plan.dlq_remove {
                     if dlq.remove(*id)?.is_some() {
                         report.dlq_removed += 1;
                     }
@@ -537,37 +774,22 @@ impl CommitLoop {
                     }
                 }
             }
-            publishes = std::mem::take(&mut out.publishes);
 
-            // 3. What got too old goes.
-            if expire {
-                let cutoff = now_ms() - self.cfg.max_age.0.as_millis() as i64;
-                loop {
-                    let old = match events.first()? {
-                        Some((k, v)) => {
-                            let e = decode(k.value(), v.value())?;
-                            (e.ts < cutoff).then(|| (k.value(), v.value().len()))
-                        }
-                        None => None,
-                    };
-                    let Some((k, len)) = old else { break };
-                    events.remove(k)?;
-                    t.bytes = t.bytes.saturating_sub(row_size(len));
-                    t.backlog = t.backlog.saturating_sub(1);
-                    report.dropped_age += 1;
-                }
+            // 3. Arrival times: this group's, clock fixes, what got too old goes.
+            arrivals.fix_times(&mut arr, wall)?;
+            if let Some(first) = t.first_stored {
+                arrivals.note_stored(&mut arr, first, wall, mono)?;
             }
+            let (aged, aged_bytes) = arrivals.expire(&mut arr, &mut events, wall)?;
+            report.dropped_age += aged;
+            t.bytes = t.bytes.saturating_sub(aged_bytes);
+            t.backlog = t.backlog.saturating_sub(aged);
+            arrivals.prune(&mut arr, &events, wall)?;
 
             // 4. Meta.
             meta.insert("next_id", t.next_id)?;
             meta.insert("stored_bytes", t.bytes)?;
-            for (reason, n) in [
-                (DropReason::Rule, report.dropped_rule),
-                (DropReason::BufferFull, report.dropped_full),
-                (DropReason::MaxAge, report.dropped_age),
-                (DropReason::BadFrame, report.dropped_bad_frame),
-                (DropReason::Oversize, report.dropped_oversize),
-            ] {
+            for (reason, n) in report.drops() {
                 if n > 0 {
                     let key = format!("dropped.{}", reason.label());
                     let prev = meta.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
@@ -575,56 +797,41 @@ impl CommitLoop {
                 }
             }
             debug_assert_eq!(events.len()?, t.backlog);
-            let oldest = match events.first()? {
-                Some((k, v)) => decode(k.value(), v.value())?.ts,
-                None => 0,
-            };
-            self.metrics.oldest_ts.store(oldest, Relaxed);
-        }
-        commit_txn(txn)?;
-        let took = started.elapsed();
-        if expire {
-            self.last_expiry = Instant::now();
-        }
-        let Tally {
-            next_id,
-            bytes,
-            backlog,
-            last_stored,
-        } = t;
-        self.next_id = next_id;
-        self.stored_bytes = bytes;
-        self.backlog = backlog;
-        let m = &self.metrics;
-        m.observe_commit(took);
-        m.fsyncs.fetch_add(1, Relaxed);
-        m.committed.fetch_add(report.stored, Relaxed);
-        m.backlog_events.store(backlog, Relaxed);
-        m.backlog_bytes.store(bytes, Relaxed);
-        m.dropped(DropReason::Rule, report.dropped_rule);
-        m.dropped(DropReason::BufferFull, report.dropped_full);
-        m.dropped(DropReason::MaxAge, report.dropped_age);
-        m.dropped(DropReason::BadFrame, report.dropped_bad_frame);
-        m.dropped(DropReason::Oversize, report.dropped_oversize);
-        m.dlq_events.fetch_add(report.dead_lettered, Relaxed);
-        m.dlq_events
-            .fetch_sub(report.dlq_removed.min(m.dlq_events.load(Relaxed)), Relaxed);
-        if report.dropped_full > 0 {
-            warn!(dropped = report.dropped_full, policy = ?self.cfg.when_full, "buffer full: events dropped");
-        }
-        if report.dropped_age > 0 {
-            warn!(
-                dropped = report.dropped_age,
-                "events older than max_age dropped"
-            );
-        }
-        if let Some(id) = last_stored {
-            self.committed.send_replace(id);
-        } else if report.dropped_full > 0 || report.dropped_age > 0 {
-            // Rows went: let the forwarder re-read.
-            self.committed.send_modify(|_| {});
-        }
-        Ok((report, publishes))
+            Ok(std::mem::take(&mut out.publishes))
+        })();
+        let publishes = result?;
+        txn.commit()?;
+        drop(db);
+        self.arrivals = arrivals;
+        self.next_id = t.next_id;
+        self.stored_bytes = t.bytes;
+        self.backlog = t.backlog;
+        Ok(Written {
+            report,
+            publishes,
+            last_stored: t.last_stored,
+            took: started.elapsed(),
+        })
+    }
+}
+
+/// Which inputs of the loop are still open.
+struct Open {
+    input: bool,
+    acks: bool,
+}
+
+impl CommitReport {
+    /// The drops of this commit, by reason (zeros included).
+    pub fn drops(&self) -> [(DropReason, u64); 6] {
+        [
+            (DropReason::Rule, self.dropped_rule),
+            (DropReason::BufferFull, self.dropped_full),
+            (DropReason::MinFree, self.dropped_min_free),
+            (DropReason::MaxAge, self.dropped_age),
+            (DropReason::BadFrame, self.dropped_bad_frame),
+            (DropReason::Oversize, self.dropped_oversize),
+        ]
     }
 }
 
@@ -638,26 +845,33 @@ fn append(
 ) -> Result<(), StoreError> {
     let value = encode(&e);
     let size = row_size(value.len());
-    if t.bytes + size > cfg.max_bytes.0 {
+    let count = |report: &mut CommitReport| {
+        if t.tight {
+            report.dropped_min_free += 1
+        } else {
+            report.dropped_full += 1
+        }
+    };
+    if t.bytes + size > t.cap {
         match cfg.when_full {
             WhenFull::RejectNew => {
-                report.dropped_full += 1;
+                count(report);
                 return Ok(());
             }
             WhenFull::DropOldest => {
-                while t.bytes + size > cfg.max_bytes.0 {
+                while t.bytes + size > t.cap {
                     match events.pop_first()? {
                         Some((_, v)) => {
                             t.bytes = t.bytes.saturating_sub(row_size(v.value().len()));
                             t.backlog = t.backlog.saturating_sub(1);
-                            report.dropped_full += 1;
+                            count(report);
                         }
                         None => break,
                     }
                 }
-                if t.bytes + size > cfg.max_bytes.0 {
-                    // Larger than the whole buffer.
-                    report.dropped_full += 1;
+                if t.bytes + size > t.cap {
+                    // Larger than the whole buffer (or nothing to make room with).
+                    count(report);
                     return Ok(());
                 }
             }
@@ -669,12 +883,8 @@ fn append(
     t.bytes += size;
     t.backlog += 1;
     report.stored += 1;
+    t.first_stored.get_or_insert(e.id);
     t.last_stored = Some(e.id);
-    Ok(())
-}
-
-fn commit_txn(txn: WriteTransaction) -> Result<(), StoreError> {
-    txn.commit()?;
     Ok(())
 }
 

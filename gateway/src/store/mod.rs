@@ -22,34 +22,50 @@
 //!   ids from `meta.next_dlq_id`. Rows go by `tidepool dlq retry|drop`.
 //! - `rule_state`: `(rule, key) → JSON`, what rules keep with `state_set`; a key goes by
 //!   `state_del`.
+//! - `arrivals`: `u64 first id → i64 ms`, when the gateway stored each group of consecutive
+//!   events, by its own clock (one row per minute of ingest at most); `max_age` counts from
+//!   here, never from an event's `ts` (see [`arrivals`]). A row goes when its group is empty.
+//! - `meta.schema_version`: the layout of the file (see [`schema`]); upgraded at open.
 //!
 //! **One commit** (one `Durability::Immediate` write transaction, one fsync) holds, in order:
 //! the deletion of every event the upstream broker acknowledged since the last commit; a group
 //! of ingested events (up to `commit_max_events`, gathered for at most `commit_max_wait` after
 //! the first) run through the rule stage, given ids and appended (and, when due, what
 //! `on_tick` returned); the dead letters and rule-state writes of those steps; the buffer caps
-//! applied; `meta` updated. Only after the commit returns are ingest acknowledgements sent
+//! applied; the group's arrival time, expiry of groups past `max_age`; `meta` updated. A commit
+//! is made only when there is something to write: an idle gateway writes nothing (it wakes at
+//! most once a second, for the watchdog). Only after the commit returns are ingest acknowledgements sent
 //! (client-mode PUBACKs, serial acks), rule publishes sent, and the forwarder woken. So a
 //! crash never loses a rule's state write while keeping its outputs, or the reverse.
 //!
 //! **When rows go.** A row leaves `events` only (a) after its batch's PUBACK from upstream,
-//! (b) when `max_bytes` is reached under `drop_oldest` (oldest first), or (c) when older than
-//! `max_age`. (b) and (c) are counted in `tidepool_events_dropped_total` and in `meta`.
+//! (b) when `max_bytes` is reached, or the filesystem is below `min_free`, under `drop_oldest`
+//! (oldest first), or (c) when its group is older than `max_age`. (b) and (c) are counted in
+//! `tidepool_events_dropped_total` (`buffer_full`, `min_free`, `max_age`) and in `meta`.
+//!
+//! **When the store fails** (a full disk, an I/O error), see [`CommitLoop`]'s recovery: the
+//! file is reopened, acknowledged deletions commit on their own, the buffer counts as full,
+//! and ingest waits until a commit succeeds.
 //!
 //! **Readers.** The forwarder and `status` read through redb read transactions, which never
-//! block the writer.
+//! block the writer; they take the database from the [`Store`] handle for each read, so the
+//! writer can reopen it.
 
+pub mod arrivals;
 pub mod commit;
+mod handle;
+pub mod schema;
+pub mod space;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, Payload};
 
-pub use commit::{CommitLoop, ForwardAck, Incoming};
+pub use commit::{CommitLoop, ForwardAck, Incoming, Plan};
+pub use handle::Store;
 
 /// Buffered events, by id.
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -61,6 +77,8 @@ pub const INGEST_DEDUP: TableDefinition<u16, (u64, u64)> = TableDefinition::new(
 pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Per-rule state: (rule, key) → JSON value.
 pub const RULE_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rule_state");
+/// When each group of events was stored: first id → gateway wall-clock ms (see [`arrivals`]).
+pub const ARRIVALS: TableDefinition<u64, i64> = TableDefinition::new("arrivals");
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +111,22 @@ pub enum StoreError {
     /// The commit failed (disk full, I/O error).
     #[error("store commit failed: {0}")]
     Commit(#[from] redb::CommitError),
+    /// The store is being reopened after an I/O error; try again shortly.
+    #[error("the store is being reopened after an I/O error")]
+    Reopening,
+    /// A reader held the store while it had to be reopened.
+    #[error("the store could not be reopened: a reader still holds it")]
+    Busy,
+    /// The file was written by a newer Tidepool.
+    #[error("the store {path} was written by a newer Tidepool (store version {found}; this one reads up to {known}): run the newer version, or move the file away to start empty")]
+    Newer {
+        /// The file.
+        path: String,
+        /// Its version.
+        found: u64,
+        /// The newest this build reads.
+        known: u64,
+    },
     /// A stored row could not be decoded.
     #[error("corrupt row {id}: {source}")]
     Decode {
@@ -152,32 +186,16 @@ pub fn row_size(value_len: usize) -> u64 {
     value_len as u64 + 8
 }
 
-/// Opens (creating if needed) the store in `data_dir` with the given page cache.
-pub fn open(path: &Path, cache_size: u64) -> Result<Arc<Database>, StoreError> {
+/// Opens (creating if needed, upgrading an older layout) the store file with the given page cache.
+pub fn open(path: &Path, cache_size: u64) -> Result<Store, StoreError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
             path: dir.display().to_string(),
             source,
         })?;
     }
-    let db = Database::builder()
-        .set_cache_size(cache_size as usize)
-        .create(path)
-        .map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
-    // Create every table up front so readers never see a missing one.
-    let txn = db.begin_write()?;
-    {
-        txn.open_table(EVENTS)?;
-        txn.open_table(META)?;
-        txn.open_table(INGEST_DEDUP)?;
-        txn.open_table(DEAD_LETTERS)?;
-        txn.open_table(RULE_STATE)?;
-    }
-    txn.commit()?;
-    Ok(Arc::new(db))
+    let db = schema::open_file(path, cache_size)?;
+    Ok(Store::new(db, path, cache_size))
 }
 
 /// A snapshot of what the store holds.
@@ -207,10 +225,21 @@ pub fn stats<D: ReadableDatabase>(db: &D) -> Result<StoreStats, StoreError> {
     let dlq = txn.open_table(DEAD_LETTERS)?;
     let get =
         |k: &str| -> Result<u64, StoreError> { Ok(meta.get(k)?.map(|v| v.value()).unwrap_or(0)) };
+    // The oldest age is by the gateway's clock (when the oldest group was stored); a store
+    // from before arrival times were kept falls back to the event's own `ts`.
+    let arrived = match txn.open_table(ARRIVALS) {
+        Ok(t) => t.first()?.map(|(_, v)| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
     let (first_id, oldest_ts) = match events.first()? {
         Some((k, v)) => {
             let id = k.value();
-            (Some(id), Some(decode(id, v.value())?.ts))
+            let ts = match arrived {
+                Some(t) if t != arrivals::UNKNOWN => t,
+                _ => decode(id, v.value())?.ts,
+            };
+            (Some(id), Some(ts))
         }
         None => (None, None),
     };

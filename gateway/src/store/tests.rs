@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
@@ -10,11 +10,11 @@ use super::*;
 use crate::admin::metrics::Metrics;
 use crate::config::{BufferConfig, ByteSize, HumanDuration, WhenFull};
 use crate::rules::PassThrough;
-use crate::store::commit::{CommitLoop, Dedup, ForwardAck, Incoming};
+use crate::store::commit::{CommitLoop, CommitReport, Dedup, ForwardAck, Incoming};
 
 struct Harness {
     _dir: tempfile::TempDir,
-    db: Arc<Database>,
+    db: Store,
     lp: CommitLoop,
     _rt: tokio::runtime::Runtime,
 }
@@ -29,7 +29,7 @@ fn harness_in(dir: tempfile::TempDir, max_bytes: u64, when_full: WhenFull) -> Ha
         .enable_all()
         .build()
         .unwrap();
-    let (_tx, rx) = mpsc::channel(1);
+    let (_tx, rx) = crate::ingest::channel::channel(1, 1 << 20);
     let (_atx, arx) = mpsc::unbounded_channel();
     let (ctx, _crx) = watch::channel(0);
     let cfg = BufferConfig {
@@ -39,6 +39,8 @@ fn harness_in(dir: tempfile::TempDir, max_bytes: u64, when_full: WhenFull) -> Ha
         commit_max_events: 100,
         commit_max_wait: HumanDuration(Duration::from_millis(1)),
         cache_size: ByteSize(1 << 20),
+        min_free: crate::config::MinFree::Bytes(0),
+        ingest_max_bytes: ByteSize(1 << 20),
     };
     let lp = CommitLoop::new(
         db.clone(),
@@ -121,7 +123,7 @@ fn run_model(seed: u64, max_bytes: u64, when_full: WhenFull) {
                     n += 1;
                     group.push(Incoming::plain(e));
                 }
-                h.lp.commit(&group, None, false, None).unwrap();
+                h.lp.commit(group, None, None).unwrap();
             }
             7..=8 => {
                 if let Some(&(id, _, _)) = m.rows.get(
@@ -129,12 +131,11 @@ fn run_model(seed: u64, max_bytes: u64, when_full: WhenFull) {
                         .min(m.rows.len().saturating_sub(1)),
                 ) {
                     h.lp.commit(
-                        &[],
+                        vec![],
                         Some(ForwardAck {
                             up_to: id,
                             batch: 1,
                         }),
-                        false,
                         None,
                     )
                     .unwrap();
@@ -153,7 +154,7 @@ fn run_model(seed: u64, max_bytes: u64, when_full: WhenFull) {
             }
         }
         // The store agrees with the model.
-        let st = stats(&*h.db).unwrap();
+        let st = stats(&*h.db.db().unwrap()).unwrap();
         assert_eq!(st.backlog_events, m.rows.len() as u64, "seed {seed}");
         assert_eq!(st.backlog_bytes, m.bytes(), "seed {seed}");
         assert_eq!(st.next_id, m.next_id, "seed {seed}");
@@ -163,7 +164,7 @@ fn run_model(seed: u64, max_bytes: u64, when_full: WhenFull) {
             m.dropped_full,
             "seed {seed}"
         );
-        let all = read_after(&h.db, 0, usize::MAX, u64::MAX).unwrap();
+        let all = read_after(&h.db.db().unwrap(), 0, usize::MAX, u64::MAX).unwrap();
         let got: Vec<(u64, String)> = all.iter().map(|e| (e.id, e.topic.clone())).collect();
         let want: Vec<(u64, String)> = m.rows.iter().map(|r| (r.0, format!("t/{}", r.1))).collect();
         assert_eq!(got, want, "seed {seed}");
@@ -195,15 +196,27 @@ fn model_unbounded() {
 fn read_after_respects_count_and_bytes() {
     let mut h = harness(u64::MAX / 2, WhenFull::DropOldest);
     let group: Vec<Incoming> = (0..10).map(|n| Incoming::plain(ev(n, 100))).collect();
-    h.lp.commit(&group, None, false, None).unwrap();
-    assert_eq!(read_after(&h.db, 0, 3, u64::MAX).unwrap().len(), 3);
-    assert_eq!(read_after(&h.db, 8, 100, u64::MAX).unwrap().len(), 2);
+    h.lp.commit(group, None, None).unwrap();
     assert_eq!(
-        read_after(&h.db, 0, 100, 1).unwrap().len(),
+        read_after(&h.db.db().unwrap(), 0, 3, u64::MAX)
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        read_after(&h.db.db().unwrap(), 8, 100, u64::MAX)
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        read_after(&h.db.db().unwrap(), 0, 100, 1).unwrap().len(),
         1,
         "always at least one"
     );
-    assert!(read_after(&h.db, 10, 100, u64::MAX).unwrap().is_empty());
+    assert!(read_after(&h.db.db().unwrap(), 10, 100, u64::MAX)
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -220,7 +233,7 @@ fn redelivered_message_is_not_stored_twice() {
         dedup: Some(d),
         bad: None,
     };
-    assert_eq!(h.lp.commit(&[first], None, false, None).unwrap().stored, 1);
+    assert_eq!(h.lp.commit(vec![first], None, None).unwrap().stored, 1);
     // The broker resends it with DUP after a crash before our PUBACK: skipped.
     let again = Incoming {
         event: ev(1, 0),
@@ -228,7 +241,7 @@ fn redelivered_message_is_not_stored_twice() {
         dedup: Some(Dedup { dup: true, ..d }),
         bad: None,
     };
-    let r = h.lp.commit(&[again], None, false, None).unwrap();
+    let r = h.lp.commit(vec![again], None, None).unwrap();
     assert_eq!((r.stored, r.deduped), (0, 1));
     // A different message reusing the packet id later is stored.
     let other = Incoming {
@@ -241,24 +254,164 @@ fn redelivered_message_is_not_stored_twice() {
         }),
         bad: None,
     };
-    assert_eq!(h.lp.commit(&[other], None, false, None).unwrap().stored, 1);
+    assert_eq!(h.lp.commit(vec![other], None, None).unwrap().stored, 1);
+}
+
+thread_local! {
+    static WALL: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+    static MONO: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static BASE: Instant = Instant::now();
+}
+
+fn test_wall() -> i64 {
+    WALL.with(|w| w.get())
+}
+
+fn test_mono() -> Instant {
+    BASE.with(|b| *b) + Duration::from_millis(MONO.with(|m| m.get()))
+}
+
+/// Time passes: both clocks move (wall set to `ms`).
+fn set_wall(ms: i64) {
+    let passed = ms - test_wall();
+    if passed > 0 && test_wall() != 0 {
+        MONO.with(|m| m.set(m.get() + passed as u64));
+    }
+    WALL.with(|w| w.set(ms));
+}
+
+/// The wall clock is stepped (NTP): the monotonic clock does not move.
+fn step_wall(ms: i64) {
+    WALL.with(|w| w.set(ms));
+}
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+/// A sane wall-clock time (2026).
+const T0: i64 = crate::store::arrivals::SANE_MS + 400 * DAY;
+
+/// A harness whose loop ages events by [`test_wall`], with `max_age` one hour.
+fn aged_harness() -> Harness {
+    set_wall(T0);
+    let mut h = harness(u64::MAX / 2, WhenFull::DropOldest);
+    h.lp = h.lp.with_clocks(test_wall, test_mono);
+    h
+}
+
+fn ev_ts(n: u64, ts: i64) -> Incoming {
+    let mut e = ev(n, 0);
+    e.ts = ts;
+    Incoming::plain(e)
+}
+
+fn dropped_age(h: &Harness) -> u64 {
+    let st = stats(&*h.db.db().unwrap()).unwrap();
+    st.dropped.iter().find(|d| d.0 == "max_age").unwrap().1
+}
+
+fn backlog(h: &Harness) -> u64 {
+    stats(&*h.db.db().unwrap()).unwrap().backlog_events
+}
+
+/// Commits nothing but what is due (expiry, clock fixes), as the run loop would.
+fn idle_commit(h: &mut Harness) -> CommitReport {
+    h.lp.commit_plan(Plan::default()).unwrap()
 }
 
 #[test]
-fn max_age_drops_old_events_and_counts_them() {
-    let mut h = harness(u64::MAX / 2, WhenFull::DropOldest);
-    let mut old = ev(1, 0);
-    old.ts -= 2 * 3600 * 1000;
+fn max_age_counts_from_when_the_gateway_stored_the_event() {
+    let mut h = aged_harness();
+    // A device clock a day behind and one a day ahead: neither decides.
     h.lp.commit(
-        &[Incoming::plain(old), Incoming::plain(ev(2, 0))],
+        vec![ev_ts(1, T0 - DAY), ev_ts(2, T0 + DAY), ev_ts(3, 5)],
         None,
-        false,
         None,
     )
     .unwrap();
-    let r = h.lp.commit(&[], None, true, None).unwrap();
-    assert_eq!(r.dropped_age, 1);
-    let st = stats(&*h.db).unwrap();
-    assert_eq!(st.backlog_events, 1);
-    assert_eq!(st.dropped.iter().find(|d| d.0 == "max_age").unwrap().1, 1);
+    assert_eq!(idle_commit(&mut h).dropped_age, 0, "nothing is old yet");
+    set_wall(T0 + HOUR / 2);
+    assert_eq!(idle_commit(&mut h).dropped_age, 0);
+    assert_eq!(backlog(&h), 3);
+    // Later events, in a group of their own.
+    set_wall(T0 + HOUR / 2 + 10 * 60_000);
+    h.lp.commit(vec![ev_ts(4, T0 - 30 * DAY)], None, None)
+        .unwrap();
+    // Past max_age (plus one group interval) for the first group only.
+    set_wall(T0 + HOUR + 60_000 + 1);
+    let r = idle_commit(&mut h);
+    assert_eq!(
+        r.dropped_age, 3,
+        "the first group goes whole, whatever its ts"
+    );
+    assert_eq!(backlog(&h), 1);
+    assert_eq!(dropped_age(&h), 3);
+    set_wall(T0 + 2 * HOUR);
+    assert_eq!(idle_commit(&mut h).dropped_age, 1);
+    assert_eq!(backlog(&h), 0);
+}
+
+#[test]
+fn events_stored_before_the_clock_was_set_are_aged_from_the_first_sane_reading() {
+    let mut h = aged_harness();
+    // A Pi without a real-time clock, before NTP: 1970.
+    set_wall(60_000);
+    h.lp.commit(vec![ev_ts(1, 60_000), ev_ts(2, 61_000)], None, None)
+        .unwrap();
+    // NTP sets the clock: nothing expires at once.
+    step_wall(T0);
+    assert_eq!(idle_commit(&mut h).dropped_age, 0);
+    set_wall(T0 + HOUR / 2);
+    assert_eq!(idle_commit(&mut h).dropped_age, 0);
+    assert_eq!(backlog(&h), 2);
+    // An hour (and an interval) after the first sane reading, they go.
+    set_wall(T0 + HOUR + 60_001);
+    assert_eq!(idle_commit(&mut h).dropped_age, 2);
+}
+
+#[test]
+fn a_clock_jump_while_running_neither_expires_everything_nor_stops_expiry() {
+    let mut h = aged_harness();
+    h.lp.commit(vec![ev_ts(1, T0)], None, None).unwrap();
+    // NTP steps the clock a day ahead: the event was not stored a day ago.
+    step_wall(T0 + DAY);
+    assert_eq!(
+        idle_commit(&mut h).dropped_age,
+        0,
+        "a forward jump expires nothing"
+    );
+    assert_eq!(backlog(&h), 1);
+    // An hour later by the new clock it is due.
+    set_wall(T0 + DAY + HOUR + 60_001);
+    assert_eq!(
+        idle_commit(&mut h).dropped_age,
+        1,
+        "expiry goes on after the jump"
+    );
+
+    // A backwards jump: ages follow too.
+    let stored = test_wall();
+    h.lp.commit(vec![ev_ts(2, T0)], None, None).unwrap();
+    step_wall(stored - 3 * HOUR);
+    assert_eq!(idle_commit(&mut h).dropped_age, 0);
+    set_wall(stored - 3 * HOUR + HOUR + 60_001);
+    assert_eq!(
+        idle_commit(&mut h).dropped_age,
+        1,
+        "a backwards jump delays nothing"
+    );
+}
+
+#[test]
+fn ages_survive_a_restart_and_count_powered_off_time() {
+    let mut h = aged_harness();
+    h.lp.commit(vec![ev_ts(1, T0)], None, None).unwrap();
+    let Harness { _dir, db, lp, _rt } = h;
+    drop(lp);
+    drop(db);
+    drop(_rt);
+    // Powered off for two hours (a new boot: the monotonic clock starts over).
+    step_wall(T0 + 2 * HOUR);
+    let mut h = harness_in(_dir, u64::MAX / 2, WhenFull::DropOldest);
+    h.lp = h.lp.with_clocks(test_wall, test_mono);
+    assert_eq!(idle_commit(&mut h).dropped_age, 1);
 }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_serial::SerialPortBuilderExt;
 use tracing::{info, warn};
 
-use super::Incoming;
+use super::{Incoming, IngestTx};
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{Framing, SerialConfig};
 use crate::event::{Event, Payload};
@@ -27,7 +27,7 @@ use framing::{decode_cobs, decode_line, encode_ack, Chunk, Deframer};
 /// Starts reading one port; the task ends at shutdown.
 pub fn start(
     cfg: SerialConfig,
-    tx: mpsc::Sender<Incoming>,
+    tx: IngestTx,
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) -> tokio::task::JoinHandle<()> {

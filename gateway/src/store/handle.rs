@@ -1,0 +1,84 @@
+//! The open store, shared by its one writer (the commit loop) and its readers (the forwarder,
+//! admin, status), and reopened after an I/O error.
+//!
+//! After an I/O error (a full disk, a failing card) redb refuses every call until the database
+//! is closed and opened again. The file is locked by the open `Database`, so a reopen has to
+//! wait for every reader to let go of the old one: readers take the current database for the
+//! span of one read ([`Store::db`]) and never keep it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use redb::Database;
+
+use super::StoreError;
+
+/// A shared handle to the store file; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    slot: Arc<RwLock<Option<Arc<Database>>>>,
+    path: PathBuf,
+    cache_size: u64,
+}
+
+impl Store {
+    /// Wraps an open database.
+    pub(super) fn new(db: Database, path: &Path, cache_size: u64) -> Store {
+        Store {
+            slot: Arc::new(RwLock::new(Some(Arc::new(db)))),
+            path: path.to_path_buf(),
+            cache_size,
+        }
+    }
+
+    /// The database for one read or write; [`StoreError::Reopening`] while it is being reopened.
+    pub fn db(&self) -> Result<Arc<Database>, StoreError> {
+        self.slot
+            .read()
+            .unwrap()
+            .clone()
+            .ok_or(StoreError::Reopening)
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes and reopens the file (waiting up to 5 s for readers to let go of the old one).
+    /// Until it returns `Ok`, readers get [`StoreError::Reopening`]; on error the slot stays
+    /// empty and a later call tries again.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let old = self.slot.write().unwrap().take();
+        if let Some(mut old) = old {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) if Instant::now() < deadline => {
+                        old = still_shared;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(still_shared) => {
+                        // A reader is stuck: put it back rather than leak the file lock.
+                        *self.slot.write().unwrap() = Some(still_shared);
+                        return Err(StoreError::Busy);
+                    }
+                }
+            }
+        }
+        let db = super::schema::open_file(&self.path, self.cache_size)?;
+        *self.slot.write().unwrap() = Some(Arc::new(db));
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}

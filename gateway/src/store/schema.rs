@@ -1,0 +1,91 @@
+//! What the store file holds, by version, and the upgrade from older versions at open.
+//!
+//! `meta.schema_version` says which layout the file has. A store without it was written by
+//! a release before versions were recorded (version 1). At open, a newer gateway upgrades an
+//! older store in one transaction (nothing buffered is lost); an older gateway refuses a newer
+//! store with a message naming both versions. A store that needs nothing is opened without a
+//! write, so a gateway on a full disk can still open it and drain.
+//!
+//! | version | change |
+//! |---|---|
+//! | 1 | events, meta, ingest_dedup, dead_letters, rule_state |
+//! | 2 | `arrivals`: when the gateway stored each group of events (ages by the gateway's clock) |
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use super::{arrivals, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, INGEST_DEDUP, META, RULE_STATE};
+use crate::event::now_ms;
+
+/// The layout this build writes.
+pub const SCHEMA_VERSION: u64 = 2;
+
+/// Opens (creating if needed) the file, upgrading an older layout; refuses a newer one.
+pub fn open_file(path: &Path, cache_size: u64) -> Result<Database, StoreError> {
+    let db = Database::builder()
+        .set_cache_size(cache_size as usize)
+        .create(path)
+        .map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let found = version(&db)?;
+    match found {
+        Some(v) if v == SCHEMA_VERSION => {}
+        Some(v) if v > SCHEMA_VERSION => {
+            return Err(StoreError::Newer {
+                path: path.display().to_string(),
+                found: v,
+                known: SCHEMA_VERSION,
+            })
+        }
+        _ => upgrade(&db, found)?,
+    }
+    Ok(db)
+}
+
+/// The file's schema version: `None` for a new, empty file; 1 for a store written before
+/// versions were recorded.
+pub fn version<D: ReadableDatabase>(db: &D) -> Result<Option<u64>, StoreError> {
+    let txn = db.begin_read()?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Some(
+        meta.get("schema_version")?.map(|v| v.value()).unwrap_or(1),
+    ))
+}
+
+/// Brings a new (`None`) or older store to [`SCHEMA_VERSION`] in one transaction.
+fn upgrade(db: &Database, from: Option<u64>) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    {
+        // Every table, so readers never see a missing one.
+        let events = txn.open_table(EVENTS)?;
+        let mut meta = txn.open_table(META)?;
+        txn.open_table(INGEST_DEDUP)?;
+        txn.open_table(DEAD_LETTERS)?;
+        txn.open_table(RULE_STATE)?;
+        let mut arr = txn.open_table(ARRIVALS)?;
+        if from.is_some_and(|v| v < 2) {
+            // Version 1 kept no arrival times: what it buffered is aged from now (the
+            // upgrade), or from the first sane clock reading if the clock is not set yet.
+            if let Some((first, _)) = events.first()? {
+                arr.insert(first.value(), arrivals::wall_or_unknown(now_ms()))?;
+            }
+        }
+        meta.insert("schema_version", SCHEMA_VERSION)?;
+    }
+    txn.commit()?;
+    if let Some(v) = from {
+        tracing::info!(
+            from = v,
+            to = SCHEMA_VERSION,
+            "store upgraded to this version's layout"
+        );
+    }
+    Ok(())
+}
