@@ -4,6 +4,8 @@
 //! failing test leaves nothing running. Mosquitto must be installed (`.ci/run` installs it);
 //! a missing one fails the test loudly instead of skipping it.
 
+pub mod disk;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -263,10 +265,16 @@ pub struct Gateway {
     /// Admin port.
     pub admin_port: u16,
     log: PathBuf,
+    env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Gateway {
+    /// Sets an environment variable for the next [`launch`](Self::launch).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     /// Writes a config (`[gateway]`, `[ingest.mqtt] listen`, `[admin]` filled in; `extra`
     /// appended as is) and starts the daemon, waiting until its admin endpoint answers.
     pub fn start(extra: &str) -> Gateway {
@@ -299,6 +307,7 @@ impl Gateway {
             config,
             mqtt_port,
             admin_port,
+            env: Vec::new(),
             _tmp: None,
         }
     }
@@ -314,6 +323,7 @@ impl Gateway {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("TIDEPOOL_LOG", "info,rumqttd=off")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()

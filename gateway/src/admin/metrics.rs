@@ -130,6 +130,8 @@ pub struct Metrics {
     commit_sum_us: AtomicU64,
     /// Immediate (fsynced) commits.
     pub fsyncs: AtomicU64,
+    /// Store commits that failed (a full disk, an I/O error); each is retried.
+    pub store_errors: AtomicU64,
     /// When the process started (ms).
     pub started_ms: i64,
     /// The rule stage's view (rules, counters, refused updates), for `/status`.
@@ -159,6 +161,7 @@ impl Default for Metrics {
             commit_count: AtomicU64::new(0),
             commit_sum_us: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
             started_ms: crate::event::now_ms(),
             rules_status: Mutex::new(serde_json::json!([])),
             heartbeat: std::sync::Arc::new(AtomicI64::new(crate::event::now_ms())),
@@ -342,6 +345,16 @@ impl Metrics {
             "Durable (fsynced) store commits.",
         );
         let _ = writeln!(o, "tidepool_fsyncs_total {}", self.fsyncs.load(Relaxed));
+        counter(
+            &mut o,
+            "tidepool_store_errors_total",
+            "Store commits that failed (disk full, I/O error); the store is reopened and the commit retried.",
+        );
+        let _ = writeln!(
+            o,
+            "tidepool_store_errors_total {}",
+            self.store_errors.load(Relaxed)
+        );
         let gauges: [(&str, &str, String); 6] = [
             (
                 "tidepool_backlog_events",

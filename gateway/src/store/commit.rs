@@ -478,6 +478,7 @@ impl CommitLoop {
             acks: true,
         };
         loop {
+            stall_for_tests(&self.metrics);
             match self.write(&plan) {
                 Ok(w) => {
                     if !self.metrics.store_healthy.swap(true, Relaxed) {
@@ -489,6 +490,7 @@ impl CommitLoop {
                 Err(e) => {
                     self.rules.rollback_state();
                     failures += 1;
+                    self.metrics.store_errors.fetch_add(1, Relaxed);
                     if self.metrics.store_healthy.swap(false, Relaxed) {
                         error!(error = %e, events = plan.group.len(), "store: commit failed; ingest is held until the store can write again");
                     }
@@ -812,6 +814,22 @@ impl CommitLoop {
             last_stored: t.last_stored,
             took: started.elapsed(),
         })
+    }
+}
+
+/// A stalled store for tests (a card that stops answering): while the file named by
+/// `TIDEPOOL_FAULT_STALL_FILE` exists, commits wait. Unset in production.
+fn stall_for_tests(metrics: &Metrics) {
+    static FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let Some(path) = FILE
+        .get_or_init(|| std::env::var_os("TIDEPOOL_FAULT_STALL_FILE").map(Into::into))
+        .as_ref()
+    else {
+        return;
+    };
+    while path.exists() {
+        metrics.heartbeat.store(now_ms(), Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
