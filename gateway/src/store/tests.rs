@@ -415,3 +415,56 @@ fn ages_survive_a_restart_and_count_powered_off_time() {
     h.lp = h.lp.with_clocks(test_wall, test_mono);
     assert_eq!(idle_commit(&mut h).dropped_age, 1);
 }
+
+#[test]
+fn a_newer_store_is_refused_with_both_versions_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.redb");
+    drop(open(&path, 1 << 20).unwrap());
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", 99)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = open(&path, 1 << 20).unwrap_err().to_string();
+    assert!(err.contains("newer Tidepool"), "{err}");
+    assert!(err.contains("99") && err.contains(&schema::SCHEMA_VERSION.to_string()), "{err}");
+}
+
+#[test]
+fn an_old_store_is_upgraded_once_and_its_events_get_an_arrival_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.redb");
+    {
+        // What the landed release wrote: the five tables, no version, no arrivals.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut ev = txn.open_table(EVENTS).unwrap();
+            ev.insert(1, encode(&ev_e(1)).as_slice()).unwrap();
+            ev.insert(2, encode(&ev_e(2)).as_slice()).unwrap();
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert("next_id", 3).unwrap();
+            txn.open_table(INGEST_DEDUP).unwrap();
+            txn.open_table(DEAD_LETTERS).unwrap();
+            txn.open_table(RULE_STATE).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = open(&path, 1 << 20).unwrap();
+    let db = store.db().unwrap();
+    assert_eq!(schema::version(&*db).unwrap(), Some(schema::SCHEMA_VERSION));
+    let txn = db.begin_read().unwrap();
+    let arr = txn.open_table(ARRIVALS).unwrap();
+    let (first, _) = arrivals::load(&arr).unwrap();
+    assert_eq!(first.map(|f| f.0), Some(1), "the old events are aged from the upgrade");
+    assert_eq!(stats(&*db).unwrap().backlog_events, 2);
+}
+
+fn ev_e(n: u64) -> Event {
+    ev(n, 0)
+}
