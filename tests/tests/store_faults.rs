@@ -306,6 +306,42 @@ fn a_stalled_store_in_embedded_mode_counts_what_the_broker_dropped() {
     assert_eq!(m(&gw, "tidepool_backlog_events"), committed);
 }
 
+/// A gateway started on a full disk opens its store without writing, and drains it.
+#[test]
+fn start_up_on_a_full_disk_opens_and_drains() {
+    let disk = Tmpfs::mount("6m");
+    let port = free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::configure(
+        tmp.path().to_path_buf(),
+        &format!("{}\n[buffer]\nmin_free = \"1MiB\"\n", upstream_cfg(port)),
+    );
+    let cfg = std::fs::read_to_string(&gw.config).unwrap().replace(
+        &format!("data_dir = \"{}\"", tmp.path().join("data").display()),
+        &format!("data_dir = \"{}\"", disk.path().display()),
+    );
+    std::fs::write(&gw.config, cfg).unwrap();
+    gw.launch();
+    assert_eq!(run_sim(gw.mqtt_port, 2000, 0.0, &[])["acked"], 2000);
+    assert!(wait(Duration::from_secs(20), || m(
+        &gw,
+        "tidepool_backlog_events"
+    ) == 2000));
+    assert_eq!(gw.proc.terminate(Duration::from_secs(10)), Some(0));
+    disk.fill("ballast");
+    gw.launch();
+    let up = Mosquitto::start_on(port, "");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    assert!(
+        sub.wait_for(Duration::from_secs(30), |g| g.len() >= 2000),
+        "only {} arrived; log:\n{}",
+        sub.snapshot().len(),
+        gw.log()
+    );
+    assert_eq!(check_complete(&sub.snapshot(), 2000).0, 2000);
+    gw.proc.terminate(Duration::from_secs(10));
+}
+
 /// A store written by the landed release (`tests/fixtures/store-v1.redb`: 40 buffered events,
 /// one dead letter, the state of rule `10-count`) is upgraded at open and forwarded whole.
 #[test]

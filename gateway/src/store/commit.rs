@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::arrivals::{self, Arrivals};
-use super::space::{below_min_free, fs_space};
+use super::space::{below_min_free, commit_headroom, fs_space};
 use super::{
     encode, row_size, Store, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, INGEST_DEDUP, META,
     RULE_STATE,
@@ -408,7 +408,7 @@ impl CommitLoop {
         if plan.group.is_empty() && plan.acked.is_none() && plan.tick.is_none() && !arrivals_due {
             return None;
         }
-        plan.tight = below_min_free(self.store.path(), self.cfg.min_free);
+        plan.tight = below_min_free(self.store.path(), self.cfg.min_free, plan.group_bytes());
         Some(plan)
     }
 
@@ -501,10 +501,11 @@ impl CommitLoop {
                         delay = (delay * 2).min(Duration::from_secs(5));
                         continue;
                     }
-                    let full = below_min_free(self.store.path(), self.cfg.min_free)
-                        || fs_space(self.store.path()).is_some_and(|(avail, _)| {
-                            avail < plan.group_bytes().saturating_mul(4) + (1 << 20)
-                        });
+                    let full =
+                        below_min_free(self.store.path(), self.cfg.min_free, plan.group_bytes())
+                            || fs_space(self.store.path()).is_some_and(|(avail, _)| {
+                                avail < commit_headroom(plan.group_bytes())
+                            });
                     // Deletions on their own first, so space comes back.
                     if plan.acked.is_some() && (!plan.group.is_empty() || plan.tick.is_some()) {
                         let acks_only = Plan {

@@ -30,10 +30,20 @@ pub fn fs_space(path: &Path) -> Option<(u64, u64)> {
     ))
 }
 
-/// Whether the filesystem is below `min_free`: the buffer may not grow now.
-pub fn below_min_free(path: &Path, min_free: MinFree) -> bool {
+/// Room a commit of `incoming` bytes may take on disk beyond its rows: redb's copy-on-write
+/// pages, and the file growing by more than one page at a time.
+pub fn commit_headroom(incoming: u64) -> u64 {
+    incoming.saturating_mul(3) + (512 << 10)
+}
+
+/// Whether a commit of `incoming` bytes would take the filesystem below `min_free`: then the
+/// buffer may not grow. `min_free` of 0 turns the check off.
+pub fn below_min_free(path: &Path, min_free: MinFree, incoming: u64) -> bool {
     match fs_space(path) {
-        Some((avail, total)) => avail < min_free.bytes(total),
+        Some((avail, total)) => {
+            let keep = min_free.bytes(total);
+            keep > 0 && avail < keep.saturating_add(commit_headroom(incoming))
+        }
         None => false,
     }
 }
@@ -47,7 +57,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (avail, total) = fs_space(dir.path()).unwrap();
         assert!(total > 0 && avail <= total);
-        assert!(!below_min_free(dir.path(), MinFree::Bytes(0)));
-        assert!(below_min_free(dir.path(), MinFree::Bytes(u64::MAX)));
+        assert!(!below_min_free(dir.path(), MinFree::Bytes(0), 1 << 20));
+        assert!(below_min_free(dir.path(), MinFree::Bytes(u64::MAX), 0));
+        assert!(below_min_free(dir.path(), MinFree::Bytes(avail), 0));
     }
 }

@@ -432,7 +432,10 @@ fn a_newer_store_is_refused_with_both_versions_named() {
     }
     let err = open(&path, 1 << 20).unwrap_err().to_string();
     assert!(err.contains("newer Tidepool"), "{err}");
-    assert!(err.contains("99") && err.contains(&schema::SCHEMA_VERSION.to_string()), "{err}");
+    assert!(
+        err.contains("99") && err.contains(&schema::SCHEMA_VERSION.to_string()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -461,7 +464,11 @@ fn an_old_store_is_upgraded_once_and_its_events_get_an_arrival_time() {
     let txn = db.begin_read().unwrap();
     let arr = txn.open_table(ARRIVALS).unwrap();
     let (first, _) = arrivals::load(&arr).unwrap();
-    assert_eq!(first.map(|f| f.0), Some(1), "the old events are aged from the upgrade");
+    assert_eq!(
+        first.map(|f| f.0),
+        Some(1),
+        "the old events are aged from the upgrade"
+    );
     assert_eq!(stats(&*db).unwrap().backlog_events, 2);
 }
 
