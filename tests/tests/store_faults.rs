@@ -47,11 +47,10 @@ fn m(gw: &Gateway, series: &str) -> u64 {
     gw.metric(series).unwrap_or(0.0) as u64
 }
 
-/// A 6 MiB disk, upstream down, 60,000 events of ~250 B at 5,000/s (15 MB: more than the
-/// disk holds, so `min_free` binds); then the disk fills to the last byte while events keep
-/// coming; then upstream comes back, and the
-/// disk is freed. Every event the embedded broker acknowledged is delivered or counted; the
-/// gateway recovers by itself, without a restart.
+/// A 6 MiB disk, upstream down, 60,000 events of ~250 B at 5,000/s; 1.5 s in, something
+/// else fills the disk to the last byte while events keep coming; then upstream comes back,
+/// and the disk is freed. Every event the embedded broker acknowledged is delivered or
+/// counted; the gateway recovers by itself, without a restart.
 #[test]
 fn full_disk_holds_then_recovers_and_accounts_for_every_event() {
     let disk = Tmpfs::mount("6m");
