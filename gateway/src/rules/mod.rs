@@ -7,6 +7,7 @@
 //! [`PassThrough`] keeps every event unchanged.
 
 pub mod dry_run;
+pub mod error_log;
 mod rhai_stage;
 
 pub use rhai_stage::RhaiStage;
@@ -31,7 +32,7 @@ pub struct DeadLetter {
     pub error: String,
     /// When (ms since the epoch).
     pub at: i64,
-    /// The event the rule was given.
+    /// The input as it entered the rule chain (for a bad frame: its raw bytes).
     pub event: Event,
 }
 
@@ -64,15 +65,18 @@ pub trait RuleStage: Send {
         false
     }
 
-    /// State written since the last commit, to persist in the same transaction.
+    /// State written since the last commit, to persist in the same transaction. Holds the
+    /// writes of the inputs whose whole rule chain succeeded, never of a failed one.
     fn pending_state(&self) -> Vec<StateWrite> {
         Vec::new()
     }
 
-    /// The transaction holding the pending state committed.
+    /// The transaction holding the pending state committed: make it the state, and count
+    /// (counters, metrics, log lines) what the steps since the last commit did.
     fn commit_state(&mut self) {}
 
-    /// The transaction failed: forget the pending state.
+    /// The transaction failed: forget the pending state and the uncounted counts, so a
+    /// retried group runs from the committed state and is counted once.
     fn rollback_state(&mut self) {}
 
     /// Seeds the persisted state at start-up.
