@@ -262,6 +262,8 @@ pub struct BufferConfig {
     pub commit_max_wait: HumanDuration,
     /// redb page cache.
     pub cache_size: ByteSize,
+    /// Cap on the stored size of the dead-letter queue (drop-oldest, counted `dlq_full`).
+    pub dlq_max_bytes: ByteSize,
 }
 
 /// `[admin]`.

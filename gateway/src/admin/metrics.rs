@@ -19,16 +19,19 @@ pub enum DropReason {
     Oversize,
     /// A serial frame could not be decoded.
     BadFrame,
+    /// A dead letter went (oldest first) to keep the dead-letter queue under `dlq_max_bytes`.
+    DlqFull,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::Rule,
         DropReason::BufferFull,
         DropReason::MaxAge,
         DropReason::Oversize,
         DropReason::BadFrame,
+        DropReason::DlqFull,
     ];
 
     /// The label value.
@@ -39,6 +42,7 @@ impl DropReason {
             DropReason::MaxAge => "max_age",
             DropReason::Oversize => "oversize",
             DropReason::BadFrame => "bad_frame",
+            DropReason::DlqFull => "dlq_full",
         }
     }
 
@@ -100,7 +104,7 @@ pub struct Metrics {
     pub forwarded: AtomicU64,
     /// Batches acknowledged by upstream.
     pub batches_forwarded: AtomicU64,
-    dropped: [AtomicU64; 5],
+    dropped: [AtomicU64; DropReason::ALL.len()],
     /// Events buffered.
     pub backlog_events: AtomicU64,
     /// Stored bytes buffered.
@@ -114,6 +118,8 @@ pub struct Metrics {
     rule_reload_errors: Mutex<BTreeMap<String, u64>>,
     /// Events in the dead-letter table.
     pub dlq_events: AtomicU64,
+    /// Their stored size.
+    pub dlq_bytes: AtomicU64,
     /// False once the store failed to commit.
     pub store_healthy: AtomicBool,
     commit_buckets: [AtomicU64; 12],
@@ -145,6 +151,7 @@ impl Default for Metrics {
             rule_errors: Mutex::default(),
             rule_reload_errors: Mutex::default(),
             dlq_events: AtomicU64::new(0),
+            dlq_bytes: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             commit_buckets: Default::default(),
             commit_count: AtomicU64::new(0),
@@ -296,7 +303,7 @@ impl Metrics {
         counter(
             &mut o,
             "tidepool_events_dropped_total",
-            "Events dropped, by reason.",
+            "Events dropped, by reason: rule (a rule returned ()), buffer_full (max_bytes), max_age, oversize, bad_frame, dlq_full (the oldest dead letters, past dlq_max_bytes).",
         );
         for r in DropReason::ALL {
             let _ = writeln!(
@@ -331,7 +338,7 @@ impl Metrics {
             "Durable (fsynced) store commits.",
         );
         let _ = writeln!(o, "tidepool_fsyncs_total {}", self.fsyncs.load(Relaxed));
-        let gauges: [(&str, &str, String); 6] = [
+        let gauges: [(&str, &str, String); 7] = [
             (
                 "tidepool_backlog_events",
                 "Events buffered, not yet acknowledged upstream.",
@@ -356,6 +363,11 @@ impl Metrics {
                 "tidepool_dlq_events",
                 "Events in the dead-letter queue.",
                 self.dlq_events.load(Relaxed).to_string(),
+            ),
+            (
+                "tidepool_dlq_bytes",
+                "Stored size of the dead-letter queue (capped by dlq_max_bytes).",
+                self.dlq_bytes.load(Relaxed).to_string(),
             ),
             (
                 "tidepool_store_healthy",
@@ -411,6 +423,7 @@ impl Metrics {
                 "last_error": self.upstream_error.lock().unwrap().clone(),
             },
             "dlq_events": self.dlq_events.load(Relaxed),
+            "dlq_bytes": self.dlq_bytes.load(Relaxed),
             "store_healthy": self.store_healthy.load(Relaxed),
             "commits": self.commits(),
             "rules": rules,
@@ -442,6 +455,8 @@ mod tests {
             "tidepool_upstream_connected 0",
             "tidepool_rule_errors_total{rule=\"10-overheat\"} 1",
             "tidepool_dlq_events 0",
+            "tidepool_dlq_bytes 0",
+            "tidepool_events_dropped_total{reason=\"dlq_full\"} 0",
             "tidepool_commit_seconds_bucket{le=\"0.0025\"} 1",
             "tidepool_commit_seconds_bucket{le=\"0.001\"} 0",
             "tidepool_commit_seconds_count 1",

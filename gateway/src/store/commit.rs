@@ -84,21 +84,45 @@ pub struct CommitLoop {
     tick: Duration,
     next_tick: Instant,
     last_status: Instant,
+    /// `dlq_full` drops not yet reported in the log, and when it last was.
+    dlq_full_warned: u64,
+    last_dlq_warn: Option<Instant>,
 }
 
 /// Requests to the commit loop from the admin endpoint (`tidepool dlq` with the daemon running).
 #[derive(Debug)]
 pub enum Control {
-    /// Re-run dead letters (all, or these ids) through the rules; answers a summary.
+    /// Re-run dead letters through the rules; answers a summary.
     DlqRetry(
-        Option<Vec<u64>>,
+        DlqRequest,
         tokio::sync::oneshot::Sender<Result<String, String>>,
     ),
-    /// Delete dead letters (all, or these ids); answers a summary.
+    /// Delete dead letters; answers a summary.
     DlqDrop(
-        Option<Vec<u64>>,
+        DlqRequest,
         tokio::sync::oneshot::Sender<Result<String, String>>,
     ),
+}
+
+/// Which dead letters a retry or drop takes.
+#[derive(Debug, Clone, Default)]
+pub struct DlqRequest {
+    /// Only these ids; `None`: all.
+    pub ids: Option<Vec<u64>>,
+    /// At most this many (oldest first); `None`: no limit.
+    pub limit: Option<u64>,
+    /// Rows per transaction; `None`: [`super::dlq::PAGE_ROWS`].
+    pub page: Option<usize>,
+}
+
+impl DlqRequest {
+    /// All dead letters, or those with `ids`.
+    pub fn ids(ids: Option<&[u64]>) -> DlqRequest {
+        DlqRequest {
+            ids: ids.map(|i| i.to_vec()),
+            ..DlqRequest::default()
+        }
+    }
 }
 
 /// Sends rule publishes to local subscribers, after the commit.
@@ -135,6 +159,8 @@ pub struct CommitReport {
     pub dropped_bad_frame: u64,
     /// Serial frames over `max_frame`.
     pub dropped_oversize: u64,
+    /// Dead letters dropped (oldest first) for `dlq_max_bytes`.
+    pub dropped_dlq_full: u64,
 }
 
 impl CommitLoop {
@@ -167,7 +193,9 @@ impl CommitLoop {
         metrics.backlog_events.store(st.backlog_events, Relaxed);
         metrics.backlog_bytes.store(st.backlog_bytes, Relaxed);
         metrics.oldest_ts.store(st.oldest_ts.unwrap_or(0), Relaxed);
-        metrics.dlq_events.store(st.dlq_events, Relaxed);
+        let (dlq_events, dlq_bytes) = super::dlq::ensure_bytes(&db)?;
+        metrics.dlq_events.store(dlq_events, Relaxed);
+        metrics.dlq_bytes.store(dlq_bytes, Relaxed);
         committed.send_replace(st.next_id - 1);
         Ok(CommitLoop {
             db,
@@ -188,6 +216,8 @@ impl CommitLoop {
             tick: Duration::from_secs(10),
             next_tick: Instant::now() + Duration::from_secs(10),
             last_status: Instant::now() - Duration::from_secs(10),
+            dlq_full_warned: 0,
+            last_dlq_warn: None,
         })
     }
 
@@ -203,51 +233,105 @@ impl CommitLoop {
         self
     }
 
-    /// Re-runs dead letters (all, or `ids`) through the rules in one commit: they leave the
-    /// dead-letter table, and what the rules make of them now is stored (or dead-lettered
-    /// again). Returns (retried, failed again).
-    pub fn retry_dead_letters(&mut self, ids: Option<&[u64]>) -> Result<(u64, u64), StoreError> {
-        let rows = super::dlq_list(&*self.db, ids)?;
-        if rows.is_empty() {
-            return Ok((0, 0));
-        }
-        let group: Vec<Incoming> = rows
-            .iter()
-            .map(|(_, d)| {
-                let mut e = d.event.clone();
-                e.id = 0;
-                Incoming::plain(e)
-            })
-            .collect();
-        self.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
-        let r = self.commit(&group, None, false, None);
-        self.dlq_remove.clear();
-        let r = r?;
-        Ok((rows.len() as u64, r.dead_lettered))
+    /// Re-runs dead letters through the whole rule chain, a page (one transaction) at a time:
+    /// a page's rows leave the dead-letter table in the commit that stores what the rules make
+    /// of them now (or dead-letters them again, under new ids that this retry does not take
+    /// up again). Rows that cannot be decoded stay (`drop` removes them). Returns (retried,
+    /// failed again).
+    pub fn retry_dead_letters(&mut self, req: &DlqRequest) -> Result<(u64, u64), StoreError> {
+        let (mut retried, mut again) = (0, 0);
+        self.dlq_pages(req, |lp, rows| {
+            let group: Vec<Incoming> = rows
+                .iter()
+                .filter_map(|(_, d)| d.as_ref().ok())
+                .map(|d| {
+                    let mut e = d.event.clone();
+                    e.id = 0;
+                    Incoming::plain(e)
+                })
+                .collect();
+            lp.dlq_remove = rows
+                .iter()
+                .filter(|(_, d)| d.is_ok())
+                .map(|(id, _)| *id)
+                .collect();
+            let r = lp.commit(&group, None, false, None);
+            lp.dlq_remove.clear();
+            let r = r?;
+            retried += group.len() as u64;
+            again += r.dead_lettered;
+            Ok(())
+        })?;
+        Ok((retried, again))
     }
 
-    /// Deletes dead letters (all, or `ids`) in one commit; returns how many went.
-    pub fn drop_dead_letters(&mut self, ids: Option<&[u64]>) -> Result<u64, StoreError> {
-        let rows = super::dlq_list(&*self.db, ids)?;
-        self.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
-        let r = self.commit(&[], None, false, None);
-        self.dlq_remove.clear();
-        r?;
-        Ok(rows.len() as u64)
+    /// Deletes dead letters, a page (one transaction) at a time; returns how many went.
+    pub fn drop_dead_letters(&mut self, req: &DlqRequest) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        self.dlq_pages(req, |lp, rows| {
+            lp.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
+            let r = lp.commit(&[], None, false, None);
+            lp.dlq_remove.clear();
+            dropped += r?.dlq_removed;
+            Ok(())
+        })?;
+        Ok(dropped)
+    }
+
+    /// Calls `f` on each page of the dead letters `req` selects, as they are now (rows
+    /// written meanwhile are not visited).
+    fn dlq_pages(
+        &mut self,
+        req: &DlqRequest,
+        mut f: impl FnMut(
+            &mut Self,
+            &[(u64, Result<crate::rules::DeadLetter, String>)],
+        ) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        use redb::ReadableDatabase;
+        let below = {
+            let txn = self.db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            meta.get(super::dlq::NEXT_DLQ_ID)?
+                .map(|v| v.value())
+                .unwrap_or(1)
+        };
+        let sel = super::dlq::Select {
+            ids: req.ids.clone(),
+            below: Some(below),
+        };
+        let page_rows = req.page.unwrap_or(super::dlq::PAGE_ROWS);
+        let mut left = req.limit.unwrap_or(u64::MAX);
+        let mut after = 0;
+        while left > 0 {
+            let want = page_rows.min(usize::try_from(left).unwrap_or(usize::MAX));
+            let mut page = super::dlq::page(&*self.db, &sel, after, want)?;
+            let Some(last) = page.last_id() else { break };
+            page.rows.truncate(want);
+            left -= page.rows.len() as u64;
+            after = last;
+            f(self, &page.rows)?;
+            // A long retry must not look like a stuck loop to the watchdog.
+            self.metrics.heartbeat.store(now_ms(), Relaxed);
+            if !page.more {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn on_control(&mut self, c: Control) {
         match c {
-            Control::DlqRetry(ids, reply) => {
+            Control::DlqRetry(req, reply) => {
                 let r = self
-                    .retry_dead_letters(ids.as_deref())
+                    .retry_dead_letters(&req)
                     .map(|(n, again)| format!("retried {n} dead letters; {again} failed again"))
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }
-            Control::DlqDrop(ids, reply) => {
+            Control::DlqDrop(req, reply) => {
                 let r = self
-                    .drop_dead_letters(ids.as_deref())
+                    .drop_dead_letters(&req)
                     .map(|n| format!("dropped {n} dead letters"))
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
@@ -445,6 +529,7 @@ impl CommitLoop {
             last_stored: None,
         };
         let publishes;
+        let mut dlq_after = None;
         {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
@@ -504,24 +589,19 @@ impl CommitLoop {
             report.dropped_rule += out.dropped;
 
             // Dead letters and rule state, in the same transaction as the outputs.
-            if !self.dlq_remove.is_empty() {
+            if !self.dlq_remove.is_empty() || !out.dead_letters.is_empty() {
                 let mut dlq = txn.open_table(DEAD_LETTERS)?;
-                for id in &self.dlq_remove {
-                    if dlq.remove(*id)?.is_some() {
-                        report.dlq_removed += 1;
-                    }
-                }
-            }
-            if !out.dead_letters.is_empty() {
-                let mut dlq = txn.open_table(DEAD_LETTERS)?;
-                let mut id = meta.get("next_dlq_id")?.map(|v| v.value()).unwrap_or(1);
-                for d in out.dead_letters.drain(..) {
-                    let row = serde_json::to_vec(&d).expect("dead letter to JSON");
-                    dlq.insert(id, row.as_slice())?;
-                    id += 1;
-                    report.dead_lettered += 1;
-                }
-                meta.insert("next_dlq_id", id)?;
+                let d = super::dlq::apply(
+                    &mut dlq,
+                    &mut meta,
+                    &self.dlq_remove,
+                    out.dead_letters.drain(..),
+                    self.cfg.dlq_max_bytes.0,
+                )?;
+                report.dlq_removed += d.removed;
+                report.dead_lettered += d.inserted;
+                report.dropped_dlq_full += d.dropped_full;
+                dlq_after = Some((d.events, d.bytes));
             }
             let writes = self.rules.pending_state();
             if !writes.is_empty() {
@@ -567,6 +647,7 @@ impl CommitLoop {
                 (DropReason::MaxAge, report.dropped_age),
                 (DropReason::BadFrame, report.dropped_bad_frame),
                 (DropReason::Oversize, report.dropped_oversize),
+                (DropReason::DlqFull, report.dropped_dlq_full),
             ] {
                 if n > 0 {
                     let key = format!("dropped.{}", reason.label());
@@ -606,9 +687,27 @@ impl CommitLoop {
         m.dropped(DropReason::MaxAge, report.dropped_age);
         m.dropped(DropReason::BadFrame, report.dropped_bad_frame);
         m.dropped(DropReason::Oversize, report.dropped_oversize);
-        m.dlq_events.fetch_add(report.dead_lettered, Relaxed);
-        m.dlq_events
-            .fetch_sub(report.dlq_removed.min(m.dlq_events.load(Relaxed)), Relaxed);
+        m.dropped(DropReason::DlqFull, report.dropped_dlq_full);
+        if let Some((n, bytes)) = dlq_after {
+            m.dlq_events.store(n, Relaxed);
+            m.dlq_bytes.store(bytes, Relaxed);
+        }
+        if report.dropped_dlq_full > 0 {
+            self.dlq_full_warned += report.dropped_dlq_full;
+            // One line a minute at most: a flood of dead letters must not flood the log too.
+            if self
+                .last_dlq_warn
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+            {
+                warn!(
+                    dropped = self.dlq_full_warned,
+                    dlq_max_bytes = self.cfg.dlq_max_bytes.0,
+                    "dead-letter queue full: oldest dead letters dropped (reason dlq_full; next report in a minute at the earliest)"
+                );
+                self.dlq_full_warned = 0;
+                self.last_dlq_warn = Some(Instant::now());
+            }
+        }
         if report.dropped_full > 0 {
             warn!(dropped = report.dropped_full, policy = ?self.cfg.when_full, "buffer full: events dropped");
         }
