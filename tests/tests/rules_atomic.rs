@@ -409,9 +409,39 @@ fn dlq_flood_stays_under_its_cap_counted_with_few_log_lines() {
     ]);
     let next: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(next[0]["id"], all[5]["id"]);
+    // With the daemon stopped: the dlq_full count persisted, and the CLI pages the store.
+    let mut gw = gw;
+    assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
+    let out = gw.cli(&["status", "--json"]);
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["dropped"]["dlq_full"].as_f64(), dropped, "{st}");
+    assert_eq!(st["dlq_events"].as_f64(), dlq_events);
+    let out = gw.cli(&[
+        "dlq",
+        "list",
+        "--json",
+        "--limit",
+        "2",
+        "--after",
+        &after.to_string(),
+    ]);
+    let offline: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(offline, next, "the same page, offline");
+    let out = gw.cli(&["dlq", "drop", "--limit", "3"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("dropped 3 dead letters"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.launch();
+    assert_eq!(
+        gw.metric("tidepool_dlq_events"),
+        Some(dlq_events.unwrap() - 3.0)
+    );
     let out = gw.cli(&["dlq", "drop"]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&format!("dropped {}", all.len())),
+        String::from_utf8_lossy(&out.stdout).contains(&format!("dropped {}", all.len() - 3)),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
