@@ -5,6 +5,11 @@
 //! letters) is committed atomically with the step that produced it; local publishes are sent
 //! only after that commit. [`RhaiStage`] runs the user's Rhai rules (`tidepool-rules`);
 //! [`PassThrough`] keeps every event unchanged.
+//!
+//! One input is all or nothing: when any rule fails on it, the stage yields only its dead
+//! letter (the input as it came in), no events, no publishes, no state writes. Counters and
+//! log lines are counted on commit ([`RuleStage::commit_state`]), since the commit loop may run
+//! a group through the stage again when its commit is retried.
 
 pub mod dry_run;
 pub mod error_log;
