@@ -266,6 +266,8 @@ pub struct BufferConfig {
     pub min_free: MinFree,
     /// Memory that events between ingest and the store may take (channel and commit group).
     pub ingest_max_bytes: ByteSize,
+    /// Cap on the stored size of the dead-letter queue (drop-oldest, counted `dlq_full`).
+    pub dlq_max_bytes: ByteSize,
 }
 
 /// `[admin]`.

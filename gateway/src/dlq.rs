@@ -1,6 +1,9 @@
 //! `tidepool dlq list|retry|drop`: through the running daemon's admin endpoint, or directly on
-//! the store when the daemon is not running.
+//! the store when the daemon is not running. Everything works in pages, so neither side ever
+//! holds the whole queue in memory: `list` prints each page as it arrives, `retry` and `drop`
+//! take one transaction per page (see `store::dlq`).
 
+use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -9,43 +12,199 @@ use tokio::sync::{mpsc, watch};
 
 use crate::admin::metrics::Metrics;
 use crate::config::Config;
+use crate::store::commit::DlqRequest;
 use crate::store::{self, CommitLoop};
 
-fn query(ids: &[u64]) -> String {
-    if ids.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "?ids={}",
+/// Rows fetched per page by `list`.
+const LIST_PAGE: u64 = 100;
+
+/// One `tidepool dlq` command.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Show dead letters, oldest first.
+    List {
+        /// Only these ids; empty: all.
+        ids: Vec<u64>,
+        /// At most this many.
+        limit: Option<u64>,
+        /// Only ids above this one (the last id of a previous listing).
+        after: u64,
+        /// One JSON array instead of lines for people.
+        json: bool,
+    },
+    /// Re-run them through the whole rule chain.
+    Retry {
+        /// Only these ids; empty: all.
+        ids: Vec<u64>,
+        /// At most this many (oldest first).
+        limit: Option<u64>,
+    },
+    /// Delete them.
+    Drop {
+        /// Only these ids; empty: all.
+        ids: Vec<u64>,
+        /// At most this many (oldest first).
+        limit: Option<u64>,
+    },
+}
+
+/// Runs one command, printing to stdout.
+pub async fn run(cfg: &Config, cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::List {
+            ids,
+            limit,
+            after,
+            json,
+        } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            list(cfg, &ids, limit, after, json, &mut out).await?;
+            out.flush()?;
+        }
+        Command::Retry { ids, limit } => println!("{}", act(cfg, true, &ids, limit).await?),
+        Command::Drop { ids, limit } => println!("{}", act(cfg, false, &ids, limit).await?),
+    }
+    Ok(())
+}
+
+fn query(ids: &[u64], after: u64, limit: Option<u64>) -> String {
+    let mut q = Vec::new();
+    if !ids.is_empty() {
+        q.push(format!(
+            "ids={}",
             ids.iter()
                 .map(|i| i.to_string())
                 .collect::<Vec<_>>()
                 .join(",")
-        )
+        ));
+    }
+    if after > 0 {
+        q.push(format!("after={after}"));
+    }
+    if let Some(l) = limit {
+        q.push(format!("limit={l}"));
+    }
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
     }
 }
 
-/// The dead letters (all, or `ids`).
-pub async fn list(cfg: &Config, ids: &[u64]) -> anyhow::Result<Vec<Value>> {
-    if let Some(addr) = cfg.admin.addr() {
-        if let Ok((200, body)) = crate::admin::get(addr, &format!("/dlq{}", query(ids))).await {
-            return serde_json::from_str(&body).context("admin endpoint answered with bad JSON");
+/// Where the pages come from.
+enum Source {
+    Daemon(std::net::SocketAddr),
+    Store(store::Store),
+}
+
+impl Source {
+    async fn open(cfg: &Config) -> anyhow::Result<Source> {
+        if let Some(addr) = cfg.admin.addr() {
+            if let Ok((200, _)) = crate::admin::get(addr, "/dlq?limit=1").await {
+                return Ok(Source::Daemon(addr));
+            }
+        }
+        Ok(Source::Store(open_offline(cfg)?))
+    }
+
+    async fn page(&self, ids: &[u64], after: u64, limit: u64) -> anyhow::Result<Vec<Value>> {
+        match self {
+            Source::Daemon(addr) => {
+                let path = format!("/dlq{}", query(ids, after, Some(limit)));
+                let (code, body) = crate::admin::get(*addr, &path).await?;
+                if code != 200 {
+                    anyhow::bail!("the daemon answered {code}: {}", body.trim());
+                }
+                serde_json::from_str(&body).context("admin endpoint answered with bad JSON")
+            }
+            Source::Store(db) => {
+                let sel = store::dlq::Select {
+                    ids: (!ids.is_empty()).then(|| ids.to_vec()),
+                    below: None,
+                };
+                let page = store::dlq::page(&*db.db()?, &sel, after, limit as usize)?;
+                Ok(page
+                    .rows
+                    .iter()
+                    .map(|(id, d)| crate::admin::dlq_row_json(*id, d))
+                    .collect())
+            }
         }
     }
-    let db = open_offline(cfg)?;
-    let sel = (!ids.is_empty()).then_some(ids);
-    Ok(store::dlq_list(&*db.db()?, sel)?
-        .iter()
-        .map(|(id, d)| crate::admin::dead_letter_json(*id, d))
-        .collect())
+}
+
+/// Prints dead letters page by page (at most `limit`, ids above `after`); returns how many.
+pub async fn list(
+    cfg: &Config,
+    ids: &[u64],
+    limit: Option<u64>,
+    after: u64,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<u64> {
+    let source = Source::open(cfg).await?;
+    let mut left = limit.unwrap_or(u64::MAX);
+    let mut cursor = after;
+    let mut shown = 0u64;
+    let mut more = false;
+    if json {
+        write!(out, "[")?;
+    }
+    while left > 0 {
+        let rows = source.page(ids, cursor, LIST_PAGE.min(left)).await?;
+        let Some(last) = rows.last().and_then(|r| r["id"].as_u64()) else {
+            break;
+        };
+        for r in &rows {
+            if json {
+                let sep = if shown == 0 { "\n" } else { ",\n" };
+                write!(out, "{sep}{}", serde_json::to_string_pretty(r)?)?;
+            } else {
+                print_row(out, r)?;
+            }
+            shown += 1;
+        }
+        left = left.saturating_sub(rows.len() as u64);
+        cursor = last;
+        if left == 0 {
+            more = !source.page(ids, cursor, 1).await?.is_empty();
+        }
+    }
+    if json {
+        writeln!(out, "{}]", if shown == 0 { "" } else { "\n" })?;
+    } else if shown == 0 {
+        writeln!(out, "no dead letters")?;
+    } else if more {
+        writeln!(out, "(more: tidepool dlq list --after {cursor})")?;
+    }
+    Ok(shown)
+}
+
+/// One dead letter, for people.
+fn print_row(out: &mut impl Write, r: &Value) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "#{}  rule {}: {}\n     {} {}",
+        r["id"],
+        r["rule"].as_str().unwrap_or(""),
+        r["error"].as_str().unwrap_or(""),
+        r["event"]["topic"].as_str().unwrap_or(""),
+        r["event"]["payload"]
+    )
 }
 
 /// Retries (`retry = true`) or drops dead letters; returns a summary line.
-pub async fn act(cfg: &Config, retry: bool, ids: &[u64]) -> anyhow::Result<String> {
+pub async fn act(
+    cfg: &Config,
+    retry: bool,
+    ids: &[u64],
+    limit: Option<u64>,
+) -> anyhow::Result<String> {
     let path = format!(
         "/dlq/{}{}",
         if retry { "retry" } else { "drop" },
-        query(ids)
+        query(ids, 0, limit)
     );
     if let Some(addr) = cfg.admin.addr() {
         if let Ok((code, body)) = crate::admin::request(addr, "POST", &path).await {
@@ -71,12 +230,16 @@ pub async fn act(cfg: &Config, retry: bool, ids: &[u64]) -> anyhow::Result<Strin
         committed,
         tokio::runtime::Handle::current(),
     )?;
-    let sel = (!ids.is_empty()).then_some(ids);
+    let req = DlqRequest {
+        ids: (!ids.is_empty()).then(|| ids.to_vec()),
+        limit,
+        page: None,
+    };
     Ok(if retry {
-        let (n, again) = lp.retry_dead_letters(sel)?;
+        let (n, again) = lp.retry_dead_letters(&req)?;
         format!("retried {n} dead letters; {again} failed again")
     } else {
-        format!("dropped {} dead letters", lp.drop_dead_letters(sel)?)
+        format!("dropped {} dead letters", lp.drop_dead_letters(&req)?)
     })
 }
 

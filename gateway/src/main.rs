@@ -77,6 +77,9 @@ struct DlqArgs {
     /// Only these dead letters (repeatable); default: all.
     #[arg(long = "id")]
     ids: Vec<u64>,
+    /// At most this many, oldest first; default: all (in pages, never all in memory at once).
+    #[arg(long)]
+    limit: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,8 +91,11 @@ enum DlqCmd {
         /// One JSON array instead of lines for people.
         #[arg(long)]
         json: bool,
+        /// Only dead letters with ids above this one (where a previous page ended).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
     },
-    /// Run them through the current rules again (fixed a rule? retry).
+    /// Run them through the whole current rule chain again (fixed a rule? retry).
     Retry {
         #[command(flatten)]
         args: DlqArgs,
@@ -247,38 +253,23 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let r = rt.block_on(async {
-                match &cmd {
-                    DlqCmd::List { args, json } => {
-                        let rows = tidepool::dlq::list(&cfg, &args.ids).await?;
-                        if *json {
-                            println!("{}", serde_json::to_string_pretty(&rows)?);
-                        } else if rows.is_empty() {
-                            println!("no dead letters");
-                        } else {
-                            for r in &rows {
-                                println!(
-                                    "#{}  rule {}: {}\n     {} {}",
-                                    r["id"],
-                                    r["rule"].as_str().unwrap_or(""),
-                                    r["error"].as_str().unwrap_or(""),
-                                    r["event"]["topic"].as_str().unwrap_or(""),
-                                    r["event"]["payload"]
-                                );
-                            }
-                        }
-                        Ok::<_, anyhow::Error>(())
-                    }
-                    DlqCmd::Retry { args } => {
-                        println!("{}", tidepool::dlq::act(&cfg, true, &args.ids).await?);
-                        Ok(())
-                    }
-                    DlqCmd::Drop { args } => {
-                        println!("{}", tidepool::dlq::act(&cfg, false, &args.ids).await?);
-                        Ok(())
-                    }
-                }
-            });
+            let cmd = match cmd {
+                DlqCmd::List { args, json, after } => tidepool::dlq::Command::List {
+                    ids: args.ids,
+                    limit: args.limit,
+                    after,
+                    json,
+                },
+                DlqCmd::Retry { args } => tidepool::dlq::Command::Retry {
+                    ids: args.ids,
+                    limit: args.limit,
+                },
+                DlqCmd::Drop { args } => tidepool::dlq::Command::Drop {
+                    ids: args.ids,
+                    limit: args.limit,
+                },
+            };
+            let r = rt.block_on(tidepool::dlq::run(&cfg, cmd));
             match r {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

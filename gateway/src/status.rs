@@ -63,6 +63,7 @@ pub fn offline(cfg: &Config) -> anyhow::Result<Value> {
         "dropped": dropped,
         "upstream": { "state": "stopped", "connected": false, "last_error": "" },
         "dlq_events": st.dlq_events,
+        "dlq_bytes": st.dlq_bytes,
         "rules": [],
     }))
 }
@@ -117,7 +118,12 @@ pub fn render(v: &Value) -> String {
         let parts: Vec<String> = d.iter().map(|(k, n)| format!("{k} {n}")).collect();
         let _ = writeln!(o, "dropped   {}", parts.join("  "));
     }
-    let _ = writeln!(o, "dlq       {} events", v["dlq_events"]);
+    let _ = writeln!(
+        o,
+        "dlq       {} events, {}",
+        v["dlq_events"],
+        bytes(v["dlq_bytes"].as_u64().unwrap_or(0))
+    );
     if let Some(rules) = v["rules"].as_array() {
         if rules.is_empty() {
             let _ = writeln!(o, "rules     none (events pass through)");

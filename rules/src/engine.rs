@@ -5,10 +5,24 @@
 //! access, no `sleep`. Every Rhai limit is set from [`Limits`], and a wall-clock budget per call
 //! is enforced from `on_progress`.
 //!
-//! State: rules read and write per-rule state through `state_get/state_set/state_del`. Writes
-//! go to a pending overlay that later events of the same step see; the caller persists
-//! [`RuleSet::pending_state`] in the transaction that stores the step's outputs, then calls
-//! [`RuleSet::commit_state`] (or [`RuleSet::rollback_state`] if that transaction failed).
+//! All or nothing per input: one input runs through the whole chain (every rule that wants it,
+//! fan-outs included) as one unit. When any rule fails on it (throws, runs past a limit,
+//! returns a wrong type), none of that input's effects survive: no state write and no publish
+//! of the failing rule or of the rules before it, no output event; the one dead letter holds
+//! the input as it entered the chain and names the rule that failed. `log` lines are kept
+//! (they explain the failure).
+//!
+//! State: rules read and write per-rule state through `state_get/state_set/state_del`, in
+//! three layers, newest first:
+//! - *step*: the writes of the input running now; merged into *pending* when the whole chain
+//!   succeeded on it, discarded when any rule failed;
+//! - *pending*: the writes of earlier inputs that succeeded since the last commit, so state
+//!   carries from one input to the next within a commit group;
+//! - *committed*: what the store holds.
+//!
+//! The caller persists [`RuleSet::pending_state`] in the transaction that stores the outputs,
+//! then calls [`RuleSet::commit_state`] (or [`RuleSet::rollback_state`] if that transaction
+//! failed, so a retried group starts from the committed state again).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -94,7 +108,7 @@ pub struct DeadLetter {
     pub rule: String,
     /// What went wrong.
     pub error: String,
-    /// The event the rule was given.
+    /// The input as it entered the chain (for a tick: the tick).
     pub event: RuleEvent,
 }
 
@@ -166,6 +180,8 @@ struct CallCtx {
     logs: Vec<(String, String, String)>,
     committed: HashMap<StateKey, Value>,
     pending: BTreeMap<StateKey, Option<Value>>,
+    /// Writes of the input (or tick call) running now; see the module docs.
+    step: BTreeMap<StateKey, Option<Value>>,
     now_ms: i64,
     gateway: String,
 }
@@ -399,10 +415,26 @@ impl RuleSet {
 
     /// The pending writes were not persisted: forget them.
     pub fn rollback_state(&mut self) {
-        self.ctx.lock().unwrap().pending.clear();
+        let mut c = self.ctx.lock().unwrap();
+        c.pending.clear();
+        c.step.clear();
     }
 
-    /// Runs the chain on one input event.
+    /// Ends the step of one input (or tick call): on success its writes join the pending
+    /// ones and its publishes are kept; on failure both are discarded.
+    fn end_step(&self, ok: bool, result: &mut StepResult) {
+        let mut c = self.ctx.lock().unwrap();
+        let step = std::mem::take(&mut c.step);
+        result.logs.append(&mut c.logs);
+        if ok {
+            c.pending.extend(step);
+            result.publishes.append(&mut c.publishes);
+        } else {
+            c.publishes.clear();
+        }
+    }
+
+    /// Runs the chain on one input event, all or nothing (see the module docs).
     pub fn on_event(&mut self, input: RuleEvent) -> StepResult {
         let mut result = StepResult::default();
         if !self
@@ -413,9 +445,27 @@ impl RuleSet {
             result.events.push(input);
             return result;
         }
-        let fallback = input.clone();
+        match self.chain(&input, &mut result) {
+            Ok(()) => self.end_step(true, &mut result),
+            Err((rule, error)) => {
+                self.end_step(false, &mut result);
+                result.events.clear();
+                result.dropped_by.clear();
+                result.dead_letters.push(DeadLetter {
+                    rule,
+                    error,
+                    event: input,
+                });
+            }
+        }
+        result
+    }
+
+    /// Runs every rule that wants them on the events of one input; stops at the first
+    /// failure: (rule, error).
+    fn chain(&self, input: &RuleEvent, result: &mut StepResult) -> Result<(), (String, String)> {
         // Events travel through the chain as Rhai maps; JSON only at the two ends.
-        let mut current: Vec<Map> = vec![event_map(&input)];
+        let mut current: Vec<Map> = vec![event_map(input)];
         for rule in &self.rules {
             if !rule.has_on_event {
                 continue;
@@ -437,27 +487,16 @@ impl RuleSet {
                 match outcome {
                     Ok((true, _)) => result.dropped_by.push(rule.name.clone()),
                     Ok((false, evs)) => next.extend(evs),
-                    Err(e) => result.dead_letters.push(DeadLetter {
-                        rule: rule.name.clone(),
-                        error: e,
-                        event: from_map(&given, &fallback).unwrap_or_else(|_| fallback.clone()),
-                    }),
+                    Err(e) => return Err((rule.name.clone(), e)),
                 }
-                self.drain_ctx(&mut result);
             }
             current = next;
         }
         for m in current {
-            match from_map(&m, &fallback) {
-                Ok(e) => result.events.push(e),
-                Err(e) => result.dead_letters.push(DeadLetter {
-                    rule: "(output)".into(),
-                    error: e,
-                    event: fallback.clone(),
-                }),
-            }
+            let e = from_map(&m, input).map_err(|e| ("(output)".to_string(), e))?;
+            result.events.push(e);
         }
-        result
+        Ok(())
     }
 
     /// Runs every rule's `on_tick(now)`; what they return is forwarded as it is.
@@ -483,23 +522,23 @@ impl RuleSet {
                         .map(|m| from_map(m, &tick_event))
                         .collect::<Result<Vec<_>, _>>()
                 });
+            // Each rule's tick call is all or nothing on its own.
             match outcome {
-                Ok(evs) => result.events.extend(evs),
-                Err(e) => result.dead_letters.push(DeadLetter {
-                    rule: rule.name.clone(),
-                    error: e,
-                    event: tick_event,
-                }),
+                Ok(evs) => {
+                    self.end_step(true, &mut result);
+                    result.events.extend(evs);
+                }
+                Err(e) => {
+                    self.end_step(false, &mut result);
+                    result.dead_letters.push(DeadLetter {
+                        rule: rule.name.clone(),
+                        error: e,
+                        event: tick_event,
+                    });
+                }
             }
-            self.drain_ctx(&mut result);
         }
         result
-    }
-
-    fn drain_ctx(&self, result: &mut StepResult) {
-        let mut c = self.ctx.lock().unwrap();
-        result.publishes.append(&mut c.publishes);
-        result.logs.append(&mut c.logs);
     }
 
     fn call(&self, rule: &Rule, f: &str, arg: Dynamic) -> Result<Dynamic, String> {
@@ -678,7 +717,7 @@ fn build_engine(l: &Limits, ctx: Arc<Mutex<CallCtx>>, deadline: Arc<AtomicU64>) 
     e.register_fn("state_get", move |key: &str| -> Dynamic {
         let g = c.lock().unwrap();
         let k = (g.rule.clone(), key.to_string());
-        match g.pending.get(&k) {
+        match g.step.get(&k).or_else(|| g.pending.get(&k)) {
             Some(Some(v)) => to_dynamic(v),
             Some(None) => Dynamic::UNIT,
             None => g.committed.get(&k).map(to_dynamic).unwrap_or(Dynamic::UNIT),
@@ -693,7 +732,7 @@ fn build_engine(l: &Limits, ctx: Arc<Mutex<CallCtx>>, deadline: Arc<AtomicU64>) 
         } else {
             Some(to_json(&value))
         };
-        g.pending.insert(k, v);
+        g.step.insert(k, v);
     });
     let c = ctx.clone();
     e.register_fn("state_keys", move || -> Array {
@@ -704,7 +743,7 @@ fn build_engine(l: &Limits, ctx: Arc<Mutex<CallCtx>>, deadline: Arc<AtomicU64>) 
             .filter(|(r, _)| *r == g.rule)
             .map(|(_, k)| k.as_str())
             .collect();
-        for ((r, k), v) in &g.pending {
+        for ((r, k), v) in g.pending.iter().chain(g.step.iter()) {
             if *r == g.rule {
                 if v.is_some() {
                     keys.insert(k.as_str());
@@ -721,7 +760,7 @@ fn build_engine(l: &Limits, ctx: Arc<Mutex<CallCtx>>, deadline: Arc<AtomicU64>) 
     e.register_fn("state_del", move |key: &str| {
         let mut g = c.lock().unwrap();
         let k = (g.rule.clone(), key.to_string());
-        g.pending.insert(k, None);
+        g.step.insert(k, None);
     });
     let c = ctx.clone();
     e.register_fn("log", move |level: &str, msg: Dynamic| {
@@ -917,6 +956,85 @@ mod tests {
         s.commit_state();
         assert!(s.pending_state().is_empty());
         assert_eq!(s.on_event(ev("t", json!(0))).events[0].payload, json!(2));
+    }
+
+    #[test]
+    fn a_failed_input_leaves_nothing_and_dead_letters_the_original() {
+        let mut s = set(&[
+            (
+                "10-stage",
+                r#"fn on_event(e) {
+                    let k = state_get("k"); if k == () { k = 0; }
+                    state_set("k", k + 1);
+                    publish("stage/seen", k + 1);
+                    e.payload.stage = k + 1;
+                    [e, #{ topic: "fan/out", payload: k + 1 }]
+                }"#,
+            ),
+            (
+                "20-check",
+                r#"const TOPICS = ["t"];
+                fn on_event(e) {
+                    state_set("last", e.payload.i);
+                    publish("check/seen", e.payload.i);
+                    if e.payload.fail == true { throw "check failed"; }
+                    e
+                }"#,
+            ),
+        ]);
+        let r = s.on_event(ev("t", json!({"i": 1})));
+        assert_eq!(r.events.len(), 2);
+        assert_eq!(r.publishes.len(), 2);
+        let bad = json!({"i": 2, "fail": true});
+        let r = s.on_event(ev("t", bad.clone()));
+        assert!(r.events.is_empty(), "no output of a failed input: {r:?}");
+        assert!(r.publishes.is_empty(), "no publish of a failed input");
+        assert_eq!(r.dead_letters.len(), 1);
+        assert_eq!(r.dead_letters[0].rule, "20-check");
+        assert_eq!(
+            r.dead_letters[0].event,
+            ev("t", bad),
+            "the input as it entered the chain"
+        );
+        // Neither rule's write of the failed input is pending; the first input's are.
+        let pending: BTreeMap<_, _> = s.pending_state().into_iter().collect();
+        assert_eq!(pending[&("10-stage".into(), "k".into())], Some(json!(1)));
+        assert_eq!(pending[&("20-check".into(), "last".into())], Some(json!(1)));
+        // State carries on from the last successful input.
+        let r = s.on_event(ev("t", json!({"i": 3})));
+        assert_eq!(r.events[0].payload["stage"], json!(2));
+        s.commit_state();
+        assert!(s.pending_state().is_empty());
+        // A failed input right after a commit leaves the committed state as it was.
+        let r = s.on_event(ev("t", json!({"i": 4, "fail": true})));
+        assert_eq!(r.dead_letters.len(), 1);
+        assert!(s.pending_state().is_empty());
+        s.rollback_state();
+        let r = s.on_event(ev("t", json!({"i": 5})));
+        assert_eq!(r.events[0].payload["stage"], json!(3));
+    }
+
+    #[test]
+    fn a_failed_tick_call_leaves_nothing_of_its_own() {
+        let mut s = set(&[
+            (
+                "10-bad",
+                r#"fn on_tick(now) { state_set("x", 1); publish("a", 1); throw "no"; }"#,
+            ),
+            (
+                "20-good",
+                r#"fn on_tick(now) { state_set("y", 1); publish("b", 1); [#{ topic: "t", payload: 1 }] }"#,
+            ),
+        ]);
+        let r = s.on_tick(5);
+        assert_eq!(r.dead_letters.len(), 1);
+        assert_eq!(r.publishes.len(), 1);
+        assert_eq!(r.publishes[0].topic, "b");
+        assert_eq!(r.events.len(), 1);
+        assert_eq!(
+            s.pending_state(),
+            vec![(("20-good".to_string(), "y".to_string()), Some(json!(1)))]
+        );
     }
 
     #[test]

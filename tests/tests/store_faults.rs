@@ -178,13 +178,15 @@ fn full_disk_holds_then_recovers_and_accounts_for_every_event() {
         gw.proc.running(),
         "the gateway must not exit on a full disk"
     );
-    // Every acknowledged event is delivered, or counted under a reason.
-    assert_eq!(
-        delivered + min_free + full + overflow + age,
-        acked,
+    // Every acknowledged event is delivered, or counted under a reason. (An event evicted
+    // to make room may have been delivered already, its PUBACK not yet committed: then it
+    // is both, so the sum may pass what was acknowledged, never fall short.)
+    assert!(
+        delivered + min_free + full + overflow + age >= acked,
         "unaccounted events; log:\n{}",
         gw.log()
     );
+    assert!(delivered <= acked);
     assert!(delivered > 0);
 
     // And it goes on: new events are stored and delivered.

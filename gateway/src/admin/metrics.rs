@@ -24,11 +24,13 @@ pub enum DropReason {
     /// The embedded broker had acknowledged the event, but its memory log wrapped before the
     /// gateway could take it (the store could not keep up, or could not store).
     IngestOverflow,
+    /// A dead letter went (oldest first) to keep the dead-letter queue under `dlq_max_bytes`.
+    DlqFull,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Rule,
         DropReason::BufferFull,
         DropReason::MaxAge,
@@ -36,6 +38,7 @@ impl DropReason {
         DropReason::BadFrame,
         DropReason::MinFree,
         DropReason::IngestOverflow,
+        DropReason::DlqFull,
     ];
 
     /// The label value.
@@ -48,6 +51,7 @@ impl DropReason {
             DropReason::BadFrame => "bad_frame",
             DropReason::MinFree => "min_free",
             DropReason::IngestOverflow => "ingest_overflow",
+            DropReason::DlqFull => "dlq_full",
         }
     }
 
@@ -123,6 +127,8 @@ pub struct Metrics {
     rule_reload_errors: Mutex<BTreeMap<String, u64>>,
     /// Events in the dead-letter table.
     pub dlq_events: AtomicU64,
+    /// Their stored size.
+    pub dlq_bytes: AtomicU64,
     /// False once the store failed to commit.
     pub store_healthy: AtomicBool,
     commit_buckets: [AtomicU64; 12],
@@ -156,6 +162,7 @@ impl Default for Metrics {
             rule_errors: Mutex::default(),
             rule_reload_errors: Mutex::default(),
             dlq_events: AtomicU64::new(0),
+            dlq_bytes: AtomicU64::new(0),
             store_healthy: AtomicBool::new(true),
             commit_buckets: Default::default(),
             commit_count: AtomicU64::new(0),
@@ -310,7 +317,8 @@ impl Metrics {
             "tidepool_events_dropped_total",
             "Events dropped, by reason: rule (a rule returned ()), buffer_full (max_bytes), max_age, \
              oversize, bad_frame, min_free (the disk below [buffer] min_free), ingest_overflow (acknowledged \
-             by the embedded broker, lost when its memory log wrapped).",
+             by the embedded broker, lost when its memory log wrapped), dlq_full (the oldest dead letters, \
+             past dlq_max_bytes).",
         );
         for r in DropReason::ALL {
             let _ = writeln!(
@@ -355,7 +363,7 @@ impl Metrics {
             "tidepool_store_errors_total {}",
             self.store_errors.load(Relaxed)
         );
-        let gauges: [(&str, &str, String); 6] = [
+        let gauges: [(&str, &str, String); 7] = [
             (
                 "tidepool_backlog_events",
                 "Events buffered, not yet acknowledged upstream.",
@@ -380,6 +388,11 @@ impl Metrics {
                 "tidepool_dlq_events",
                 "Events in the dead-letter queue.",
                 self.dlq_events.load(Relaxed).to_string(),
+            ),
+            (
+                "tidepool_dlq_bytes",
+                "Stored size of the dead-letter queue (capped by dlq_max_bytes).",
+                self.dlq_bytes.load(Relaxed).to_string(),
             ),
             (
                 "tidepool_store_healthy",
@@ -435,6 +448,7 @@ impl Metrics {
                 "last_error": self.upstream_error.lock().unwrap().clone(),
             },
             "dlq_events": self.dlq_events.load(Relaxed),
+            "dlq_bytes": self.dlq_bytes.load(Relaxed),
             "store_healthy": self.store_healthy.load(Relaxed),
             "commits": self.commits(),
             "rules": rules,
@@ -466,6 +480,8 @@ mod tests {
             "tidepool_upstream_connected 0",
             "tidepool_rule_errors_total{rule=\"10-overheat\"} 1",
             "tidepool_dlq_events 0",
+            "tidepool_dlq_bytes 0",
+            "tidepool_events_dropped_total{reason=\"dlq_full\"} 0",
             "tidepool_commit_seconds_bucket{le=\"0.0025\"} 1",
             "tidepool_commit_seconds_bucket{le=\"0.001\"} 0",
             "tidepool_commit_seconds_count 1",

@@ -49,6 +49,19 @@ pub fn dead_letter_json(id: u64, d: &crate::rules::DeadLetter) -> serde_json::Va
     })
 }
 
+/// A row of a dead-letter page as JSON; a row that cannot be decoded says why.
+pub fn dlq_row_json(id: u64, d: &Result<crate::rules::DeadLetter, String>) -> serde_json::Value {
+    match d {
+        Ok(d) => dead_letter_json(id, d),
+        Err(why) => serde_json::json!({
+            "id": id,
+            "rule": "(unreadable row)",
+            "error": why,
+            "event": null,
+        }),
+    }
+}
+
 impl StatusSource {
     /// The `/status` document.
     pub fn status(&self) -> serde_json::Value {
@@ -124,6 +137,19 @@ fn parse_ids(query: &str) -> Option<Vec<u64>> {
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
 }
 
+/// A number `key=N` from a query string.
+fn parse_num(query: &str, key: &str) -> Option<u64> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// Rows of one `GET /dlq` page unless `limit` says otherwise, and the most it may say.
+const DLQ_PAGE: u64 = 100;
+const DLQ_PAGE_MAX: u64 = 1000;
+
 async fn dlq(
     method: &str,
     path: &str,
@@ -136,18 +162,28 @@ async fn dlq(
             let Some(db) = source.db.clone() else {
                 return ("503 Service Unavailable", "text/plain", "no store\n".into());
             };
-            let ids = parse_ids(query);
+            // One page: `?after=ID&limit=N` (default 100, at most 1000), oldest first; a
+            // client pages on with `after` = the last id until a page comes back short.
+            let sel = crate::store::dlq::Select {
+                ids: parse_ids(query),
+                below: None,
+            };
+            let after = parse_num(query, "after").unwrap_or(0);
+            let limit = parse_num(query, "limit")
+                .unwrap_or(DLQ_PAGE)
+                .clamp(1, DLQ_PAGE_MAX) as usize;
             let rows = tokio::task::spawn_blocking(move || {
-                crate::store::dlq_list(&*db.db()?, ids.as_deref())
+                crate::store::dlq::page(&*db.db()?, &sel, after, limit)
             })
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
             match rows {
-                Ok(rows) => {
-                    let v: Vec<_> = rows
+                Ok(page) => {
+                    let v: Vec<_> = page
+                        .rows
                         .iter()
-                        .map(|(id, d)| dead_letter_json(*id, d))
+                        .map(|(id, d)| dlq_row_json(*id, d))
                         .collect();
                     (
                         "200 OK",
@@ -167,11 +203,15 @@ async fn dlq(
                 );
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let ids = parse_ids(query);
+            let req = crate::store::commit::DlqRequest {
+                ids: parse_ids(query),
+                limit: parse_num(query, "limit"),
+                page: None,
+            };
             let msg = if path.ends_with("retry") {
-                Control::DlqRetry(ids, tx)
+                Control::DlqRetry(req, tx)
             } else {
-                Control::DlqDrop(ids, tx)
+                Control::DlqDrop(req, tx)
             };
             if ctl.send(msg).is_err() {
                 return (
@@ -193,7 +233,7 @@ async fn dlq(
         _ => (
             "404 Not Found",
             "text/plain",
-            "GET /dlq, POST /dlq/retry, POST /dlq/drop (?ids=1,2)\n".into(),
+            "GET /dlq (?after=ID&limit=N&ids=1,2), POST /dlq/retry, POST /dlq/drop (?ids=1,2&limit=N)\n".into(),
         ),
     }
 }

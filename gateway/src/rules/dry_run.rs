@@ -67,7 +67,16 @@ fn report_side_effects(
         actual.push(json!({"publish": p.topic, "payload": p.payload}));
     }
     for d in &r.dead_letters {
+        // A failed input leaves nothing else (no publish, no output, no state write); the
+        // dead letter keeps it as it entered the chain, which `dlq retry` would run again.
         let _ = writeln!(report, "   dead letter ({}): {}", d.rule, d.error);
+        if !d.event.topic.is_empty() {
+            let _ = writeln!(
+                report,
+                "      input kept: {} {}",
+                d.event.topic, d.event.payload
+            );
+        }
         actual.push(json!({"dead_letter": d.rule}));
     }
 }

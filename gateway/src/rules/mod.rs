@@ -5,8 +5,14 @@
 //! letters) is committed atomically with the step that produced it; local publishes are sent
 //! only after that commit. [`RhaiStage`] runs the user's Rhai rules (`tidepool-rules`);
 //! [`PassThrough`] keeps every event unchanged.
+//!
+//! One input is all or nothing: when any rule fails on it, the stage yields only its dead
+//! letter (the input as it came in), no events, no publishes, no state writes. Counters and
+//! log lines are counted on commit ([`RuleStage::commit_state`]), since the commit loop may run
+//! a group through the stage again when its commit is retried.
 
 pub mod dry_run;
+pub mod error_log;
 mod rhai_stage;
 
 pub use rhai_stage::RhaiStage;
@@ -31,7 +37,7 @@ pub struct DeadLetter {
     pub error: String,
     /// When (ms since the epoch).
     pub at: i64,
-    /// The event the rule was given.
+    /// The input as it entered the rule chain (for a bad frame: its raw bytes).
     pub event: Event,
 }
 
@@ -64,15 +70,18 @@ pub trait RuleStage: Send {
         false
     }
 
-    /// State written since the last commit, to persist in the same transaction.
+    /// State written since the last commit, to persist in the same transaction. Holds the
+    /// writes of the inputs whose whole rule chain succeeded, never of a failed one.
     fn pending_state(&self) -> Vec<StateWrite> {
         Vec::new()
     }
 
-    /// The transaction holding the pending state committed.
+    /// The transaction holding the pending state committed: make it the state, and count
+    /// (counters, metrics, log lines) what the steps since the last commit did.
     fn commit_state(&mut self) {}
 
-    /// The transaction failed: forget the pending state.
+    /// The transaction failed: forget the pending state and the uncounted counts, so a
+    /// retried group runs from the committed state and is counted once.
     fn rollback_state(&mut self) {}
 
     /// Seeds the persisted state at start-up.

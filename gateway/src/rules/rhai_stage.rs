@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use tidepool_rules::{Limits, RuleEvent, RuleSet};
 use tracing::{error, info, warn};
 
+use super::error_log::{ErrorLog, Line};
 use super::{DeadLetter, LocalPublish, RuleStage, StateWrite, StepOutput};
 use crate::admin::metrics::Metrics;
 use crate::config::RulesConfig;
@@ -25,6 +26,30 @@ struct RuleCounters {
     last_error: String,
 }
 
+impl RuleCounters {
+    fn add(&mut self, d: &RuleCounters) {
+        self.events_in += d.events_in;
+        self.events_out += d.events_out;
+        self.dropped += d.dropped;
+        self.errors += d.errors;
+        if !d.last_error.is_empty() {
+            self.last_error = d.last_error.clone();
+        }
+    }
+}
+
+/// What the steps since the last commit did to the counters and the log. Counted on commit,
+/// not on call: the commit loop may run a group through the rules again when its commit is
+/// retried, and a rolled-back run must not count.
+#[derive(Debug, Default)]
+struct Staged {
+    counters: BTreeMap<String, RuleCounters>,
+    /// Failures: (rule, error, topic).
+    failures: Vec<(String, String, String)>,
+    /// `log(level, message)` calls: (rule, level, message).
+    logs: Vec<(String, String, String)>,
+}
+
 /// The Rhai rule stage.
 pub struct RhaiStage {
     set: RuleSet,
@@ -33,6 +58,8 @@ pub struct RhaiStage {
     metrics: Arc<Metrics>,
     mtimes: HashMap<PathBuf, SystemTime>,
     counters: BTreeMap<String, RuleCounters>,
+    staged: Staged,
+    errors_log: ErrorLog,
     /// Rule files whose latest version failed to compile: name → error.
     refused: BTreeMap<String, String>,
     last_scan: Instant,
@@ -93,6 +120,8 @@ impl RhaiStage {
             metrics,
             mtimes: HashMap::new(),
             counters: BTreeMap::new(),
+            staged: Staged::default(),
+            errors_log: ErrorLog::default(),
             refused: BTreeMap::new(),
             last_scan: Instant::now(),
         };
@@ -172,11 +201,12 @@ impl RhaiStage {
             });
         }
         for d in r.dead_letters {
-            self.metrics.rule_error(&d.rule);
-            let c = self.counters.entry(d.rule.clone()).or_default();
+            let c = self.staged.counters.entry(d.rule.clone()).or_default();
             c.errors += 1;
             c.last_error = d.error.clone();
-            warn!(rule = %d.rule, error = %d.error, topic = %d.event.topic, "rule failed; input dead-lettered");
+            self.staged
+                .failures
+                .push((d.rule.clone(), d.error.clone(), d.event.topic.clone()));
             out.dead_letters.push(DeadLetter {
                 rule: d.rule,
                 error: d.error,
@@ -185,15 +215,27 @@ impl RhaiStage {
             });
         }
         for rule in &r.dropped_by {
-            self.counters.entry(rule.clone()).or_default().dropped += 1;
+            self.staged
+                .counters
+                .entry(rule.clone())
+                .or_default()
+                .dropped += 1;
         }
         out.dropped += r.dropped_by.len() as u64;
-        for (rule, level, msg) in r.logs {
-            match level.as_str() {
-                "error" => error!(rule = %rule, "{msg}"),
-                "warn" | "warning" => warn!(rule = %rule, "{msg}"),
-                "debug" | "trace" => tracing::debug!(rule = %rule, "{msg}"),
-                _ => info!(rule = %rule, "{msg}"),
+        self.staged.logs.extend(r.logs);
+    }
+
+    fn write(line: Line) {
+        match line {
+            Line::Failed { rule, error, topic } => {
+                warn!(rule = %rule, error = %error, topic = %topic, "rule failed; input dead-lettered (identical failures in the next minute are counted, not logged)")
+            }
+            Line::More {
+                rule,
+                more,
+                last_error,
+            } => {
+                warn!(rule = %rule, last_error = %last_error, "rule failed {more} more times like this in the last minute; inputs dead-lettered")
             }
         }
     }
@@ -214,12 +256,22 @@ impl RuleStage for RhaiStage {
         }
         for r in self.set.rules() {
             if r.matches(&event.topic) {
-                self.counters.entry(r.name.clone()).or_default().events_in += 1;
+                self.staged
+                    .counters
+                    .entry(r.name.clone())
+                    .or_default()
+                    .events_in += 1;
             }
         }
         let mut r = self.set.on_event(to_rule_event(&event));
         let events = std::mem::take(&mut r.events);
+        let n = out.dead_letters.len();
         self.absorb(r, out);
+        // A failed input's dead letter carries the event exactly as it came in (its payload
+        // as received, not as rules see it), so a retry runs the whole chain on the same input.
+        for d in &mut out.dead_letters[n..] {
+            d.event = event.clone();
+        }
         out.events.extend(events.into_iter().map(from_rule_event));
     }
 
@@ -227,7 +279,8 @@ impl RuleStage for RhaiStage {
         let mut r = self.set.on_tick(now_ms);
         for e in &r.events {
             if let Some(rule) = e.source.strip_prefix("rule:") {
-                self.counters
+                self.staged
+                    .counters
                     .entry(rule.to_string())
                     .or_default()
                     .events_out += 1;
@@ -252,10 +305,30 @@ impl RuleStage for RhaiStage {
 
     fn commit_state(&mut self) {
         self.set.commit_state();
+        let staged = std::mem::take(&mut self.staged);
+        for (rule, d) in &staged.counters {
+            self.counters.entry(rule.clone()).or_default().add(d);
+        }
+        let now = Instant::now();
+        for (rule, error, topic) in staged.failures {
+            self.metrics.rule_error(&rule);
+            for line in self.errors_log.failed(&rule, &error, &topic, now) {
+                Self::write(line);
+            }
+        }
+        for (rule, level, msg) in staged.logs {
+            match level.as_str() {
+                "error" => error!(rule = %rule, "{msg}"),
+                "warn" | "warning" => warn!(rule = %rule, "{msg}"),
+                "debug" | "trace" => tracing::debug!(rule = %rule, "{msg}"),
+                _ => info!(rule = %rule, "{msg}"),
+            }
+        }
     }
 
     fn rollback_state(&mut self) {
         self.set.rollback_state();
+        self.staged = Staged::default();
     }
 
     fn load_state(&mut self, entries: Vec<((String, String), Vec<u8>)>) {
@@ -269,6 +342,9 @@ impl RuleStage for RhaiStage {
     fn reload(&mut self) {
         if self.last_scan.elapsed().as_millis() >= 1000 {
             self.scan();
+            for line in self.errors_log.flush(Instant::now()) {
+                Self::write(line);
+            }
         }
     }
 
@@ -299,5 +375,62 @@ impl RuleStage for RhaiStage {
         }
         let _ = &self.gateway;
         Value::Array(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(dir: &Path) -> (RhaiStage, Arc<Metrics>) {
+        let mut cfg = crate::config::Config::defaults().rules;
+        cfg.dir = dir.to_path_buf();
+        let metrics = Arc::new(Metrics::default());
+        (RhaiStage::new(&cfg, "gw", metrics.clone()), metrics)
+    }
+
+    fn input(fail: bool) -> Event {
+        Event::new("mqtt", "t", Payload::Json(format!("{{\"fail\":{fail}}}")))
+    }
+
+    #[test]
+    fn counters_count_on_commit_so_a_retried_commit_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("10-x.rhai"),
+            r#"fn on_event(e) { state_set("n", 1); if e.payload.fail { throw "no"; } e }"#,
+        )
+        .unwrap();
+        let (mut s, metrics) = stage(dir.path());
+        let group = [input(false), input(true), input(false)];
+        // The commit loop runs the group, the commit fails, it runs the group again.
+        for _attempt in 0..2 {
+            let mut out = StepOutput::default();
+            for e in &group {
+                s.on_event(e.clone(), &mut out);
+            }
+            assert_eq!(out.dead_letters.len(), 1);
+            assert_eq!(out.dead_letters[0].event, group[1], "the original input");
+            assert_eq!(out.events.len(), 2);
+            assert_eq!(
+                s.status()[0]["errors"],
+                0,
+                "nothing counted before the commit"
+            );
+            s.rollback_state();
+        }
+        let mut out = StepOutput::default();
+        for e in &group {
+            s.on_event(e.clone(), &mut out);
+        }
+        s.commit_state();
+        let st = s.status();
+        assert_eq!(
+            (st[0]["errors"].clone(), st[0]["events_in"].clone()),
+            (json!(1), json!(3))
+        );
+        assert!(metrics
+            .render()
+            .contains("tidepool_rule_errors_total{rule=\"10-x\"} 1"));
     }
 }

@@ -89,21 +89,45 @@ pub struct CommitLoop {
     tick: Duration,
     next_tick: Instant,
     last_status: Instant,
+    /// `dlq_full` drops not yet reported in the log, and when it last was.
+    dlq_full_warned: u64,
+    last_dlq_warn: Option<Instant>,
 }
 
 /// Requests to the commit loop from the admin endpoint (`tidepool dlq` with the daemon running).
 #[derive(Debug)]
 pub enum Control {
-    /// Re-run dead letters (all, or these ids) through the rules; answers a summary.
+    /// Re-run dead letters through the rules; answers a summary.
     DlqRetry(
-        Option<Vec<u64>>,
+        DlqRequest,
         tokio::sync::oneshot::Sender<Result<String, String>>,
     ),
-    /// Delete dead letters (all, or these ids); answers a summary.
+    /// Delete dead letters; answers a summary.
     DlqDrop(
-        Option<Vec<u64>>,
+        DlqRequest,
         tokio::sync::oneshot::Sender<Result<String, String>>,
     ),
+}
+
+/// Which dead letters a retry or drop takes.
+#[derive(Debug, Clone, Default)]
+pub struct DlqRequest {
+    /// Only these ids; `None`: all.
+    pub ids: Option<Vec<u64>>,
+    /// At most this many (oldest first); `None`: no limit.
+    pub limit: Option<u64>,
+    /// Rows per transaction; `None`: [`super::dlq::PAGE_ROWS`].
+    pub page: Option<usize>,
+}
+
+impl DlqRequest {
+    /// All dead letters, or those with `ids`.
+    pub fn ids(ids: Option<&[u64]>) -> DlqRequest {
+        DlqRequest {
+            ids: ids.map(|i| i.to_vec()),
+            ..DlqRequest::default()
+        }
+    }
 }
 
 /// Sends rule publishes to local subscribers, after the commit.
@@ -179,12 +203,16 @@ pub struct CommitReport {
     pub dropped_bad_frame: u64,
     /// Serial frames over `max_frame`.
     pub dropped_oversize: u64,
+    /// Dead letters dropped (oldest first) for `dlq_max_bytes`.
+    pub dropped_dlq_full: u64,
 }
 
 /// A transaction that committed, and what must follow it.
 struct Written {
     report: CommitReport,
     publishes: Vec<LocalPublish>,
+    /// The dead-letter table's (rows, bytes) after the commit, when it changed.
+    dlq_after: Option<(u64, u64)>,
     last_stored: Option<u64>,
     took: Duration,
 }
@@ -222,7 +250,9 @@ impl CommitLoop {
         metrics.backlog_events.store(st.backlog_events, Relaxed);
         metrics.backlog_bytes.store(st.backlog_bytes, Relaxed);
         metrics.oldest_ts.store(arrivals.oldest(), Relaxed);
-        metrics.dlq_events.store(st.dlq_events, Relaxed);
+        let (dlq_events, dlq_bytes) = super::dlq::ensure_bytes(&*store.db()?)?;
+        metrics.dlq_events.store(dlq_events, Relaxed);
+        metrics.dlq_bytes.store(dlq_bytes, Relaxed);
         committed.send_replace(st.next_id - 1);
         Ok(CommitLoop {
             store,
@@ -244,6 +274,8 @@ impl CommitLoop {
             tick: Duration::from_secs(10),
             next_tick: Instant::now() + Duration::from_secs(10),
             last_status: Instant::now() - Duration::from_secs(10),
+            dlq_full_warned: 0,
+            last_dlq_warn: None,
         })
     }
 
@@ -274,51 +306,105 @@ impl CommitLoop {
         self
     }
 
-    /// Re-runs dead letters (all, or `ids`) through the rules in one commit: they leave the
-    /// dead-letter table, and what the rules make of them now is stored (or dead-lettered
-    /// again). Returns (retried, failed again).
-    pub fn retry_dead_letters(&mut self, ids: Option<&[u64]>) -> Result<(u64, u64), StoreError> {
-        let rows = super::dlq_list(&*self.store.db()?, ids)?;
-        if rows.is_empty() {
-            return Ok((0, 0));
-        }
-        let group: Vec<Incoming> = rows
-            .iter()
-            .map(|(_, d)| {
-                let mut e = d.event.clone();
-                e.id = 0;
-                Incoming::plain(e)
-            })
-            .collect();
-        let mut plan = Plan::with_group(group);
-        plan.dlq_remove = rows.iter().map(|(id, _)| *id).collect();
-        let r = self.commit_plan(plan)?;
-        Ok((rows.len() as u64, r.dead_lettered))
+    /// Re-runs dead letters through the whole rule chain, a page (one transaction) at a time:
+    /// a page's rows leave the dead-letter table in the commit that stores what the rules make
+    /// of them now (or dead-letters them again, under new ids that this retry does not take
+    /// up again). Rows that cannot be decoded stay (`drop` removes them). Returns (retried,
+    /// failed again).
+    pub fn retry_dead_letters(&mut self, req: &DlqRequest) -> Result<(u64, u64), StoreError> {
+        let (mut retried, mut again) = (0, 0);
+        self.dlq_pages(req, |lp, rows| {
+            let group: Vec<Incoming> = rows
+                .iter()
+                .filter_map(|(_, d)| d.as_ref().ok())
+                .map(|d| {
+                    let mut e = d.event.clone();
+                    e.id = 0;
+                    Incoming::plain(e)
+                })
+                .collect();
+            let n = group.len() as u64;
+            let mut plan = Plan::with_group(group);
+            plan.dlq_remove = rows
+                .iter()
+                .filter(|(_, d)| d.is_ok())
+                .map(|(id, _)| *id)
+                .collect();
+            let r = lp.commit_plan(plan)?;
+            retried += n;
+            again += r.dead_lettered;
+            Ok(())
+        })?;
+        Ok((retried, again))
     }
 
-    /// Deletes dead letters (all, or `ids`) in one commit; returns how many went.
-    pub fn drop_dead_letters(&mut self, ids: Option<&[u64]>) -> Result<u64, StoreError> {
-        let rows = super::dlq_list(&*self.store.db()?, ids)?;
-        let plan = Plan {
-            dlq_remove: rows.iter().map(|(id, _)| *id).collect(),
-            ..Plan::default()
+    /// Deletes dead letters, a page (one transaction) at a time; returns how many went.
+    pub fn drop_dead_letters(&mut self, req: &DlqRequest) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        self.dlq_pages(req, |lp, rows| {
+            let plan = Plan {
+                dlq_remove: rows.iter().map(|(id, _)| *id).collect(),
+                ..Plan::default()
+            };
+            dropped += lp.commit_plan(plan)?.dlq_removed;
+            Ok(())
+        })?;
+        Ok(dropped)
+    }
+
+    /// Calls `f` on each page of the dead letters `req` selects, as they are now (rows
+    /// written meanwhile are not visited).
+    fn dlq_pages(
+        &mut self,
+        req: &DlqRequest,
+        mut f: impl FnMut(
+            &mut Self,
+            &[(u64, Result<crate::rules::DeadLetter, String>)],
+        ) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let below = {
+            let txn = self.store.db()?.begin_read()?;
+            let meta = txn.open_table(META)?;
+            meta.get(super::dlq::NEXT_DLQ_ID)?
+                .map(|v| v.value())
+                .unwrap_or(1)
         };
-        self.commit_plan(plan)?;
-        Ok(rows.len() as u64)
+        let sel = super::dlq::Select {
+            ids: req.ids.clone(),
+            below: Some(below),
+        };
+        let page_rows = req.page.unwrap_or(super::dlq::PAGE_ROWS);
+        let mut left = req.limit.unwrap_or(u64::MAX);
+        let mut after = 0;
+        while left > 0 {
+            let want = page_rows.min(usize::try_from(left).unwrap_or(usize::MAX));
+            let mut page = super::dlq::page(&*self.store.db()?, &sel, after, want)?;
+            let Some(last) = page.last_id() else { break };
+            page.rows.truncate(want);
+            left -= page.rows.len() as u64;
+            after = last;
+            f(self, &page.rows)?;
+            // A long retry must not look like a stuck loop to the watchdog.
+            self.metrics.heartbeat.store(now_ms(), Relaxed);
+            if !page.more {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn on_control(&mut self, c: Control) {
         match c {
-            Control::DlqRetry(ids, reply) => {
+            Control::DlqRetry(req, reply) => {
                 let r = self
-                    .retry_dead_letters(ids.as_deref())
+                    .retry_dead_letters(&req)
                     .map(|(n, again)| format!("retried {n} dead letters; {again} failed again"))
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }
-            Control::DlqDrop(ids, reply) => {
+            Control::DlqDrop(req, reply) => {
                 let r = self
-                    .drop_dead_letters(ids.as_deref())
+                    .drop_dead_letters(&req)
                     .map(|n| format!("dropped {n} dead letters"))
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
@@ -615,9 +701,26 @@ impl CommitLoop {
         for (reason, n) in r.drops() {
             m.dropped(reason, n);
         }
-        m.dlq_events.fetch_add(r.dead_lettered, Relaxed);
-        m.dlq_events
-            .fetch_sub(r.dlq_removed.min(m.dlq_events.load(Relaxed)), Relaxed);
+        if let Some((n, bytes)) = w.dlq_after {
+            m.dlq_events.store(n, Relaxed);
+            m.dlq_bytes.store(bytes, Relaxed);
+        }
+        if r.dropped_dlq_full > 0 {
+            self.dlq_full_warned += r.dropped_dlq_full;
+            // One line a minute at most: a flood of dead letters must not flood the log too.
+            if self
+                .last_dlq_warn
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+            {
+                warn!(
+                    dropped = self.dlq_full_warned,
+                    dlq_max_bytes = self.cfg.dlq_max_bytes.0,
+                    "dead-letter queue full: oldest dead letters dropped (reason dlq_full; next report in a minute at the earliest)"
+                );
+                self.dlq_full_warned = 0;
+                self.last_dlq_warn = Some(Instant::now());
+            }
+        }
         if r.dropped_full > 0 {
             warn!(dropped = r.dropped_full, policy = ?self.cfg.when_full, "buffer full (max_bytes): events dropped");
         }
@@ -668,6 +771,7 @@ impl CommitLoop {
                 "the wall clock jumped: ages of events stored since start-up follow it"
             );
         }
+        let mut dlq_after = None;
         let result = (|| -> Result<Vec<LocalPublish>, StoreError> {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
@@ -744,24 +848,19 @@ impl CommitLoop {
             report.dropped_rule += out.dropped;
 
             // Dead letters and rule state, in the same transaction as the outputs.
-            if !plan.dlq_remove.is_empty() {
+            if !plan.dlq_remove.is_empty() || !out.dead_letters.is_empty() {
                 let mut dlq = txn.open_table(DEAD_LETTERS)?;
-                for id in &plan.dlq_remove {
-                    if dlq.remove(*id)?.is_some() {
-                        report.dlq_removed += 1;
-                    }
-                }
-            }
-            if !out.dead_letters.is_empty() {
-                let mut dlq = txn.open_table(DEAD_LETTERS)?;
-                let mut id = meta.get("next_dlq_id")?.map(|v| v.value()).unwrap_or(1);
-                for d in out.dead_letters.drain(..) {
-                    let row = serde_json::to_vec(&d).expect("dead letter to JSON");
-                    dlq.insert(id, row.as_slice())?;
-                    id += 1;
-                    report.dead_lettered += 1;
-                }
-                meta.insert("next_dlq_id", id)?;
+                let d = super::dlq::apply(
+                    &mut dlq,
+                    &mut meta,
+                    &plan.dlq_remove,
+                    out.dead_letters.drain(..),
+                    self.cfg.dlq_max_bytes.0,
+                )?;
+                report.dlq_removed += d.removed;
+                report.dead_lettered += d.inserted;
+                report.dropped_dlq_full += d.dropped_full;
+                dlq_after = Some((d.events, d.bytes));
             }
             let writes = self.rules.pending_state();
             if !writes.is_empty() {
@@ -812,6 +911,7 @@ impl CommitLoop {
         Ok(Written {
             report,
             publishes,
+            dlq_after,
             last_stored: t.last_stored,
             took: started.elapsed(),
         })
@@ -842,8 +942,9 @@ struct Open {
 
 impl CommitReport {
     /// The drops of this commit, by reason (zeros included).
-    pub fn drops(&self) -> [(DropReason, u64); 6] {
+    pub fn drops(&self) -> [(DropReason, u64); 7] {
         [
+            (DropReason::DlqFull, self.dropped_dlq_full),
             (DropReason::Rule, self.dropped_rule),
             (DropReason::BufferFull, self.dropped_full),
             (DropReason::MinFree, self.dropped_min_free),

@@ -18,8 +18,11 @@
 //!   committed before the gateway could acknowledge it: it is acknowledged and not stored
 //!   again, so a crash between commit and PUBACK does not mint a second id. Bounded by the
 //!   packet id space (65,536 rows).
-//! - `dead_letters`: `u64 → JSON`, inputs a rule failed on, with the rule, error and time;
-//!   ids from `meta.next_dlq_id`. Rows go by `tidepool dlq retry|drop`.
+//! - `dead_letters`: `u64 →` a postcard row (older releases wrote JSON; both are read), the
+//!   input a rule failed on as it entered the chain (or a bad frame's raw bytes), with the
+//!   rule, error and time; ids from `meta.next_dlq_id`, stored size in `meta.dlq_bytes`, capped
+//!   by `dlq_max_bytes` (drop-oldest). Rows go by `tidepool dlq retry|drop` or the cap. See
+//!   [`dlq`].
 //! - `rule_state`: `(rule, key) → JSON`, what rules keep with `state_set`; a key goes by
 //!   `state_del`.
 //! - `arrivals`: `u64 first id → i64 ms`, when the gateway stored each group of consecutive
@@ -53,6 +56,7 @@
 
 pub mod arrivals;
 pub mod commit;
+pub mod dlq;
 mod handle;
 pub mod schema;
 pub mod space;
@@ -73,7 +77,7 @@ pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Client-mode redelivery detection.
 pub const INGEST_DEDUP: TableDefinition<u16, (u64, u64)> = TableDefinition::new("ingest_dedup");
-/// Inputs a rule failed on: JSON of `rules::DeadLetter`.
+/// Inputs a rule failed on: see [`dlq`] for the row format.
 pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Per-rule state: (rule, key) → JSON value.
 pub const RULE_STATE: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rule_state");
@@ -213,6 +217,8 @@ pub struct StoreStats {
     pub next_id: u64,
     /// Dead letters.
     pub dlq_events: u64,
+    /// Their stored size (`meta.dlq_bytes`).
+    pub dlq_bytes: u64,
     /// Persisted drop counters, by reason label.
     pub dropped: Vec<(String, u64)>,
 }
@@ -257,6 +263,7 @@ pub fn stats<D: ReadableDatabase>(db: &D) -> Result<StoreStats, StoreError> {
         first_id,
         next_id: get("next_id")?.max(1),
         dlq_events: dlq.len()?,
+        dlq_bytes: get(dlq::DLQ_BYTES)?,
         dropped,
     })
 }
@@ -283,26 +290,6 @@ pub fn read_after(
         out.push(decode(k.value(), v.value())?);
         if out.len() >= max_events {
             break;
-        }
-    }
-    Ok(out)
-}
-
-/// Dead letters, oldest first: all, or those with the given ids.
-pub fn dlq_list<D: ReadableDatabase>(
-    db: &D,
-    ids: Option<&[u64]>,
-) -> Result<Vec<(u64, crate::rules::DeadLetter)>, StoreError> {
-    let txn = db.begin_read()?;
-    let t = txn.open_table(DEAD_LETTERS)?;
-    let mut out = Vec::new();
-    for row in t.iter()? {
-        let (k, v) = row?;
-        if ids.is_some_and(|ids| !ids.contains(&k.value())) {
-            continue;
-        }
-        if let Ok(d) = serde_json::from_slice(v.value()) {
-            out.push((k.value(), d));
         }
     }
     Ok(out)

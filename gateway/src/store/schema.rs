@@ -9,7 +9,7 @@
 //! | version | change |
 //! |---|---|
 //! | 1 | events, meta, ingest_dedup, dead_letters, rule_state |
-//! | 2 | `arrivals`: when the gateway stored each group of events (ages by the gateway's clock) |
+//! | 2 | `arrivals`: when the gateway stored each group of events (ages by the gateway's clock); `meta.dlq_bytes`; dead letters in a compact postcard row (older JSON rows still read) |
 
 use std::path::Path;
 
@@ -76,6 +76,15 @@ fn upgrade(db: &Database, from: Option<u64>) -> Result<(), StoreError> {
             if let Some((first, _)) = events.first()? {
                 arr.insert(first.value(), arrivals::wall_or_unknown(now_ms()))?;
             }
+        }
+        if meta.get(super::dlq::DLQ_BYTES)?.is_none() {
+            // The dead-letter queue's stored size, kept in `meta` from version 2 on.
+            let dlq = txn.open_table(DEAD_LETTERS)?;
+            let mut bytes = 0u64;
+            for row in dlq.iter()? {
+                bytes += super::row_size(row?.1.value().len());
+            }
+            meta.insert(super::dlq::DLQ_BYTES, bytes)?;
         }
         meta.insert("schema_version", SCHEMA_VERSION)?;
     }

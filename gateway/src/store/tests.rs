@@ -16,7 +16,14 @@ struct Harness {
     _dir: tempfile::TempDir,
     db: Store,
     lp: CommitLoop,
+    metrics: Arc<Metrics>,
     _rt: tokio::runtime::Runtime,
+}
+
+impl Harness {
+    fn lp_metrics_commits(&self) -> u64 {
+        self.metrics.commits()
+    }
 }
 
 fn harness(max_bytes: u64, when_full: WhenFull) -> Harness {
@@ -41,11 +48,13 @@ fn harness_in(dir: tempfile::TempDir, max_bytes: u64, when_full: WhenFull) -> Ha
         cache_size: ByteSize(1 << 20),
         min_free: crate::config::MinFree::Bytes(0),
         ingest_max_bytes: ByteSize(1 << 20),
+        dlq_max_bytes: ByteSize(16 << 20),
     };
+    let metrics = Arc::new(Metrics::default());
     let lp = CommitLoop::new(
         db.clone(),
         cfg,
-        Arc::new(Metrics::default()),
+        metrics.clone(),
         Box::new(PassThrough),
         rx,
         arx,
@@ -57,6 +66,7 @@ fn harness_in(dir: tempfile::TempDir, max_bytes: u64, when_full: WhenFull) -> Ha
         _dir: dir,
         db,
         lp,
+        metrics,
         _rt: rt,
     }
 }
@@ -146,7 +156,9 @@ fn run_model(seed: u64, max_bytes: u64, when_full: WhenFull) {
             }
             _ => {
                 // Reopen: everything survives, ids continue.
-                let Harness { _dir, db, lp, _rt } = h;
+                let Harness {
+                    _dir, db, lp, _rt, ..
+                } = h;
                 drop(lp);
                 drop(db);
                 drop(_rt);
@@ -405,7 +417,9 @@ fn a_clock_jump_while_running_neither_expires_everything_nor_stops_expiry() {
 fn ages_survive_a_restart_and_count_powered_off_time() {
     let mut h = aged_harness();
     h.lp.commit(vec![ev_ts(1, T0)], None, None).unwrap();
-    let Harness { _dir, db, lp, _rt } = h;
+    let Harness {
+        _dir, db, lp, _rt, ..
+    } = h;
     drop(lp);
     drop(db);
     drop(_rt);
@@ -474,4 +488,44 @@ fn an_old_store_is_upgraded_once_and_its_events_get_an_arrival_time() {
 
 fn ev_e(n: u64) -> Event {
     ev(n, 0)
+}
+
+#[test]
+fn dead_letters_retry_and_drop_in_pages_and_the_cap_holds() {
+    let mut h = harness(1 << 30, WhenFull::DropOldest);
+    let bad = |n: u64| Incoming {
+        event: Event::new("serial:u0", "serial/u0", Payload::Bytes(vec![n as u8; 100])),
+        ack: None,
+        dedup: None,
+        bad: Some((
+            crate::admin::metrics::DropReason::BadFrame,
+            "bad frame".into(),
+        )),
+    };
+    let group: Vec<Incoming> = (0..10).map(bad).collect();
+    let r = h.lp.commit(group, None, None).unwrap();
+    assert_eq!(r.dead_lettered, 10);
+    let commits = |h: &Harness| h.lp_metrics_commits();
+    let before = commits(&h);
+    let req = crate::store::commit::DlqRequest {
+        ids: None,
+        limit: Some(7),
+        page: Some(3),
+    };
+    // PassThrough keeps them: 7 retried, oldest first, in 3 transactions (3 + 3 + 1).
+    assert_eq!(h.lp.retry_dead_letters(&req).unwrap(), (7, 0));
+    assert_eq!(commits(&h) - before, 3);
+    assert_eq!(stats(&*h.db.db().unwrap()).unwrap().backlog_events, 7);
+    let left = dlq::page(&*h.db.db().unwrap(), &dlq::Select::default(), 0, 100).unwrap();
+    assert_eq!(
+        left.rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [8, 9, 10]
+    );
+    let req = crate::store::commit::DlqRequest {
+        page: Some(2),
+        ..Default::default()
+    };
+    assert_eq!(h.lp.drop_dead_letters(&req).unwrap(), 3);
+    let st = stats(&*h.db.db().unwrap()).unwrap();
+    assert_eq!((st.dlq_events, st.dlq_bytes), (0, 0));
 }
