@@ -28,7 +28,9 @@ fn query(ids: &[u64]) -> String {
 /// The dead letters (all, or `ids`).
 pub async fn list(cfg: &Config, ids: &[u64]) -> anyhow::Result<Vec<Value>> {
     if let Some(addr) = cfg.admin.addr() {
-        if let Ok((200, body)) = crate::admin::get(addr, &format!("/dlq{}", query(ids))).await {
+        let token = cfg.admin.client_token();
+        let path = format!("/dlq{}", query(ids));
+        if let Ok((200, body)) = crate::admin::get(addr, token.as_deref(), &path).await {
             return serde_json::from_str(&body).context("admin endpoint answered with bad JSON");
         }
     }
@@ -48,7 +50,9 @@ pub async fn act(cfg: &Config, retry: bool, ids: &[u64]) -> anyhow::Result<Strin
         query(ids)
     );
     if let Some(addr) = cfg.admin.addr() {
-        if let Ok((code, body)) = crate::admin::request(addr, "POST", &path).await {
+        let token = cfg.admin.client_token();
+        if let Ok((code, body)) = crate::admin::request(addr, token.as_deref(), "POST", &path).await
+        {
             if code == 200 {
                 return Ok(body.trim().to_string());
             }
