@@ -43,6 +43,9 @@ pub struct Config {
     pub buffer: BufferConfig,
     /// The admin HTTP endpoint.
     pub admin: AdminConfig,
+    /// What loading noticed but accepted: renamed or removed keys, each naming the replacement.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// `[gateway]`.
@@ -276,6 +279,16 @@ pub struct BufferConfig {
 pub struct AdminConfig {
     /// Listen address; empty disables the endpoint.
     pub listen: String,
+    /// Bearer token that writes and payload reads must carry; empty: none.
+    pub token: String,
+    /// File whose first line is the token (keeps it out of the config); empty: none.
+    pub token_file: PathBuf,
+    /// Most connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Longest a client may take to send its request, and to take the reply.
+    pub io_timeout: HumanDuration,
+    /// Longest a request waits for the commit loop before it is answered 503.
+    pub reply_timeout: HumanDuration,
 }
 
 impl AdminConfig {
@@ -283,6 +296,41 @@ impl AdminConfig {
     pub fn addr(&self) -> Option<SocketAddr> {
         self.listen.parse().ok()
     }
+
+    /// The token from `token` or `token_file`, if one is configured; the error names the key.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if !self.token.is_empty() {
+            return Ok(Some(self.token.clone()));
+        }
+        if self.token_file.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let f = self.token_file.display();
+        let text = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| format!("key `admin.token_file`: cannot read {f}: {e}"))?;
+        let t = text.lines().next().unwrap_or("").trim().to_string();
+        check_token(&t).map_err(|e| format!("key `admin.token_file`: {f}: {e}"))?;
+        Ok(Some(t))
+    }
+
+    /// The token for a client (`tidepool status`, `tidepool dlq`): as [`Self::token`], `None`
+    /// when the file cannot be read (the daemon then says what it wants).
+    pub fn client_token(&self) -> Option<String> {
+        self.token().ok().flatten()
+    }
+}
+
+/// A token must fit in an HTTP header unchanged: visible ASCII, no spaces.
+fn check_token(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "a token is visible ASCII without spaces, e.g. from `openssl rand -hex 32`".into(),
+        );
+    }
+    Ok(())
 }
 
 /// A size in bytes, written `512MiB`, `64KiB`, `1000` or `2MB`.
@@ -314,7 +362,11 @@ impl ByteSize {
                 ))
             }
         };
-        Ok(ByteSize((num * mult as f64) as u64))
+        let bytes = num * mult as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(format!("`{s}` is too large; at most 16EiB"));
+        }
+        Ok(ByteSize(bytes as u64))
     }
 }
 
@@ -399,6 +451,9 @@ impl<'de> Deserialize<'de> for MinFree {
 pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {
+    /// The longest duration accepted: 100 years (clocks and timers stay far from overflow).
+    pub const MAX: Duration = Duration::from_secs(36_500 * 86_400);
+
     /// Parses `"1s"` and friends; several parts add up (`"1m30s"`).
     pub fn parse(s: &str) -> Result<Self, String> {
         let bad =
@@ -425,7 +480,12 @@ impl HumanDuration {
                 "d" => n * 86400.0,
                 _ => return Err(bad()),
             };
-            total += Duration::from_secs_f64(secs);
+            let too_long = || format!("`{s}` is too long; at most 36500d (100 years)");
+            let part = Duration::try_from_secs_f64(secs).map_err(|_| too_long())?;
+            total = total
+                .checked_add(part)
+                .filter(|t| *t <= Self::MAX)
+                .ok_or_else(too_long)?;
             rest = &rest[u_end..];
         }
         Ok(HumanDuration(total))
@@ -469,11 +529,22 @@ impl Config {
 
     /// Parses `text` (named `name` in messages) over the defaults.
     pub fn from_str_named(name: &str, text: &str) -> Result<Config, ConfigError> {
+        Self::from_str_renamed(name, text, renamed::RENAMED)
+    }
+
+    /// [`Self::from_str_named`] with a given table of renamed keys.
+    fn from_str_renamed(
+        name: &str,
+        text: &str,
+        renames: &[renamed::Renamed],
+    ) -> Result<Config, ConfigError> {
         let mut merged: toml::Table = DEFAULTS.parse().expect("built-in defaults parse");
         let user: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
             origin: name.to_string(),
             what: format!("not valid TOML: {}", e.to_string().trim_end()),
         })?;
+        let mut user = user;
+        let warnings = renamed::apply(&mut user, renames, name, text);
         merge(&mut merged, user);
         let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
             .map_err(|e| {
@@ -488,6 +559,7 @@ impl Config {
                 }
             })?;
         cfg.expand(name)?;
+        cfg.warnings = warnings;
         Ok(cfg)
     }
 
@@ -555,6 +627,26 @@ impl Config {
                 "cert_file and key_file go together (mTLS); set both or neither".into(),
             ));
         }
+        if !self.admin.token.is_empty() && !self.admin.token_file.as_os_str().is_empty() {
+            return Err(err(
+                "admin.token",
+                "token and token_file are two ways to give one token; set one of them".into(),
+            ));
+        }
+        if !self.admin.token.is_empty() {
+            check_token(&self.admin.token).map_err(|e| err("admin.token", e))?;
+        }
+        if self.admin.max_connections == 0 {
+            return Err(err("admin.max_connections", "must be at least 1".into()));
+        }
+        for (key, d) in [
+            ("admin.io_timeout", self.admin.io_timeout),
+            ("admin.reply_timeout", self.admin.reply_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(err(key, "must be more than 0, e.g. \"5s\"".into()));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.ingest.serial.iter().enumerate() {
             if !names.insert(s.name.clone()) {
@@ -574,6 +666,8 @@ impl Config {
 }
 
 const DEFAULTS_NAME: &str = "built-in defaults";
+
+mod renamed;
 
 /// A parsed `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -631,21 +725,34 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-/// Best-effort line of `key` (dotted path) in the user's file, for messages.
-fn find_line(text: &str, key: &str) -> Option<usize> {
+/// Best-effort line of `key` (dotted path, `ingest.serial[1].path` for the second
+/// `[[ingest.serial]]`) in the user's file, for messages.
+pub(crate) fn find_line(text: &str, key: &str) -> Option<usize> {
     let parts: Vec<&str> = key.split('.').collect();
     let leaf = parts.last()?.split('[').next()?;
-    let section: Vec<&str> = parts[..parts.len().saturating_sub(1)]
+    let section_parts = &parts[..parts.len().saturating_sub(1)];
+    // Which occurrence of an array-of-tables header, e.g. `serial[1]`.
+    let nth: usize = section_parts
+        .last()
+        .and_then(|p| p.split_once('['))
+        .and_then(|(_, i)| i.trim_end_matches(']').parse().ok())
+        .unwrap_or(0);
+    let section: Vec<&str> = section_parts
         .iter()
         .map(|p| p.split('[').next().unwrap_or(p))
         .collect();
     let section = section.join(".");
     let mut in_section = section.is_empty();
+    let mut seen = 0;
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
         if t.starts_with('[') {
             let name = t.trim_matches(|c| c == '[' || c == ']').trim();
             in_section = name == section;
+            if in_section {
+                seen += 1;
+                in_section = seen == nth + 1;
+            }
             if in_section && leaf.is_empty() {
                 return Some(i + 1);
             }
@@ -781,6 +888,67 @@ mod tests {
         );
         assert!(HumanDuration::parse("5").is_err());
         assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
+    }
+
+    #[test]
+    fn huge_durations_and_sizes_are_errors_naming_the_key() {
+        for text in [
+            "[rules]\ntick = \"99999999999999999999d\"\n",
+            "[rules]\ntick = \"36501d\"\n",
+            "[rules]\ntick = \"36500d1s\"\n",
+        ] {
+            let e = Config::from_str_named("c.toml", text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("c.toml:2: key `rules.tick`"), "{e}");
+            assert!(e.contains("too long") && e.contains("36500d"), "{e}");
+        }
+        assert_eq!(
+            HumanDuration::parse("36500d").unwrap().0,
+            HumanDuration::MAX
+        );
+        let e = Config::from_str_named(
+            "c.toml",
+            "[buffer]\nmax_bytes = \"99999999999999999999GiB\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("buffer.max_bytes") && e.contains("too large"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn admin_token_keys() {
+        let c = Config::from_str_named("c.toml", "[admin]\ntoken = \"abc123\"\n").unwrap();
+        assert_eq!(c.admin.token().unwrap().as_deref(), Some("abc123"));
+        assert_eq!(Config::defaults().admin.token().unwrap(), None);
+        let e = Config::from_str_named("c.toml", "[admin]\ntoken = \"a b\"\n").unwrap_err();
+        assert!(e.to_string().contains("admin.token"), "{e}");
+        let e = Config::from_str_named("c.toml", "[admin]\ntoken = \"a\"\ntoken_file = \"/t\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("set one of them"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "from-a-file\n").unwrap();
+        let c = Config::from_str_named(
+            "c.toml",
+            &format!("[admin]\ntoken_file = \"{}\"\n", f.display()),
+        )
+        .unwrap();
+        assert_eq!(c.admin.token().unwrap().as_deref(), Some("from-a-file"));
+        std::fs::remove_file(&f).unwrap();
+        let e = c.admin.token().unwrap_err();
+        assert!(e.starts_with("key `admin.token_file`: cannot read"), "{e}");
+        assert_eq!(c.admin.client_token(), None);
+    }
+
+    #[test]
+    fn lines_of_keys_in_the_nth_array_table() {
+        let text = "[[ingest.serial]]\nname = \"a\"\npath = \"/a\"\n\n[[ingest.serial]]\nname = \"b\"\npath = \"/b\"\n";
+        assert_eq!(find_line(text, "ingest.serial[0].path"), Some(3));
+        assert_eq!(find_line(text, "ingest.serial[1].path"), Some(7));
     }
 
     #[test]

@@ -94,15 +94,21 @@ fn query(ids: &[u64], after: u64, limit: Option<u64>) -> String {
 
 /// Where the pages come from.
 enum Source {
-    Daemon(std::net::SocketAddr),
+    Daemon(std::net::SocketAddr, Option<String>),
     Store(store::Store),
 }
 
 impl Source {
     async fn open(cfg: &Config) -> anyhow::Result<Source> {
         if let Some(addr) = cfg.admin.addr() {
-            if let Ok((200, _)) = crate::admin::get(addr, "/dlq?limit=1").await {
-                return Ok(Source::Daemon(addr));
+            let token = cfg.admin.client_token();
+            match crate::admin::get(addr, token.as_deref(), "/dlq?limit=1").await {
+                Ok((200, _)) => return Ok(Source::Daemon(addr, token)),
+                // The daemon runs but refuses us: say why rather than try the locked store.
+                Ok((code @ (401 | 403), body)) => {
+                    anyhow::bail!("the daemon answered {code}: {}", body.trim())
+                }
+                _ => {}
             }
         }
         Ok(Source::Store(open_offline(cfg)?))
@@ -110,9 +116,9 @@ impl Source {
 
     async fn page(&self, ids: &[u64], after: u64, limit: u64) -> anyhow::Result<Vec<Value>> {
         match self {
-            Source::Daemon(addr) => {
+            Source::Daemon(addr, token) => {
                 let path = format!("/dlq{}", query(ids, after, Some(limit)));
-                let (code, body) = crate::admin::get(*addr, &path).await?;
+                let (code, body) = crate::admin::get(*addr, token.as_deref(), &path).await?;
                 if code != 200 {
                     anyhow::bail!("the daemon answered {code}: {}", body.trim());
                 }
@@ -207,7 +213,9 @@ pub async fn act(
         query(ids, 0, limit)
     );
     if let Some(addr) = cfg.admin.addr() {
-        if let Ok((code, body)) = crate::admin::request(addr, "POST", &path).await {
+        let token = cfg.admin.client_token();
+        if let Ok((code, body)) = crate::admin::request(addr, token.as_deref(), "POST", &path).await
+        {
             if code == 200 {
                 return Ok(body.trim().to_string());
             }

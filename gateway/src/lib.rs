@@ -9,6 +9,7 @@
 //! store and deletes only what upstream acknowledged; admin serves metrics and status.
 
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod demo;
 pub mod dlq;
@@ -44,6 +45,9 @@ pub struct Running {
 /// Starts the gateway; it stops when `shutdown` fires. Errors in the config or in binding
 /// ports are returned before anything runs.
 pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
+    for w in &cfg.warnings {
+        warn!("config: {w}");
+    }
     let metrics = Arc::new(Metrics::default());
     let path = cfg.store_path();
     let db = store::open(&path, cfg.buffer.cache_size.0)?;
@@ -78,7 +82,10 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
         cfg.ingest.mqtt.max_payload.0 as usize,
     )?;
     let admin_listener = match cfg.admin.addr() {
-        Some(a) => Some(admin::bind(a).await.map_err(anyhow::Error::msg)?),
+        Some(a) => Some((
+            admin::bind(a).await.map_err(anyhow::Error::msg)?,
+            admin::Settings::from_config(&cfg.admin, a).map_err(anyhow::Error::msg)?,
+        )),
         None => None,
     };
 
@@ -146,7 +153,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
         .spawn(move || commit_loop.run())
         .context("spawning the store thread")?;
     let fwd = tokio::spawn(forwarder.run());
-    let admin_task = admin_listener.map(|l| {
+    let admin_task = admin_listener.map(|(l, settings)| {
         tokio::spawn(admin::serve(
             l,
             admin::StatusSource {
@@ -154,6 +161,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
                 metrics: metrics.clone(),
                 db: Some(db.clone()),
                 control: Some(control_tx),
+                settings,
             },
             shutdown.clone(),
         ))

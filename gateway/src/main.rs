@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tidepool::config::{self, Config};
+use tidepool::config::Config;
 
 /// Tidepool: an edge event gateway. Sensors in (MQTT), rules at the edge, a durable buffer,
 /// batches upstream over MQTT/TLS whenever the network is there.
@@ -135,10 +135,17 @@ fn tracing_init(default: &str) {
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    let cfg = Config::load(path).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(1)
-    })
+    })?;
+    // `run` logs these itself (at WARN); the other commands say them once here.
+    if !tracing::dispatcher::has_been_set() {
+        for w in &cfg.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    Ok(cfg)
 }
 
 fn main() -> ExitCode {
@@ -152,56 +159,7 @@ fn main() -> ExitCode {
         Cmd::Check {
             config,
             print_defaults,
-        } => {
-            if print_defaults {
-                print!("{}", config::DEFAULTS);
-                return ExitCode::SUCCESS;
-            }
-            let cfg = match load(config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            if cfg
-                .upstream
-                .url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("mqtts://"))
-            {
-                if let Err(e) = tidepool::forward::tls::client_config(&cfg.upstream) {
-                    eprintln!(
-                        "error: {}: {e}",
-                        config
-                            .as_deref()
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default()
-                    );
-                    return ExitCode::from(1);
-                }
-            }
-            if cfg.rules.dir.exists() {
-                let limits = tidepool_rules::Limits {
-                    max_operations: cfg.rules.max_operations,
-                    ..Default::default()
-                };
-                if let Err(errs) = tidepool_rules::RuleSet::load(&cfg.rules.dir, limits) {
-                    for e in errs {
-                        eprintln!("error: {e}");
-                    }
-                    return ExitCode::from(1);
-                }
-            }
-            println!(
-                "{}: ok",
-                config
-                    .as_deref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "built-in defaults".into())
-            );
-            for (k, v) in config::summary(&cfg) {
-                println!("  {k} = {v}");
-            }
-            ExitCode::SUCCESS
-        }
+        } => tidepool::check::main(config.as_deref(), print_defaults),
         Cmd::Run { config } => {
             tracing_init("info,rumqttd=off,rumqttc=warn");
             let cfg = match load(config.as_deref()) {

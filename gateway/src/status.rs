@@ -11,7 +11,8 @@ use crate::store;
 /// The status document: from the daemon's admin endpoint if it answers, else from the store.
 pub async fn fetch(cfg: &Config) -> anyhow::Result<Value> {
     if let Some(addr) = cfg.admin.addr() {
-        if let Ok((200, body)) = crate::admin::get(addr, "/status").await {
+        let token = cfg.admin.client_token();
+        if let Ok((200, body)) = crate::admin::get(addr, token.as_deref(), "/status").await {
             if let Ok(v) = serde_json::from_str::<Value>(&body) {
                 return Ok(v);
             }

@@ -66,6 +66,69 @@ fn check_rejects_bad_config_with_file_line_key_and_fix() {
 }
 
 #[test]
+fn check_names_a_missing_serial_port_and_exits_1() {
+    let text = "[[ingest.serial]]\nname = \"uart0\"\npath = \"/dev/null\"\n\n\
+                [[ingest.serial]]\nname = \"uart9\"\npath = \"/dev/tidepool-no-such-port\"\n";
+    let (code, msg) = check(text);
+    assert_eq!(code, 1, "{msg}");
+    assert!(
+        msg.contains("FILE:7: key `ingest.serial[1].path`")
+            && msg.contains("/dev/tidepool-no-such-port"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("/dev/null"),
+        "the port that exists is fine: {msg}"
+    );
+}
+
+#[test]
+fn check_compiles_rules_with_the_configured_limits() {
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules.path().join("10-two.rhai"),
+        "fn helper(x) { x + 1 }\nfn on_event(e) { e.payload.n = helper(e.payload.n); e.payload.tag = \"a longer literal\"; e }\n",
+    )
+    .unwrap();
+    let dir = format!("[rules]\ndir = \"{}\"\n", rules.path().display());
+    let (code, msg) = check(&dir);
+    assert_eq!(code, 0, "with the default limits the rule compiles: {msg}");
+    for (limit, want) in [
+        ("max_functions = 1", "Number of functions"),
+        ("max_string_size = \"8B\"", "Length of string"),
+    ] {
+        let (code, msg) = check(&format!("{dir}{limit}\n"));
+        assert_eq!(code, 1, "{limit}: {msg}");
+        assert!(
+            msg.contains("10-two.rhai:") && msg.contains(want),
+            "{limit}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn check_refuses_a_huge_duration_instead_of_panicking() {
+    for (text, key) in [
+        (
+            "[rules]\ntick = \"99999999999999999999d\"\n",
+            "FILE:2: key `rules.tick`",
+        ),
+        (
+            "[buffer]\nmax_age = \"40000d\"\n",
+            "FILE:2: key `buffer.max_age`",
+        ),
+    ] {
+        let (code, msg) = check(text);
+        assert_eq!(code, 1, "{text}: {msg}");
+        assert!(
+            msg.contains(key) && msg.contains("too long"),
+            "{text}: {msg}"
+        );
+        assert!(!msg.contains("panicked"), "{msg}");
+    }
+}
+
+#[test]
 fn non_json_and_oversize_payloads() {
     let up = Mosquitto::start("");
     let sub = Subscriber::start(up.port, &[TOPIC]);

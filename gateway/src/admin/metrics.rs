@@ -280,6 +280,7 @@ impl Metrics {
             "Events received, by source.",
         );
         for (src, n) in self.ingested.lock().unwrap().iter() {
+            let src = escape_label(src);
             let _ = writeln!(o, "tidepool_events_ingested_total{{source=\"{src}\"}} {n}");
         }
         counter(
@@ -334,6 +335,7 @@ impl Metrics {
             "Rule failures, by rule.",
         );
         for (rule, n) in self.rule_errors.lock().unwrap().iter() {
+            let rule = escape_label(rule);
             let _ = writeln!(o, "tidepool_rule_errors_total{{rule=\"{rule}\"}} {n}");
         }
         counter(
@@ -342,6 +344,7 @@ impl Metrics {
             "New rule versions refused because they do not compile, by rule.",
         );
         for (rule, n) in self.rule_reload_errors.lock().unwrap().iter() {
+            let rule = escape_label(rule);
             let _ = writeln!(
                 o,
                 "tidepool_rule_reload_errors_total{{rule=\"{rule}\"}} {n}"
@@ -456,9 +459,54 @@ impl Metrics {
     }
 }
 
+/// A label value as the Prometheus text format wants it: `\\`, `"` and newline escaped.
+pub fn escape_label(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    let mut o = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\\' => o.push_str("\\\\"),
+            '"' => o.push_str("\\\""),
+            '\n' => o.push_str("\\n"),
+            c => o.push(c),
+        }
+    }
+    o.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label("10-overheat"), "10-overheat");
+        assert_eq!(escape_label(r#"a\b"c"#), r#"a\\b\"c"#);
+        assert_eq!(escape_label("two\nlines"), "two\\nlines");
+        let m = Metrics::default();
+        m.ingested("serial:we\"ird\\port\n", 1);
+        m.rule_error("r\"1");
+        m.rule_reload_error("r\n2");
+        let t = m.render();
+        assert!(
+            t.contains("tidepool_events_ingested_total{source=\"serial:we\\\"ird\\\\port\\n\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tidepool_rule_errors_total{rule=\"r\\\"1\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tidepool_rule_reload_errors_total{rule=\"r\\n2\"} 1"),
+            "{t}"
+        );
+        // Every sample stays on one line: no raw newline inside a label.
+        for l in t.lines().filter(|l| !l.starts_with('#')) {
+            assert_eq!(l.matches('{').count(), l.matches('}').count(), "{l}");
+        }
+    }
 
     #[test]
     fn renders_contract_names() {

@@ -1,7 +1,13 @@
-//! The admin endpoint: `GET /metrics`, `/healthz`, `/status` over plain HTTP/1.1.
+//! The admin endpoint: `GET /metrics`, `/healthz`, `/status`, `/dlq` and `POST /dlq/retry|drop`
+//! over plain HTTP/1.1.
 //!
-//! Deliberately tiny (no HTTP framework): one request per connection, GET only.
+//! Deliberately tiny (no HTTP framework): one request per connection. Every connection is
+//! bounded: at most `[admin] max_connections` at once (more are answered 503 and closed), the
+//! request must arrive within `io_timeout` and the reply leave within it again, and a request
+//! waits for the commit loop at most `reply_timeout`. Who may read dead letters and who may
+//! write is decided by [`guard::Policy`].
 
+pub mod guard;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -10,11 +16,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
 
+use crate::config::AdminConfig;
 use crate::shutdown::Shutdown;
+use guard::{Access, Facts, Policy};
 use metrics::Metrics;
+
+/// How the endpoint guards itself: access policy, connection limit, timeouts.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Who may read payloads and write.
+    pub policy: Policy,
+    /// Most connections served at once.
+    pub max_connections: usize,
+    /// Longest to receive a request, and again to send the reply.
+    pub io_timeout: Duration,
+    /// Longest a request waits for the commit loop.
+    pub reply_timeout: Duration,
+}
+
+impl Settings {
+    /// The settings of `[admin]` for an endpoint on `listen`; reads the token file (the error
+    /// names the key).
+    pub fn from_config(cfg: &AdminConfig, listen: SocketAddr) -> Result<Settings, String> {
+        Ok(Settings {
+            policy: Policy::new(listen, cfg.token()?),
+            max_connections: cfg.max_connections,
+            io_timeout: cfg.io_timeout.0,
+            reply_timeout: cfg.reply_timeout.0,
+        })
+    }
+}
 
 /// What the endpoint serves from.
 #[derive(Clone)]
@@ -27,6 +61,8 @@ pub struct StatusSource {
     pub db: Option<crate::store::Store>,
     /// The commit loop, for `POST /dlq/retry|drop`.
     pub control: Option<tokio::sync::mpsc::UnboundedSender<crate::store::commit::Control>>,
+    /// Access policy, limits and timeouts.
+    pub settings: Settings,
 }
 
 /// A dead letter as shown to people and scripts.
@@ -80,52 +116,257 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 /// Serves requests until shutdown.
 pub async fn serve(listener: TcpListener, source: StatusSource, mut shutdown: Shutdown) {
     if let Ok(a) = listener.local_addr() {
-        info!(listen = %a, "admin endpoint: /metrics /healthz /status");
+        info!(listen = %a, "admin endpoint: /metrics /healthz /status /dlq");
     }
+    let slots = Arc::new(tokio::sync::Semaphore::new(source.settings.max_connections));
+    let mut backoff = Backoff::default();
     loop {
-        let (mut sock, _) = tokio::select! {
-            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
             _ = shutdown.wait() => return,
+        };
+        let sock = match accepted {
+            Ok((sock, _)) => {
+                if backoff.errors > 0 {
+                    info!(
+                        errors = backoff.errors,
+                        "admin endpoint accepts connections again"
+                    );
+                }
+                backoff = Backoff::default();
+                sock
+            }
+            Err(e) => {
+                // EMFILE and friends: wait instead of spinning on an error that repeats.
+                let wait = backoff.next();
+                if backoff.errors == 1 {
+                    warn!(error = %e, "admin endpoint cannot accept connections; backing off");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = shutdown.wait() => return,
+                }
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: say so without waiting for this client, and close.
+            debug!("admin endpoint: too many connections; refusing one");
+            say_and_close(
+                sock,
+                &reply_bytes(
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "",
+                    "too many admin connections; try again\n",
+                ),
+            );
+            continue;
         };
         let source = source.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while n < buf.len() {
-                    let k = sock.read(&mut buf[n..]).await?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = req.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            debug!(method, path, "admin request");
-            let (path, query) = path.split_once('?').unwrap_or((path, ""));
-            let (code, ctype, body) = if path.starts_with("/dlq") {
-                dlq(method, path, query, &source).await
-            } else {
-                respond(method, path, &source)
-            };
-            let head = format!(
-                "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            handle(sock, &source).await;
+            drop(slot);
         });
+    }
+}
+
+/// Delays between failed `accept`s: 10 ms doubling up to 1 s; reset by a success.
+#[derive(Debug, Default)]
+struct Backoff {
+    errors: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        self.errors = self.errors.saturating_add(1);
+        Duration::from_millis(10u64 << (self.errors - 1).min(7)).min(Duration::from_secs(1))
+    }
+}
+
+/// Largest request head and body accepted.
+const MAX_HEAD: usize = 8 * 1024;
+const MAX_BODY: usize = 64 * 1024;
+
+/// One parsed request.
+#[derive(Debug, Default)]
+struct Request {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a request could not be read.
+#[derive(Debug)]
+enum ReadError {
+    /// The client went away or the socket failed: nothing to answer.
+    Gone,
+    /// Answer this status and close.
+    Bad(&'static str, &'static str),
+}
+
+/// Reads one request: the head, then `Content-Length` bytes of body.
+async fn read_request(sock: &mut TcpStream) -> Result<Request, ReadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(ReadError::Bad(
+                "431 Request Header Fields Too Large",
+                "request head too large\n",
+            ));
+        }
+        let k = sock.read(&mut chunk).await.map_err(|_| ReadError::Gone)?;
+        if k == 0 {
+            return Err(ReadError::Gone);
+        }
+        buf.extend_from_slice(&chunk[..k]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let mut req = Request {
+        method: first.next().unwrap_or("").to_string(),
+        target: first.next().unwrap_or("").to_string(),
+        ..Request::default()
+    };
+    for l in lines.filter(|l| !l.is_empty()) {
+        if let Some((k, v)) = l.split_once(':') {
+            req.headers
+                .push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    if req.header("transfer-encoding").is_some() {
+        return Err(ReadError::Bad(
+            "411 Length Required",
+            "send the body with Content-Length\n",
+        ));
+    }
+    let len = match req.header("content-length") {
+        None => 0,
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| ReadError::Bad("400 Bad Request", "bad Content-Length\n"))?,
+    };
+    if len > MAX_BODY {
+        return Err(ReadError::Bad("413 Content Too Large", "body too large\n"));
+    }
+    req.body = buf[head_end..].to_vec();
+    while req.body.len() < len {
+        let k = sock.read(&mut chunk).await.map_err(|_| ReadError::Gone)?;
+        if k == 0 {
+            return Err(ReadError::Gone);
+        }
+        req.body.extend_from_slice(&chunk[..k]);
+    }
+    req.body.truncate(len);
+    Ok(req)
+}
+
+/// Writes what fits in the socket's buffer without waiting, and closes: for clients that are
+/// refused or out of time.
+fn say_and_close(sock: TcpStream, bytes: &[u8]) {
+    use std::io::Write as _;
+    if let Ok(mut s) = sock.into_std() {
+        let _ = s.write(bytes);
+    }
+}
+
+fn reply_bytes(code: &str, ctype: &str, extra: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Serves one connection: read (bounded in time), decide, answer (bounded in time), close.
+async fn handle(mut sock: TcpStream, source: &StatusSource) {
+    let io = source.settings.io_timeout;
+    let req = match tokio::time::timeout(io, read_request(&mut sock)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(ReadError::Gone)) => return,
+        Ok(Err(ReadError::Bad(code, msg))) => {
+            say_and_close(sock, &reply_bytes(code, "text/plain", "", msg));
+            return;
+        }
+        Err(_) => {
+            debug!("admin request not received within {io:?}; closing");
+            say_and_close(
+                sock,
+                &reply_bytes(
+                    "408 Request Timeout",
+                    "text/plain",
+                    "",
+                    "request not received in time\n",
+                ),
+            );
+            return;
+        }
+    };
+    let (path, query) = req
+        .target
+        .split_once('?')
+        .unwrap_or((req.target.as_str(), ""));
+    let method = req.method.as_str();
+    debug!(method, path, "admin request");
+    let access = Access::of(method, path);
+    let facts = Facts {
+        method,
+        origin: req.header("origin"),
+        host: req.header("host"),
+        content_type: req.header("content-type"),
+        authorization: req.header("authorization"),
+        body: &req.body,
+    };
+    let out = match source.settings.policy.decide(access, &facts) {
+        Err(refused) => {
+            warn!(
+                method,
+                path,
+                origin = facts.origin.unwrap_or(""),
+                status = refused.status,
+                "admin request refused"
+            );
+            let extra = if refused.wants_token() {
+                "WWW-Authenticate: Bearer\r\n"
+            } else {
+                ""
+            };
+            reply_bytes(
+                refused.status,
+                "text/plain",
+                extra,
+                &(refused.message + "\n"),
+            )
+        }
+        Ok(()) => {
+            let (code, ctype, body) = if path.starts_with("/dlq") {
+                dlq(method, path, query, source).await
+            } else {
+                respond(method, path, source)
+            };
+            reply_bytes(code, ctype, "", &body)
+        }
+    };
+    let write = async {
+        sock.write_all(&out).await?;
+        sock.shutdown().await
+    };
+    if tokio::time::timeout(io, write).await.is_err() {
+        debug!("admin reply not taken within {io:?}; closing");
     }
 }
 
@@ -220,13 +461,22 @@ async fn dlq(
                     "shutting down\n".into(),
                 );
             }
-            match rx.await {
-                Ok(Ok(m)) => ("200 OK", "text/plain", m + "\n"),
-                Ok(Err(e)) => ("500 Internal Server Error", "text/plain", e + "\n"),
-                Err(_) => (
+            let deadline = source.settings.reply_timeout;
+            match tokio::time::timeout(deadline, rx).await {
+                Ok(Ok(Ok(m))) => ("200 OK", "text/plain", m + "\n"),
+                Ok(Ok(Err(e))) => ("500 Internal Server Error", "text/plain", e + "\n"),
+                Ok(Err(_)) => (
                     "503 Service Unavailable",
                     "text/plain",
                     "shutting down\n".into(),
+                ),
+                Err(_) => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!(
+                        "the store is busy: no answer within {deadline:?} ([admin] reply_timeout); \
+                         the request stays queued and runs when the store is free (see `tidepool dlq list`)\n"
+                    ),
                 ),
             }
         }
@@ -277,16 +527,37 @@ fn respond(
 }
 
 /// `GET http://addr/path` with a short timeout: (status code, body). For `tidepool status`.
-pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    request(addr, "GET", path).await
+/// `token`: sent as `Authorization: Bearer TOKEN`.
+pub async fn get(
+    addr: SocketAddr,
+    token: Option<&str>,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    request(addr, token, "GET", path).await
 }
 
-/// `METHOD http://addr/path` (no body) with a timeout: (status code, body).
-pub async fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+/// `METHOD http://addr/path` with a timeout: (status code, body). A `POST` carries an empty
+/// JSON object (`{}`), as the endpoint wants of writes.
+pub async fn request(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let body = if method == "POST" { "{}" } else { "" };
+        let ctype = if body.is_empty() {
+            ""
+        } else {
+            "Content-Type: application/json\r\n"
+        };
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{ctype}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
         );
         s.write_all(head.as_bytes()).await?;
         let mut out = Vec::new();
@@ -308,4 +579,17 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str) -> std::io::Res
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "admin endpoint timed out")
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_grows_to_a_second_and_never_spins() {
+        let mut b = Backoff::default();
+        let waits: Vec<u64> = (0..10).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        assert!(waits.iter().all(|w| *w >= 10 && *w <= 1000));
+    }
 }

@@ -15,6 +15,8 @@ pub mod dry_run;
 pub mod error_log;
 mod rhai_stage;
 
+/// The engine limits of `[rules]`, as the live stage applies them (and `tidepool check`).
+pub use rhai_stage::limits;
 pub use rhai_stage::RhaiStage;
 
 use crate::event::Event;
