@@ -8,9 +8,7 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, WriteTran
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use super::{
-    decode, encode, row_size, StoreError, DEAD_LETTERS, EVENTS, INGEST_DEDUP, META, RULE_STATE,
-};
+use super::{decode, dedup, encode, row_size, StoreError, DEAD_LETTERS, EVENTS, META, RULE_STATE};
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{BufferConfig, WhenFull};
 use crate::event::{now_ms, Event};
@@ -19,15 +17,13 @@ use crate::rules::{LocalPublish, RuleStage, StepOutput};
 /// Called once the event it came with is committed (client-mode PUBACK, serial ack).
 pub type AckFn = Box<dyn FnOnce() + Send>;
 
-/// Redelivery detection for a client-mode MQTT message.
-#[derive(Debug, Clone, Copy)]
-pub struct Dedup {
-    /// The broker's packet id.
-    pub pkid: u16,
-    /// Hash of topic and payload.
-    pub hash: u64,
-    /// The broker set DUP: this may be a redelivery.
-    pub dup: bool,
+/// Redelivery detection: what identifies a message its source may send again.
+#[derive(Debug, Clone)]
+pub enum Dedup {
+    /// A client-mode MQTT delivery (packet id, content hash, DUP).
+    Mqtt(super::dedup::MqttKey),
+    /// A reliable-serial frame (port, device, seq, frame hash).
+    Serial(super::dedup::SerialKey),
 }
 
 /// One event from ingest, with what to do once it is committed.
@@ -36,7 +32,7 @@ pub struct Incoming {
     pub event: Event,
     /// Called after the commit that stored it (or decided not to).
     pub ack: Option<AckFn>,
-    /// Client-mode redelivery detection.
+    /// Redelivery detection (client mode, reliable serial).
     pub dedup: Option<Dedup>,
     /// A frame that could not be decoded: dead-lettered (raw bytes in the event) and counted.
     pub bad: Option<(DropReason, String)>,
@@ -445,10 +441,11 @@ impl CommitLoop {
             last_stored: None,
         };
         let publishes;
+        let feedback = dedup::Feedback::take(group.iter().map(|m| m.dedup.as_ref()));
         {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
-            let mut dedup = txn.open_table(INGEST_DEDUP)?;
+            let mut dedup = dedup::Window::open(&txn, &feedback)?;
 
             // 1. What upstream acknowledged goes.
             if let Some(a) = acked {
@@ -464,15 +461,9 @@ impl CommitLoop {
             // 2. The group, through the rule stage, given ids, appended under the caps.
             let mut out = StepOutput::default();
             for m in group {
-                if let Some(d) = m.dedup {
-                    if d.dup {
-                        if let Some(prev) = dedup.get(d.pkid)? {
-                            if prev.value().0 == d.hash {
-                                report.deduped += 1;
-                                continue;
-                            }
-                        }
-                    }
+                if dedup.seen(m.dedup.as_ref())? {
+                    report.deduped += 1;
+                    continue;
                 }
                 if let Some((reason, why)) = &m.bad {
                     out.dead_letters.push(crate::rules::DeadLetter {
@@ -490,9 +481,6 @@ impl CommitLoop {
                 self.rules.on_event(m.event.clone(), &mut out);
                 for e in out.events.drain(..) {
                     append(&self.cfg, &mut events, e, &mut t, &mut report)?;
-                }
-                if let Some(d) = m.dedup {
-                    dedup.insert(d.pkid, (d.hash, t.next_id - 1))?;
                 }
             }
             if let Some(now) = tick {
@@ -582,6 +570,7 @@ impl CommitLoop {
             self.metrics.oldest_ts.store(oldest, Relaxed);
         }
         commit_txn(txn)?;
+        feedback.committed();
         let took = started.elapsed();
         if expire {
             self.last_expiry = Instant::now();

@@ -209,39 +209,69 @@ fn read_after_respects_count_and_bytes() {
 #[test]
 fn redelivered_message_is_not_stored_twice() {
     let mut h = harness(u64::MAX / 2, WhenFull::DropOldest);
-    let d = Dedup {
-        pkid: 7,
-        hash: 42,
-        dup: false,
+    let log = std::sync::Arc::new(crate::store::dedup::PubackLog::default());
+    let key = |pkid, hash, dup, tag| {
+        Some(Dedup::Mqtt(crate::store::dedup::MqttKey {
+            pkid,
+            hash,
+            dup,
+            tag,
+            first_new: false,
+            log: log.clone(),
+        }))
     };
-    let first = Incoming {
-        event: ev(1, 0),
+    let msg = |n, dedup| Incoming {
+        event: ev(n, 0),
         ack: None,
-        dedup: Some(d),
+        dedup,
         bad: None,
     };
-    assert_eq!(h.lp.commit(&[first], None, false, None).unwrap().stored, 1);
+    assert_eq!(
+        h.lp.commit(&[msg(1, key(7, 42, false, 1))], None, false, None)
+            .unwrap()
+            .stored,
+        1
+    );
     // The broker resends it with DUP after a crash before our PUBACK: skipped.
-    let again = Incoming {
-        event: ev(1, 0),
-        ack: None,
-        dedup: Some(Dedup { dup: true, ..d }),
-        bad: None,
-    };
-    let r = h.lp.commit(&[again], None, false, None).unwrap();
+    let r =
+        h.lp.commit(&[msg(1, key(7, 42, true, 2))], None, false, None)
+            .unwrap();
     assert_eq!((r.stored, r.deduped), (0, 1));
     // A different message reusing the packet id later is stored.
-    let other = Incoming {
-        event: ev(2, 0),
+    let r =
+        h.lp.commit(&[msg(2, key(7, 43, true, 3))], None, false, None)
+            .unwrap();
+    assert_eq!(r.stored, 1);
+    // Once the PUBACK of that delivery is written, the same id and content is a new message.
+    log.written(7, 3);
+    let r =
+        h.lp.commit(&[msg(3, key(7, 43, true, 4))], None, false, None)
+            .unwrap();
+    assert_eq!((r.stored, r.deduped), (1, 0));
+}
+
+#[test]
+fn serial_resend_is_stored_once_in_a_group_and_across_commits() {
+    let mut h = harness(u64::MAX / 2, WhenFull::DropOldest);
+    let frame = |n, seq| Incoming {
+        event: ev(n, 0),
         ack: None,
-        dedup: Some(Dedup {
-            pkid: 7,
-            hash: 43,
-            dup: true,
-        }),
+        dedup: Some(Dedup::Serial(crate::store::dedup::SerialKey {
+            port: "uart0".into(),
+            device: "d1".into(),
+            seq,
+            hash: seq * 7,
+        })),
         bad: None,
     };
-    assert_eq!(h.lp.commit(&[other], None, false, None).unwrap().stored, 1);
+    let r =
+        h.lp.commit(&[frame(1, 1), frame(2, 2), frame(2, 2)], None, false, None)
+            .unwrap();
+    assert_eq!((r.stored, r.deduped), (2, 1));
+    let r =
+        h.lp.commit(&[frame(1, 1), frame(3, 3)], None, false, None)
+            .unwrap();
+    assert_eq!((r.stored, r.deduped), (1, 1));
 }
 
 #[test]
