@@ -18,7 +18,9 @@ use tidepool_sim::{run, SimConfig, SimStats};
 /// Serial (--serial PATH or --pty): the same events as `lines` (one JSON object per line, with
 /// its "topic") or `cobs` (tidepool-proto frames: device "sensor-{i}", seq = n, key/values n and
 /// celsius). With --ack the simulator is a reliable device: it keeps up to 64 frames without an
-/// ack from the gateway and resends them after 1 s, until all are acknowledged.
+/// ack from the gateway and resends them after 1 s, until all are acknowledged; with --serial, a
+/// line that fails (unplugged) is opened again and the whole window resent; lines frames then
+/// carry "device" and "seq" = n (an ack names only the seq).
 #[derive(Parser, Debug)]
 #[command(name = "tidepool-sim", version)]
 struct Args {

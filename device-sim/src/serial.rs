@@ -1,6 +1,7 @@
 //! The simulator over a serial line: `lines` (JSON per line) or `cobs` (tidepool-proto frames),
 //! to a given tty (`--serial PATH`) or a pseudo-terminal it creates (`--pty`), optionally
-//! reliable (`--ack`: a window of unacknowledged frames, resent until the gateway acks them).
+//! reliable (`--ack`: a window of unacknowledged frames, resent until the gateway acks them;
+//! with `--serial PATH`, a line that fails is opened again and the whole window resent).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -218,17 +219,19 @@ pub fn frame(framing: Framing, sensor: u32, topic: &str, v: &serde_json::Value) 
     }
 }
 
-/// Reads acks from the port and removes them from `window`.
+/// Reads acks from the port and removes them from `window`, until `stop` or `gone` (this
+/// port was replaced by a reconnect).
 fn read_acks(
     mut port: File,
     framing: Framing,
     window: Arc<Window>,
     stats: Arc<SimStats>,
     stop: Arc<AtomicBool>,
+    gone: Arc<AtomicBool>,
 ) {
     let mut buf = [0u8; 1024];
     let mut acc = Vec::new();
-    while !stop.load(Relaxed) {
+    while !stop.load(Relaxed) && !gone.load(Relaxed) {
         let n = match port.read(&mut buf) {
             Ok(0) => {
                 std::thread::sleep(Duration::from_millis(20));
@@ -347,16 +350,41 @@ pub fn run_with_faults(
     let mut burst_left = 0u32;
     let mut generator = Generator::new(cfg.seed, cfg.sensors, 0);
     let window: Arc<Window> = Arc::default();
-    if ack {
-        let (rd, w, s, st) = (
-            port.try_clone()?,
-            window.clone(),
-            stats.clone(),
-            stop.clone(),
-        );
-        std::thread::spawn(move || read_acks(rd, framing, w, s, st));
-    }
+    let mut reader_gone = Arc::new(AtomicBool::new(false));
+    let spawn_reader = |port: &File, gone: &Arc<AtomicBool>| -> std::io::Result<()> {
+        if ack {
+            let (rd, w, s, st, g) = (
+                port.try_clone()?,
+                window.clone(),
+                stats.clone(),
+                stop.clone(),
+                gone.clone(),
+            );
+            std::thread::spawn(move || read_acks(rd, framing, w, s, st, g));
+        }
+        Ok(())
+    };
+    spawn_reader(&port, &reader_gone)?;
     let mut port = port;
+    // A reliable device whose line went away (unplugged) opens it again and resends its window.
+    let relink = |port: &mut File, reader_gone: &mut Arc<AtomicBool>| -> std::io::Result<bool> {
+        let Some((path, baud)) = reopen.filter(|_| ack) else {
+            return Ok(false);
+        };
+        reader_gone.store(true, Relaxed);
+        while !stop.load(Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Ok(p) = open_tty(path, baud) {
+                *port = p;
+                *reader_gone = Arc::new(AtomicBool::new(false));
+                spawn_reader(port, reader_gone)?;
+                stats.reconnects.fetch_add(1, Relaxed);
+                resend_stale(port, &window, Duration::ZERO, &stats);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
     let started = Instant::now();
     let count = cfg.count.unwrap_or(u64::MAX);
     let resend_after = Duration::from_millis(1000);
@@ -377,14 +405,21 @@ pub fn run_with_faults(
         if ack {
             // A small window: wait for acks (resending stale frames) when it is full.
             loop {
-                resend_stale(&mut port, &window, resend_after, &stats);
+                if !resend_stale(&mut port, &window, resend_after, &stats) {
+                    relink(&mut port, &mut reader_gone)?;
+                }
                 if window.lock().unwrap().len() < 64 || stop.load(Relaxed) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let (sensor, topic, v) = generator.next(n, now_ms());
+        let (sensor, topic, mut v) = generator.next(n, now_ms());
+        if ack && framing == Framing::Lines {
+            // Acks carry only the seq: make it unique on the line, as the cobs frames' is.
+            v["seq"] = n.into();
+            v["device"] = format!("sensor-{sensor}").into();
+        }
         let bytes = frame(framing, sensor, &topic, &v);
         for (kind, ratio) in [
             ("garbage", faults.garbage),
@@ -407,9 +442,12 @@ pub fn run_with_faults(
             if faults.disconnect > 0.0 && rng.f64() < faults.disconnect {
                 let _ = port.flush();
                 std::thread::sleep(Duration::from_millis(50));
+                reader_gone.store(true, Relaxed);
                 drop(port);
                 std::thread::sleep(Duration::from_millis(200));
                 port = open_tty(path, baud)?;
+                reader_gone = Arc::new(AtomicBool::new(false));
+                spawn_reader(&port, &reader_gone)?;
                 counts.disconnects.fetch_add(1, Relaxed);
             }
         }
@@ -419,7 +457,7 @@ pub fn run_with_faults(
                 .unwrap()
                 .insert(n, (bytes.clone(), Instant::now()));
         }
-        if port.write_all(&bytes).is_err() {
+        if port.write_all(&bytes).is_err() && !relink(&mut port, &mut reader_gone)? {
             stats.reconnects.fetch_add(1, Relaxed);
             std::thread::sleep(Duration::from_millis(100));
             if !ack {
@@ -433,7 +471,9 @@ pub fn run_with_faults(
         let deadline = Instant::now() + Duration::from_secs(60);
         while !window.lock().unwrap().is_empty() && Instant::now() < deadline && !stop.load(Relaxed)
         {
-            resend_stale(&mut port, &window, resend_after, &stats);
+            if !resend_stale(&mut port, &window, resend_after, &stats) {
+                relink(&mut port, &mut reader_gone)?;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     } else {
@@ -444,7 +484,8 @@ pub fn run_with_faults(
     Ok(())
 }
 
-fn resend_stale(port: &mut File, window: &Window, after: Duration, stats: &SimStats) {
+/// Resends what waited longer than `after` for its ack; false when the port failed.
+fn resend_stale(port: &mut File, window: &Window, after: Duration, stats: &SimStats) -> bool {
     let stale: Vec<(u64, Vec<u8>)> = window
         .lock()
         .unwrap()
@@ -453,13 +494,15 @@ fn resend_stale(port: &mut File, window: &Window, after: Duration, stats: &SimSt
         .map(|(k, (b, _))| (*k, b.clone()))
         .collect();
     for (seq, bytes) in stale {
-        if port.write_all(&bytes).is_ok() {
-            stats.resent.fetch_add(1, Relaxed);
-            if let Some(e) = window.lock().unwrap().get_mut(&seq) {
-                e.1 = Instant::now();
-            }
+        if port.write_all(&bytes).is_err() {
+            return false;
+        }
+        stats.resent.fetch_add(1, Relaxed);
+        if let Some(e) = window.lock().unwrap().get_mut(&seq) {
+            e.1 = Instant::now();
         }
     }
+    true
 }
 
 fn now_ms() -> i64 {

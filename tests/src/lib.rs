@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub mod admin;
+pub mod ingest;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -194,8 +195,13 @@ impl Mosquitto {
                 "listener {port} 127.0.0.1\nallow_anonymous true\n"
             ));
         }
+        let inflight = if extra.contains("max_inflight_messages") {
+            ""
+        } else {
+            "max_inflight_messages 0\n"
+        };
         text.push_str(&format!(
-            "# Keep the privileges of the test (files live in private temp dirs).\nuser root\nmax_queued_messages 0\nmax_inflight_messages 0\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
+            "# Keep the privileges of the test (files live in private temp dirs).\nuser root\nmax_queued_messages 0\n{inflight}persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
         ));
         std::fs::write(&conf, text).unwrap();
         let bin = which("mosquitto").expect(

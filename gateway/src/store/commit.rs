@@ -11,8 +11,7 @@ use tracing::{error, info, warn};
 use super::arrivals::{self, Arrivals};
 use super::space::{below_min_free, commit_headroom, fs_space};
 use super::{
-    encode, row_size, Store, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, INGEST_DEDUP, META,
-    RULE_STATE,
+    dedup, encode, row_size, Store, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, META, RULE_STATE,
 };
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{BufferConfig, WhenFull};
@@ -23,15 +22,13 @@ use crate::rules::{LocalPublish, RuleStage, StepOutput};
 /// Called once the event it came with is committed (client-mode PUBACK, serial ack).
 pub type AckFn = Box<dyn FnOnce() + Send>;
 
-/// Redelivery detection for a client-mode MQTT message.
-#[derive(Debug, Clone, Copy)]
-pub struct Dedup {
-    /// The broker's packet id.
-    pub pkid: u16,
-    /// Hash of topic and payload.
-    pub hash: u64,
-    /// The broker set DUP: this may be a redelivery.
-    pub dup: bool,
+/// Redelivery detection: what identifies a message its source may send again.
+#[derive(Debug, Clone)]
+pub enum Dedup {
+    /// A client-mode MQTT delivery (packet id, content hash, DUP).
+    Mqtt(super::dedup::MqttKey),
+    /// A reliable-serial frame (port, device, seq, frame hash).
+    Serial(super::dedup::SerialKey),
 }
 
 /// One event from ingest, with what to do once it is committed.
@@ -40,7 +37,7 @@ pub struct Incoming {
     pub event: Event,
     /// Called after the commit that stored it (or decided not to).
     pub ack: Option<AckFn>,
-    /// Client-mode redelivery detection.
+    /// Redelivery detection (client mode, reliable serial).
     pub dedup: Option<Dedup>,
     /// A frame that could not be decoded: dead-lettered (raw bytes in the event) and counted.
     pub bad: Option<(DropReason, String)>,
@@ -772,10 +769,12 @@ impl CommitLoop {
             );
         }
         let mut dlq_after = None;
+        // Client-mode PUBACKs written since the last commit: their entries go in this one.
+        let feedback = dedup::Feedback::take(plan.group.iter().map(|q| q.incoming.dedup.as_ref()));
         let result = (|| -> Result<Vec<LocalPublish>, StoreError> {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
-            let mut dedup = txn.open_table(INGEST_DEDUP)?;
+            let mut dedup = dedup::Window::open(&txn, &feedback)?;
             let mut arr = txn.open_table(ARRIVALS)?;
 
             // 1. What upstream acknowledged goes.
@@ -808,15 +807,9 @@ impl CommitLoop {
             let mut out = StepOutput::default();
             for q in &plan.group {
                 let m = &q.incoming;
-                if let Some(d) = m.dedup {
-                    if d.dup {
-                        if let Some(prev) = dedup.get(d.pkid)? {
-                            if prev.value().0 == d.hash {
-                                report.deduped += 1;
-                                continue;
-                            }
-                        }
-                    }
+                if dedup.seen(m.dedup.as_ref())? {
+                    report.deduped += 1;
+                    continue;
                 }
                 if let Some((reason, why)) = &m.bad {
                     out.dead_letters.push(crate::rules::DeadLetter {
@@ -834,9 +827,6 @@ impl CommitLoop {
                 self.rules.on_event(m.event.clone(), &mut out);
                 for e in out.events.drain(..) {
                     append(&self.cfg, &mut events, e, &mut t, &mut report)?;
-                }
-                if let Some(d) = m.dedup {
-                    dedup.insert(d.pkid, (d.hash, t.next_id - 1))?;
                 }
             }
             if let Some(now) = plan.tick {
@@ -903,6 +893,7 @@ impl CommitLoop {
         })();
         let publishes = result?;
         txn.commit()?;
+        feedback.committed();
         drop(db);
         self.arrivals = arrivals;
         self.next_id = t.next_id;

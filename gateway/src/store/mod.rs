@@ -13,11 +13,33 @@
 //!   survive restarts and are never reused), `stored_bytes` (the sum of stored sizes of rows in
 //!   `events`, what `max_bytes` caps), `next_batch` (upstream batch number), and the drop
 //!   counters `dropped.REASON`, so `tidepool status` can show them with the daemon stopped.
-//! - `ingest_dedup`: `u16 packet id → (payload hash, event id)`, client mode only. When a
-//!   broker redelivers a message (DUP set, same packet id) whose hash matches, the event was
-//!   committed before the gateway could acknowledge it: it is acknowledged and not stored
-//!   again, so a crash between commit and PUBACK does not mint a second id. Bounded by the
-//!   packet id space (65,536 rows).
+//! - `mqtt_dedup` and `serial_dedup` (`dedup.rs`): redelivery detection. When in doubt they
+//!   store: a duplicate carries its own id upstream, a loss is silent. Written only in the
+//!   commit that stores the events they describe.
+//!   - `mqtt_dedup`: `u16 packet id → (hash of topic + payload, delivery tag)`, client mode.
+//!     A message that comes with DUP, the packet id and the hash of the entry is the broker
+//!     resending a message we committed but whose PUBACK it did not get: acknowledged, not
+//!     stored again. An entry is valid only until its PUBACK is written (MQTT 3.1.1 §4.3.2:
+//!     after that the id names a new message): the ingest client reports each PUBACK it
+//!     wrote, and the next commit removes that entry (if it still names that delivery); a
+//!     message without DUP replaces the entry of its id; the first message without DUP on a
+//!     connection (the broker's resends are behind it) drops the entries of earlier
+//!     connections not resent on this one (their PUBACK got through, though a crash may have
+//!     kept us from hearing of it); a CONNACK without `session_present` empties the table.
+//!     One entry written per message, removed in a later commit. Remaining window: a PUBACK written, then a crash (`kill -9`, power)
+//!     before the next commit; if the broker reused that packet id in between for a message
+//!     with byte-identical topic and payload, sent it to us, and we had not committed it,
+//!     its resend after the restart is taken for the old one (lost). That needs the broker to
+//!     reuse the id within one commit (~`commit_max_wait` + an fsync): Mosquitto counts packet
+//!     ids up through 65,535 before reusing one, so with it this cannot happen. Bounded by the
+//!     packet id space (65,536 rows). Replaces `ingest_dedup` (entries never expired), which
+//!     is dropped at open.
+//!   - `serial_dedup`: `(port, device, seq) → hash of the frame's bytes`, reliable serial
+//!     (`ack = true`). The last `SERIAL_SEQ_WINDOW` (1,024) seqs below the highest seen, per
+//!     port and device. A frame in the window, recorded, with the same bytes, is a resend
+//!     (acknowledged, not stored); a seq further back than the window, or a recorded seq with
+//!     other bytes, is a device that restarted its count: stored, its rows start over. One
+//!     row (~40 bytes) written and one deleted per frame.
 //! - `dead_letters`: `u64 →` a postcard row (older releases wrote JSON; both are read), the
 //!   input a rule failed on as it entered the chain (or a bad frame's raw bytes), with the
 //!   rule, error and time; ids from `meta.next_dlq_id`, stored size in `meta.dlq_bytes`, capped
@@ -56,6 +78,7 @@
 
 pub mod arrivals;
 pub mod commit;
+pub mod dedup;
 pub mod dlq;
 mod handle;
 pub mod schema;
@@ -75,8 +98,6 @@ pub use handle::Store;
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// Counters and cursors.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Client-mode redelivery detection.
-pub const INGEST_DEDUP: TableDefinition<u16, (u64, u64)> = TableDefinition::new("ingest_dedup");
 /// Inputs a rule failed on: see [`dlq`] for the row format.
 pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 /// Per-rule state: (rule, key) → JSON value.

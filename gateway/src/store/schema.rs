@@ -9,13 +9,13 @@
 //! | version | change |
 //! |---|---|
 //! | 1 | events, meta, ingest_dedup, dead_letters, rule_state |
-//! | 2 | `arrivals`: when the gateway stored each group of events (ages by the gateway's clock); `meta.dlq_bytes`; dead letters in a compact postcard row (older JSON rows still read) |
+//! | 2 | `arrivals`: when the gateway stored each group of events (ages by the gateway's clock); `meta.dlq_bytes`; `mqtt_dedup` and `serial_dedup` replace `ingest_dedup`; dead letters in a compact postcard row (older JSON rows still read) |
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
-use super::{arrivals, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, INGEST_DEDUP, META, RULE_STATE};
+use super::{arrivals, dedup, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, META, RULE_STATE};
 use crate::event::now_ms;
 
 /// The layout this build writes.
@@ -66,7 +66,7 @@ fn upgrade(db: &Database, from: Option<u64>) -> Result<(), StoreError> {
         // Every table, so readers never see a missing one.
         let events = txn.open_table(EVENTS)?;
         let mut meta = txn.open_table(META)?;
-        txn.open_table(INGEST_DEDUP)?;
+        dedup::create_tables(&txn)?;
         txn.open_table(DEAD_LETTERS)?;
         txn.open_table(RULE_STATE)?;
         let mut arr = txn.open_table(ARRIVALS)?;

@@ -234,39 +234,69 @@ fn read_after_respects_count_and_bytes() {
 #[test]
 fn redelivered_message_is_not_stored_twice() {
     let mut h = harness(u64::MAX / 2, WhenFull::DropOldest);
-    let d = Dedup {
-        pkid: 7,
-        hash: 42,
-        dup: false,
+    let log = std::sync::Arc::new(crate::store::dedup::PubackLog::default());
+    let key = |pkid, hash, dup, tag| {
+        Some(Dedup::Mqtt(crate::store::dedup::MqttKey {
+            pkid,
+            hash,
+            dup,
+            tag,
+            first_new: false,
+            log: log.clone(),
+        }))
     };
-    let first = Incoming {
-        event: ev(1, 0),
+    let msg = |n, dedup| Incoming {
+        event: ev(n, 0),
         ack: None,
-        dedup: Some(d),
+        dedup,
         bad: None,
     };
-    assert_eq!(h.lp.commit(vec![first], None, None).unwrap().stored, 1);
+    assert_eq!(
+        h.lp.commit(vec![msg(1, key(7, 42, false, 1))], None, None)
+            .unwrap()
+            .stored,
+        1
+    );
     // The broker resends it with DUP after a crash before our PUBACK: skipped.
-    let again = Incoming {
-        event: ev(1, 0),
-        ack: None,
-        dedup: Some(Dedup { dup: true, ..d }),
-        bad: None,
-    };
-    let r = h.lp.commit(vec![again], None, None).unwrap();
+    let r =
+        h.lp.commit(vec![msg(1, key(7, 42, true, 2))], None, None)
+            .unwrap();
     assert_eq!((r.stored, r.deduped), (0, 1));
     // A different message reusing the packet id later is stored.
-    let other = Incoming {
-        event: ev(2, 0),
+    let r =
+        h.lp.commit(vec![msg(2, key(7, 43, true, 3))], None, None)
+            .unwrap();
+    assert_eq!(r.stored, 1);
+    // Once the PUBACK of that delivery is written, the same id and content is a new message.
+    log.written(7, 3);
+    let r =
+        h.lp.commit(vec![msg(3, key(7, 43, true, 4))], None, None)
+            .unwrap();
+    assert_eq!((r.stored, r.deduped), (1, 0));
+}
+
+#[test]
+fn serial_resend_is_stored_once_in_a_group_and_across_commits() {
+    let mut h = harness(u64::MAX / 2, WhenFull::DropOldest);
+    let frame = |n, seq| Incoming {
+        event: ev(n, 0),
         ack: None,
-        dedup: Some(Dedup {
-            pkid: 7,
-            hash: 43,
-            dup: true,
-        }),
+        dedup: Some(Dedup::Serial(crate::store::dedup::SerialKey {
+            port: "uart0".into(),
+            device: "d1".into(),
+            seq,
+            hash: seq * 7,
+        })),
         bad: None,
     };
-    assert_eq!(h.lp.commit(vec![other], None, None).unwrap().stored, 1);
+    let r =
+        h.lp.commit(vec![frame(1, 1), frame(2, 2), frame(2, 2)], None, None)
+            .unwrap();
+    assert_eq!((r.stored, r.deduped), (2, 1));
+    let r =
+        h.lp.commit(vec![frame(1, 1), frame(3, 3)], None, None)
+            .unwrap();
+    assert_eq!((r.stored, r.deduped), (1, 1));
 }
 
 thread_local! {
@@ -466,7 +496,7 @@ fn an_old_store_is_upgraded_once_and_its_events_get_an_arrival_time() {
             ev.insert(2, encode(&ev_e(2)).as_slice()).unwrap();
             let mut meta = txn.open_table(META).unwrap();
             meta.insert("next_id", 3).unwrap();
-            txn.open_table(INGEST_DEDUP).unwrap();
+            txn.open_table(dedup::LEGACY_INGEST_DEDUP).unwrap();
             txn.open_table(DEAD_LETTERS).unwrap();
             txn.open_table(RULE_STATE).unwrap();
         }

@@ -74,6 +74,8 @@ pub struct Decoded {
     pub payload: Value,
     /// Sequence number, for acks.
     pub seq: Option<u64>,
+    /// The sending device's id (cobs: always; lines: a `"device"` string, if any).
+    pub device: Option<String>,
 }
 
 /// Why a frame was refused; the text goes to the dead-letter queue.
@@ -127,11 +129,13 @@ pub fn decode_line(frame: &[u8]) -> Result<Option<Decoded>, BadFrame> {
         .and_then(|v| v.as_i64())
         .and_then(wall_clock);
     let seq = obj.get("seq").and_then(|v| v.as_u64());
+    let device = obj.get("device").and_then(|v| v.as_str()).map(String::from);
     Ok(Some(Decoded {
         topic,
         ts,
         payload: Value::Object(obj),
         seq,
+        device,
     }))
 }
 
@@ -146,6 +150,7 @@ pub fn decode_cobs(frame: &[u8]) -> Result<Decoded, BadFrame> {
     let f: owned::Frame =
         postcard::from_bytes(&raw).map_err(|e| BadFrame::Postcard(e.to_string()))?;
     let mut obj = Map::new();
+    let device = f.device.clone();
     obj.insert("device".into(), f.device.into());
     obj.insert("seq".into(), f.seq.into());
     if let Some(ts) = f.ts {
@@ -182,6 +187,7 @@ pub fn decode_cobs(frame: &[u8]) -> Result<Decoded, BadFrame> {
             .and_then(wall_clock),
         payload: Value::Object(obj),
         seq: Some(u64::from(f.seq)),
+        device: Some(device),
     })
 }
 

@@ -5,10 +5,20 @@
 //! oversize) is handed to the commit loop as a dead letter with its raw bytes, counted once
 //! (`dropped{reason="bad_frame"|"oversize"}`), and reading resumes at the next delimiter.
 //! With `ack = true`, a frame that carries a sequence number is answered with an ack frame
-//! once its event is committed (see `tidepool_proto` for the protocol).
+//! once its event is committed (see `tidepool_proto` for the protocol), and the store
+//! recognises a resend of a committed frame by (port, device, seq) and the frame's bytes
+//! (`store::dedup`): it is acknowledged again, not stored twice.
+//!
+//! Acks belong to the port, not to one opening of it: the commit loop's acks go to the port's
+//! task, which writes them on whichever connection is open ([`AckRoute`]). An ack for a frame
+//! of an earlier connection (the cable was pulled and plugged back while the frame was being
+//! committed) waits until the same device is heard on the new connection, so it never reaches
+//! another device that was plugged in meanwhile; until then the device's own resend is
+//! recognised and acknowledged anyway.
 
 pub mod framing;
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +27,13 @@ use tokio::sync::mpsc;
 use tokio_serial::SerialPortBuilderExt;
 use tracing::{info, warn};
 
-use super::{Incoming, IngestTx};
+use super::{stable_hash, Incoming, IngestTx};
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{Framing, SerialConfig};
 use crate::event::{Event, Payload};
 use crate::shutdown::Shutdown;
+use crate::store::commit::Dedup;
+use crate::store::dedup::SerialKey;
 use framing::{decode_cobs, decode_line, encode_ack, Chunk, Deframer};
 
 /// Starts reading one port; the task ends at shutdown.
@@ -43,6 +55,10 @@ pub fn start(
         let mut failures: u32 = 0;
         let mut buf = vec![0u8; 4096];
         let mut chunks = Vec::new();
+        // Acks from the commit loop, for frames of any connection of this port.
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<PortAck>();
+        let mut route = AckRoute::default();
+        let mut conn: u64 = 0;
         while !shutdown.is_set() {
             let port = tokio_serial::new(cfg.path.to_string_lossy(), cfg.baud)
                 .timeout(Duration::from_millis(100))
@@ -54,14 +70,21 @@ pub fn start(
                     }
                     failures = 0;
                     deframer.reset();
+                    conn += 1;
+                    route.opened(conn);
                     let (mut rd, mut wr) = tokio::io::split(port);
-                    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
+                    let (write_tx, mut write_rx) = mpsc::unbounded_channel::<u64>();
                     let writer = tokio::spawn(async move {
-                        while let Some(seq) = ack_rx.recv().await {
+                        while let Some(seq) = write_rx.recv().await {
                             if wr.write_all(&encode_ack(cobs, seq)).await.is_err() {
                                 return;
                             }
                         }
+                    });
+                    let acks = cfg.ack.then_some(AckTo {
+                        port: &cfg.name,
+                        conn,
+                        tx: &ack_tx,
                     });
                     loop {
                         let n = tokio::select! {
@@ -71,12 +94,23 @@ pub fn start(
                                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
                                 Err(_) => break,
                             },
+                            Some(a) = ack_rx.recv() => {
+                                if let Some(seq) = route.ack(a.conn, &a.device, a.seq) {
+                                    let _ = write_tx.send(seq);
+                                }
+                                continue;
+                            }
                             _ = shutdown.wait() => { writer.abort(); return; }
                         };
                         deframer.push(&buf[..n], &mut chunks);
                         for c in chunks.drain(..) {
-                            let m = incoming(c, cobs, &source, &topic, cfg.ack, &ack_tx);
+                            let m = incoming(c, cobs, &source, &topic, acks.as_ref());
                             if let Some(m) = m {
+                                if let Some(Dedup::Serial(k)) = &m.dedup {
+                                    for seq in route.heard(&k.device) {
+                                        let _ = write_tx.send(seq);
+                                    }
+                                }
                                 metrics.ingested(&source, 1);
                                 if tx.send(m).await.is_err() {
                                     writer.abort();
@@ -85,6 +119,7 @@ pub fn start(
                             }
                         }
                     }
+                    route.closed();
                     writer.abort();
                     warn!(port = %cfg.name, path = %cfg.path.display(), "serial port closed; retrying");
                     open = Some(false);
@@ -106,14 +141,86 @@ pub fn start(
     })
 }
 
+/// A committed frame's ack, on its way back to the port.
+#[derive(Debug)]
+struct PortAck {
+    conn: u64,
+    device: String,
+    seq: u64,
+}
+
+/// Where a reliable port's acks go (`ack = true`).
+struct AckTo<'a> {
+    port: &'a str,
+    conn: u64,
+    tx: &'a mpsc::UnboundedSender<PortAck>,
+}
+
+/// Acks waiting for their device to be heard on a new connection, at most.
+const MAX_HELD_ACKS: usize = 4096;
+
+/// Routes acks to the port's current connection. Pure state.
+#[derive(Debug, Default)]
+pub struct AckRoute {
+    current: Option<u64>,
+    heard: HashSet<String>,
+    held: VecDeque<(String, u64)>,
+}
+
+impl AckRoute {
+    /// Connection `conn` is open; nothing heard on it yet.
+    pub fn opened(&mut self, conn: u64) {
+        self.current = Some(conn);
+        self.heard.clear();
+    }
+
+    /// The port closed.
+    pub fn closed(&mut self) {
+        self.current = None;
+    }
+
+    /// The ack for `seq` of `device`, whose frame came on `conn`: the seq to write now, or
+    /// `None` when it waits (its connection is gone and the device is not heard on this one
+    /// yet). Past [`MAX_HELD_ACKS`] the oldest is forgotten: the device resends that frame,
+    /// the store recognises it, and its ack comes again.
+    pub fn ack(&mut self, conn: u64, device: &str, seq: u64) -> Option<u64> {
+        match self.current {
+            Some(c) if c == conn || self.heard.contains(device) => Some(seq),
+            _ => {
+                if self.held.len() >= MAX_HELD_ACKS {
+                    self.held.pop_front();
+                }
+                self.held.push_back((device.to_string(), seq));
+                None
+            }
+        }
+    }
+
+    /// A frame of `device` arrived on the current connection: the held acks it can have now.
+    pub fn heard(&mut self, device: &str) -> Vec<u64> {
+        if self.current.is_none() || self.heard.contains(device) {
+            return Vec::new();
+        }
+        self.heard.insert(device.to_string());
+        let mut out = Vec::new();
+        self.held.retain(|(d, seq)| {
+            let mine = d == device;
+            if mine {
+                out.push(*seq);
+            }
+            !mine
+        });
+        out
+    }
+}
+
 /// One chunk of the stream as what goes to the commit loop (`None`: a blank line).
 fn incoming(
     c: Chunk,
     cobs: bool,
     source: &str,
     topic: &str,
-    ack: bool,
-    ack_tx: &mpsc::UnboundedSender<u64>,
+    acks: Option<&AckTo>,
 ) -> Option<Incoming> {
     let bad = |raw: Vec<u8>, reason: DropReason, why: String| {
         let mut m = Incoming::plain(Event::new(source, topic, Payload::Bytes(raw)));
@@ -147,10 +254,17 @@ fn incoming(
                         e.ts = ts;
                     }
                     let mut m = Incoming::plain(e);
-                    if let (true, Some(seq)) = (ack, d.seq) {
-                        let tx = ack_tx.clone();
+                    if let (Some(to), Some(seq)) = (acks, d.seq) {
+                        let device = d.device.unwrap_or_default();
+                        m.dedup = Some(Dedup::Serial(SerialKey {
+                            port: to.port.to_string(),
+                            device: device.clone(),
+                            seq,
+                            hash: stable_hash(&[&raw]),
+                        }));
+                        let (tx, conn) = (to.tx.clone(), to.conn);
                         m.ack = Some(Box::new(move || {
-                            let _ = tx.send(seq);
+                            let _ = tx.send(PortAck { conn, device, seq });
                         }));
                     }
                     Some(m)
@@ -158,5 +272,56 @@ fn incoming(
                 Err(why) => bad(raw, DropReason::BadFrame, why.to_string()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_of_the_current_connection_go_out_at_once() {
+        let mut r = AckRoute::default();
+        r.opened(1);
+        assert_eq!(r.ack(1, "d1", 7), Some(7));
+    }
+
+    #[test]
+    fn acks_of_a_replaced_connection_wait_for_their_device() {
+        let mut r = AckRoute::default();
+        r.opened(1);
+        r.closed();
+        // Committed while the cable was out: held.
+        assert_eq!(r.ack(1, "d1", 7), None);
+        r.opened(2);
+        assert_eq!(
+            r.ack(1, "d1", 8),
+            None,
+            "d1 not heard on the new connection yet"
+        );
+        assert_eq!(r.ack(1, "d2", 3), None);
+        assert_eq!(r.heard("d1"), vec![7, 8], "d1 is back: its acks go out");
+        assert_eq!(r.heard("d1"), Vec::<u64>::new(), "once");
+        assert_eq!(r.ack(1, "d1", 9), Some(9), "d1 is on this connection now");
+        assert_eq!(r.heard("d2"), vec![3]);
+        // Another replug: held again until heard.
+        r.closed();
+        r.opened(3);
+        assert_eq!(r.ack(2, "d1", 10), None);
+        assert_eq!(r.heard("d1"), vec![10]);
+    }
+
+    #[test]
+    fn held_acks_are_bounded() {
+        let mut r = AckRoute::default();
+        r.opened(1);
+        r.closed();
+        for seq in 0..(MAX_HELD_ACKS as u64 + 10) {
+            r.ack(1, "d", seq);
+        }
+        r.opened(2);
+        let out = r.heard("d");
+        assert_eq!(out.len(), MAX_HELD_ACKS);
+        assert_eq!(out[0], 10, "the oldest were forgotten");
     }
 }
