@@ -63,6 +63,21 @@ pub struct ForwardAck {
     pub batch: u64,
 }
 
+/// From the forwarder, in the order it decided them.
+#[derive(Debug, Clone)]
+pub enum ForwardMsg {
+    /// Upstream acknowledged a batch: its events go.
+    Ack(ForwardAck),
+    /// Upstream cannot take this event (over its packet size limit): move it from `events` to
+    /// the dead-letter table (rule `upstream`, the reason as error).
+    DeadLetter {
+        /// The event's id.
+        id: u64,
+        /// Why, e.g. "exceeds upstream max_packet 128000 B: packet 140213 B".
+        reason: String,
+    },
+}
+
 /// The store's writer.
 pub struct CommitLoop {
     db: Arc<Database>,
@@ -70,7 +85,7 @@ pub struct CommitLoop {
     metrics: Arc<Metrics>,
     rules: Box<dyn RuleStage>,
     input: mpsc::Receiver<Incoming>,
-    acks: mpsc::UnboundedReceiver<ForwardAck>,
+    acks: mpsc::UnboundedReceiver<ForwardMsg>,
     committed: watch::Sender<u64>,
     rt: tokio::runtime::Handle,
     // In-memory mirrors of `meta`, valid between commits.
@@ -146,7 +161,7 @@ impl CommitLoop {
         metrics: Arc<Metrics>,
         rules: Box<dyn RuleStage>,
         input: mpsc::Receiver<Incoming>,
-        acks: mpsc::UnboundedReceiver<ForwardAck>,
+        acks: mpsc::UnboundedReceiver<ForwardMsg>,
         committed: watch::Sender<u64>,
         rt: tokio::runtime::Handle,
     ) -> Result<CommitLoop, StoreError> {
@@ -275,7 +290,7 @@ impl CommitLoop {
             let mut acked: Option<ForwardAck> = None;
             enum Wake {
                 In(Option<Incoming>),
-                Ack(Option<ForwardAck>),
+                Ack(Option<ForwardMsg>),
                 Control(Option<Control>),
                 Tick,
             }
@@ -305,7 +320,10 @@ impl CommitLoop {
             match wake {
                 Wake::In(Some(m)) => group.push(m),
                 Wake::In(None) => input_open = false,
-                Wake::Ack(Some(a)) => acked = Some(a),
+                Wake::Ack(Some(ForwardMsg::Ack(a))) => acked = Some(a),
+                Wake::Ack(Some(ForwardMsg::DeadLetter { id, reason })) => {
+                    self.dead_letter_upstream(id, &reason)
+                }
                 Wake::Ack(None) => acks_open = false,
                 Wake::Control(Some(c)) => {
                     self.on_control(c);
@@ -341,7 +359,10 @@ impl CommitLoop {
             }
             loop {
                 match self.acks.try_recv() {
-                    Ok(a) => {
+                    Ok(ForwardMsg::DeadLetter { id, reason }) => {
+                        self.dead_letter_upstream(id, &reason)
+                    }
+                    Ok(ForwardMsg::Ack(a)) => {
                         if acked.is_none_or(|b| a.up_to > b.up_to) {
                             acked = Some(a)
                         }
@@ -366,6 +387,74 @@ impl CommitLoop {
             self.commit_with_retry(group, acked, expire, tick);
         }
         info!(next_id = self.next_id, "store: commit loop stopped");
+    }
+
+    /// Moves event `id` from `events` to the dead-letter table in a commit of its own (the
+    /// forwarder asks before it sends any later ack, so the ack that follows cannot delete
+    /// the row first). Retried a few times; if the store still fails the event stays
+    /// buffered, and an ERROR says so.
+    fn dead_letter_upstream(&mut self, id: u64, reason: &str) {
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=3 {
+            match self.try_dead_letter_upstream(id, reason) {
+                Ok(Some(size)) => {
+                    self.stored_bytes = self.stored_bytes.saturating_sub(size);
+                    self.backlog = self.backlog.saturating_sub(1);
+                    let m = &self.metrics;
+                    m.fsyncs.fetch_add(1, Relaxed);
+                    m.backlog_events.store(self.backlog, Relaxed);
+                    m.backlog_bytes.store(self.stored_bytes, Relaxed);
+                    m.dlq_events.fetch_add(1, Relaxed);
+                    m.upstream_sizes.dead_lettered.fetch_add(1, Relaxed);
+                    warn!(id, reason, "event dead-lettered: upstream cannot take it");
+                    return;
+                }
+                Ok(None) => return, // already gone (max_age, drop_oldest)
+                Err(e) if attempt == 3 => {
+                    error!(id, error = %e, "store: could not dead-letter an event upstream refuses; it stays buffered");
+                }
+                Err(_) => {
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                }
+            }
+        }
+    }
+
+    /// One transaction: the row out of `events`, into `dead_letters`; its stored size.
+    fn try_dead_letter_upstream(
+        &mut self,
+        id: u64,
+        reason: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .expect("no persistent savepoints are used");
+        let size;
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let Some(value) = events.remove(id)? else {
+                return Ok(None);
+            };
+            size = row_size(value.value().len());
+            let event = decode(id, value.value())?;
+            drop(value);
+            let mut meta = txn.open_table(META)?;
+            let dlq_id = meta.get("next_dlq_id")?.map(|v| v.value()).unwrap_or(1);
+            let row = serde_json::to_vec(&crate::rules::DeadLetter {
+                rule: "upstream".into(),
+                error: reason.to_string(),
+                at: now_ms(),
+                event,
+            })
+            .expect("dead letter to JSON");
+            txn.open_table(DEAD_LETTERS)?
+                .insert(dlq_id, row.as_slice())?;
+            meta.insert("next_dlq_id", dlq_id + 1)?;
+            meta.insert("stored_bytes", self.stored_bytes.saturating_sub(size))?;
+        }
+        commit_txn(txn)?;
+        Ok(Some(size))
     }
 
     /// Commits, retrying while the store fails: ingest waits (backpressure) instead of losing.

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, Payload};
 
-pub use commit::{CommitLoop, ForwardAck, Incoming};
+pub use commit::{CommitLoop, ForwardAck, ForwardMsg, Incoming};
 
 /// Buffered events, by id.
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
