@@ -736,6 +736,11 @@ mod tests {
         assert!(e.to_string().contains("drop_oldest"), "{e}");
         let e = Config::from_str_named("c.toml", "[upstream]\nurl = \"http://x\"\n").unwrap_err();
         assert!(e.to_string().contains("mqtt://"), "{e}");
+        let e = Config::from_str_named("c.toml", "[upstream]\nmax_packet = 100\n").unwrap_err();
+        assert!(e.to_string().contains("upstream.max_packet"), "{e}");
+        let e =
+            Config::from_str_named("c.toml", "[upstream]\npuback_timeout = \"0s\"\n").unwrap_err();
+        assert!(e.to_string().contains("upstream.puback_timeout"), "{e}");
         let e = Config::from_str_named("c.toml", "[rules]\ntick = \"soon\"\n").unwrap_err();
         assert!(e.to_string().contains("rules.tick"), "{e}");
         let e = Config::from_str_named("c.toml", "[gateway\n").unwrap_err();

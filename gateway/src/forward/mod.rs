@@ -823,6 +823,30 @@ mod tests {
         });
     }
 
+    #[tokio::test]
+    async fn the_puback_clock_and_the_refusal_suspects_are_the_unacked_batches() {
+        let mut c = conn();
+        let timeout = Duration::from_secs(30);
+        assert_eq!(c.puback_due(timeout), None, "nothing in flight: no clock");
+        batch(&mut c, 1, 10);
+        batch(&mut c, 2, 20);
+        let first_queued = c.inflight[0].queued;
+        assert_eq!(c.puback_due(timeout), Some(first_queued + timeout));
+        assert!(c.on_sent(1));
+        let now = Instant::now();
+        let u = c.unacked(now);
+        assert_eq!(u.len(), 2, "a batch not reported written still counts");
+        assert_eq!((u[0].first_id, u[1].first_id), (1, 11));
+        assert!(c.on_puback(1));
+        c.take_acked_prefix();
+        assert_eq!(c.unacked(now).len(), 1);
+        assert_eq!(
+            c.puback_due(timeout),
+            Some(c.inflight[0].queued + timeout),
+            "the clock moves to the next batch"
+        );
+    }
+
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
         let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
