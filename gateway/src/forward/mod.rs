@@ -601,7 +601,8 @@ impl Forwarder {
     /// Asks the commit loop to move event `id` to the dead-letter queue; it is not read again.
     fn dead_letter(&mut self, id: u64, reason: &str) {
         if self.dead_sent.insert(id) {
-            warn!(
+            // The commit loop logs the move, one WARN per event.
+            debug!(
                 id,
                 reason, "upstream cannot take this event: dead-lettering it"
             );
