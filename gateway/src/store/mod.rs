@@ -18,7 +18,9 @@
 //!   committed before the gateway could acknowledge it: it is acknowledged and not stored
 //!   again, so a crash between commit and PUBACK does not mint a second id. Bounded by the
 //!   packet id space (65,536 rows).
-//! - `dead_letters`: `u64 → JSON`, inputs a rule failed on, with the rule, error and time;
+//! - `dead_letters`: `u64 → JSON`, inputs a rule failed on, with the rule, error and time (and
+//!   events the upstream broker cannot take for their size: rule `upstream`, moved out of
+//!   `events` in a commit of their own);
 //!   ids from `meta.next_dlq_id`. Rows go by `tidepool dlq retry|drop`.
 //! - `rule_state`: `(rule, key) → JSON`, what rules keep with `state_set`; a key goes by
 //!   `state_del`.
@@ -33,8 +35,9 @@
 //! crash never loses a rule's state write while keeping its outputs, or the reverse.
 //!
 //! **When rows go.** A row leaves `events` only (a) after its batch's PUBACK from upstream,
-//! (b) when `max_bytes` is reached under `drop_oldest` (oldest first), or (c) when older than
-//! `max_age`. (b) and (c) are counted in `tidepool_events_dropped_total` and in `meta`.
+//! (b) when `max_bytes` is reached under `drop_oldest` (oldest first), (c) when older than
+//! `max_age`. (b) and (c) are counted in `tidepool_events_dropped_total` and in `meta`; or
+//! (d) when the forwarder finds it too large for upstream, into `dead_letters`.
 //!
 //! **Readers.** The forwarder and `status` read through redb read transactions, which never
 //! block the writer.
