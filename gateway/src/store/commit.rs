@@ -391,11 +391,11 @@ impl CommitLoop {
 
     /// Moves event `id` from `events` to the dead-letter table in a commit of its own (the
     /// forwarder asks before it sends any later ack, so the ack that follows cannot delete
-    /// the row first). Retried a few times; if the store still fails the event stays
-    /// buffered, and an ERROR says so.
+    /// the row first). While the store fails this is retried, as a commit is: ingest waits,
+    /// and the row is never deleted unrecorded by a later ack.
     fn dead_letter_upstream(&mut self, id: u64, reason: &str) {
         let mut delay = Duration::from_millis(100);
-        for attempt in 1..=3 {
+        loop {
             match self.try_dead_letter_upstream(id, reason) {
                 Ok(Some(size)) => {
                     self.stored_bytes = self.stored_bytes.saturating_sub(size);
@@ -407,17 +407,20 @@ impl CommitLoop {
                     m.dlq_events.fetch_add(1, Relaxed);
                     m.upstream_sizes.dead_lettered.fetch_add(1, Relaxed);
                     warn!(id, reason, "event dead-lettered: upstream cannot take it");
-                    return;
+                    break;
                 }
-                Ok(None) => return, // already gone (max_age, drop_oldest)
-                Err(e) if attempt == 3 => {
-                    error!(id, error = %e, "store: could not dead-letter an event upstream refuses; it stays buffered");
-                }
-                Err(_) => {
+                Ok(None) => break, // already gone (max_age, drop_oldest)
+                Err(e) => {
+                    if self.metrics.store_healthy.swap(false, Relaxed) {
+                        error!(id, error = %e, "store: could not dead-letter an event upstream refuses; retrying, ingest is held");
+                    }
                     std::thread::sleep(delay);
-                    delay *= 2;
+                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
+        }
+        if !self.metrics.store_healthy.swap(true, Relaxed) {
+            info!("store: commits succeed again");
         }
     }
 
