@@ -219,6 +219,10 @@ pub struct UpstreamConfig {
     pub batch_max_wait: HumanDuration,
     /// Wire encoding.
     pub encoding: Encoding,
+    /// Largest whole PUBLISH packet sent upstream (header, topic, packet id, payload).
+    pub max_packet: ByteSize,
+    /// A PUBACK not received this long after its publish counts as a lost connection.
+    pub puback_timeout: HumanDuration,
     /// Batches in flight (published, not yet PUBACKed).
     pub max_inflight: usize,
     /// MQTT keep-alive.
@@ -238,6 +242,9 @@ pub struct UpstreamConfig {
     /// Client key (PEM) for mTLS.
     pub key_file: PathBuf,
 }
+
+/// The largest packet MQTT can express (a 4-byte remaining length, plus the fixed header).
+const MQTT_MAX_PACKET: u64 = 268_435_455 + 5;
 
 /// What to do when `max_bytes` is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -592,6 +599,20 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if !(1024..=MQTT_MAX_PACKET).contains(&self.upstream.max_packet.0) {
+            return Err(err(
+                "upstream.max_packet",
+                format!(
+                    "must be between 1KiB and {MQTT_MAX_PACKET} B (MQTT's largest packet), e.g. \"128KB\""
+                ),
+            ));
+        }
+        if self.upstream.puback_timeout.0 < Duration::from_millis(100) {
+            return Err(err(
+                "upstream.puback_timeout",
+                "must be at least 100ms, e.g. \"30s\"".into(),
+            ));
+        }
         if self.upstream.max_inflight == 0 {
             return Err(err("upstream.max_inflight", "must be at least 1".into()));
         }
@@ -817,6 +838,12 @@ mod tests {
         assert_eq!(c.upstream.batch_max_events, 500);
         assert_eq!(c.upstream.batch_max_bytes, ByteSize(256 * 1024));
         assert_eq!(c.upstream.batch_max_wait.0, Duration::from_secs(1));
+        assert_eq!(
+            c.upstream.max_packet,
+            ByteSize(128_000),
+            "under AWS IoT's 128 KB"
+        );
+        assert_eq!(c.upstream.puback_timeout.0, Duration::from_secs(30));
         assert_eq!(c.buffer.max_age.0, Duration::from_secs(7 * 86400));
         assert_eq!(c.buffer.when_full, WhenFull::DropOldest);
         assert!(c.upstream.url.is_none());
@@ -866,6 +893,11 @@ mod tests {
         assert!(e.to_string().contains("drop_oldest"), "{e}");
         let e = Config::from_str_named("c.toml", "[upstream]\nurl = \"http://x\"\n").unwrap_err();
         assert!(e.to_string().contains("mqtt://"), "{e}");
+        let e = Config::from_str_named("c.toml", "[upstream]\nmax_packet = 100\n").unwrap_err();
+        assert!(e.to_string().contains("upstream.max_packet"), "{e}");
+        let e =
+            Config::from_str_named("c.toml", "[upstream]\npuback_timeout = \"0s\"\n").unwrap_err();
+        assert!(e.to_string().contains("upstream.puback_timeout"), "{e}");
         let e = Config::from_str_named("c.toml", "[rules]\ntick = \"soon\"\n").unwrap_err();
         assert!(e.to_string().contains("rules.tick"), "{e}");
         let e = Config::from_str_named("c.toml", "[gateway\n").unwrap_err();

@@ -79,7 +79,6 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
         committed_rx,
         ack_tx,
         shutdown.clone(),
-        cfg.ingest.mqtt.max_payload.0 as usize,
     )?;
     let admin_listener = match cfg.admin.addr() {
         Some(a) => Some((

@@ -17,6 +17,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub mod admin;
 pub mod ingest;
+pub mod upstream_limits;
 
 /// The workspace root.
 pub fn root() -> PathBuf {

@@ -260,7 +260,13 @@ fn min_free_keeps_the_disk_from_filling() {
         "min_free (1 MiB) must keep the disk from filling"
     );
     assert_eq!(m(&gw, "tidepool_store_errors_total"), 0);
-    assert_eq!(delivered + min_free + overflow, acked, "log:\n{}", gw.log());
+    // (An event evicted while upstream drains may have been delivered already: never short.)
+    assert!(
+        delivered + min_free + overflow >= acked,
+        "log:\n{}",
+        gw.log()
+    );
+    assert!(delivered <= acked);
     assert_eq!(healthz(&gw), Some(200));
 }
 

@@ -144,6 +144,54 @@ pub struct Metrics {
     pub rules_status: Mutex<serde_json::Value>,
     /// When the commit loop last went round (ms), for the systemd watchdog.
     pub heartbeat: std::sync::Arc<AtomicI64>,
+    /// The forwarder's packet-size limit and what it did about it.
+    pub upstream_sizes: UpstreamSizeMetrics,
+}
+
+/// The forwarder's packet-size limit, refusals, dead letters and PUBACK timeouts.
+#[derive(Debug, Default)]
+pub struct UpstreamSizeMetrics {
+    /// The packet limit batches are built under now (bytes).
+    pub packet_limit: AtomicU64,
+    /// Drops taken as the broker's size limit (each halved the limit).
+    pub size_refusals: AtomicU64,
+    /// Events moved to the dead-letter queue because upstream cannot take them.
+    pub dead_lettered: AtomicU64,
+    /// PUBACKs that did not come within `puback_timeout`.
+    pub puback_timeouts: AtomicU64,
+}
+
+impl UpstreamSizeMetrics {
+    fn render(&self, o: &mut String) {
+        for (name, help, v) in [
+            (
+                "tidepool_upstream_size_refusals_total",
+                "Times the upstream broker dropped the connection right after a publish larger than any it had acknowledged; each is taken as its packet size limit and halves the batch size limit.",
+                &self.size_refusals,
+            ),
+            (
+                "tidepool_upstream_dead_lettered_total",
+                "Events moved to the dead-letter queue (rule `upstream`) because alone they exceed upstream.max_packet or were refused by the broker for their size.",
+                &self.dead_lettered,
+            ),
+            (
+                "tidepool_upstream_puback_timeouts_total",
+                "PUBACKs not received within upstream.puback_timeout; each counts as a lost connection.",
+                &self.puback_timeouts,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_upstream_packet_limit_bytes Largest PUBLISH packet batches are built to now: upstream.max_packet, or less once learned from size refusals.\n# TYPE tidepool_upstream_packet_limit_bytes gauge\ntidepool_upstream_packet_limit_bytes {}",
+            self.packet_limit.load(Relaxed)
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -172,6 +220,7 @@ impl Default for Metrics {
             started_ms: crate::event::now_ms(),
             rules_status: Mutex::new(serde_json::json!([])),
             heartbeat: std::sync::Arc::new(AtomicI64::new(crate::event::now_ms())),
+            upstream_sizes: UpstreamSizeMetrics::default(),
         }
     }
 }
@@ -425,6 +474,7 @@ impl Metrics {
             self.commit_sum_us.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(o, "tidepool_commit_seconds_count {count}");
+        self.upstream_sizes.render(&mut o);
         o
     }
 

@@ -13,16 +13,27 @@
 //! - **Draining**: full batches are waiting; sends them back to back, up to `max_inflight`.
 //! - **Live**: caught up; a partial batch goes when it fills or `batch_max_wait` passes.
 //!
+//! Size: a batch is built so its whole PUBLISH packet fits `[upstream] max_packet`, or the
+//! smaller limit learned when the broker dropped the connection right after a publish larger
+//! than any it had acknowledged (halved per such drop; in memory, until restart). An event
+//! that alone exceeds a known limit is dead-lettered through the commit loop
+//! ([`ForwardMsg::DeadLetter`]), never retried for ever. See [`limits`].
+//!
+//! A full batch (by count, by bytes or by the packet limit) goes at once; only a partial one
+//! waits for `batch_max_wait`. A PUBACK that does not come within `puback_timeout` counts as
+//! a lost connection.
+//!
 //! In flight: a FIFO of published batches, each matched to its packet id as rumqttc sends it
 //! and retired by that id's PUBACK. The store deletes a batch's events only when told of its
 //! PUBACK ([`ForwardAck`]). On any disconnect the client is dropped with everything in flight
 //! and the next connection resends from the store, starting after the last acknowledged id:
 //! a lost session can neither lose nor stall data.
 
+pub mod limits;
 pub mod tls;
 pub mod wire;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,8 +50,8 @@ use tracing::{debug, info, warn};
 use crate::admin::metrics::{Metrics, UpstreamState};
 use crate::config::{parse_mqtt_url, UpstreamConfig};
 use crate::shutdown::Shutdown;
-use crate::store::{self, ForwardAck};
-use wire::BatchEncoder;
+use crate::store::{self, ForwardAck, ForwardMsg};
+use limits::{Limits, Planned, SizeGuard, Unacked, Verdict};
 
 /// Forwarder errors that stop it from starting.
 #[derive(Debug, thiserror::Error)]
@@ -72,10 +83,17 @@ enum ConnEvent {
 #[derive(Debug)]
 struct InFlight {
     batch: u64,
+    first_id: u64,
     last_id: u64,
     count: u64,
+    /// Its PUBLISH packet size.
+    packet: usize,
     pkid: Option<u16>,
     acked: bool,
+    /// When it was handed to the client (the PUBACK timeout counts from here).
+    queued: Instant,
+    /// When the client wrote it.
+    sent_at: Option<Instant>,
 }
 
 /// One live connection: the client, its poller's reports, and what is in flight.
@@ -99,6 +117,7 @@ impl Conn {
             Some(true) => {
                 if let Some(b) = self.inflight.iter_mut().find(|b| b.pkid.is_none()) {
                     b.pkid = Some(pkid);
+                    b.sent_at = Some(Instant::now());
                 }
                 true
             }
@@ -134,6 +153,30 @@ impl Conn {
 }
 
 impl Conn {
+    /// Batches handed to the client and not acknowledged, oldest first, as of `now`. Those
+    /// not reported written count too: when the broker closes the connection on a packet
+    /// as it arrives, the client's write fails before it can report the write.
+    fn unacked(&self, now: Instant) -> Vec<Unacked> {
+        self.inflight
+            .iter()
+            .filter(|b| !b.acked)
+            .map(|b| Unacked {
+                first_id: b.first_id,
+                count: b.count,
+                packet: b.packet,
+                age: now.saturating_duration_since(b.sent_at.unwrap_or(b.queued)),
+            })
+            .collect()
+    }
+
+    /// When the oldest unacknowledged batch runs out of time for its PUBACK.
+    fn puback_due(&self, timeout: Duration) -> Option<Instant> {
+        self.inflight
+            .iter()
+            .find(|b| !b.acked)
+            .map(|b| b.queued + timeout)
+    }
+
     /// Removes and returns the acknowledged batches at the front, oldest first: only a
     /// contiguous prefix may be deleted from the store.
     fn take_acked_prefix(&mut self) -> Vec<InFlight> {
@@ -166,12 +209,15 @@ pub struct Forwarder {
     db: store::Store,
     metrics: Arc<Metrics>,
     committed: watch::Receiver<u64>,
-    acks: mpsc::UnboundedSender<ForwardAck>,
+    acks: mpsc::UnboundedSender<ForwardMsg>,
     shutdown: Shutdown,
     tls: Option<Arc<rustls::ClientConfig>>,
     host: String,
     port: u16,
-    max_packet: usize,
+    /// The packet limit, configured and learned.
+    guard: SizeGuard,
+    /// Events handed to the commit loop for the dead-letter queue, not yet behind an ack.
+    dead_sent: BTreeSet<u64>,
     acked_upto: u64,
     next_batch: u64,
     failures: u32,
@@ -191,9 +237,8 @@ impl Forwarder {
         db: store::Store,
         metrics: Arc<Metrics>,
         committed: watch::Receiver<u64>,
-        acks: mpsc::UnboundedSender<ForwardAck>,
+        acks: mpsc::UnboundedSender<ForwardMsg>,
         shutdown: Shutdown,
-        max_payload: usize,
     ) -> Result<Forwarder, ForwardError> {
         let (host, port, tls) = match &cfg.url {
             Some(url) => {
@@ -212,7 +257,11 @@ impl Forwarder {
             .map(|d| meta_get(&d, "next_batch"))
             .unwrap_or(0)
             .max(1);
-        let max_packet = cfg.batch_max_bytes.0 as usize + 2 * max_payload + 16 * 1024;
+        let guard = SizeGuard::new(cfg.max_packet.0 as usize);
+        metrics
+            .upstream_sizes
+            .packet_limit
+            .store(guard.limit() as u64, Relaxed);
         Ok(Forwarder {
             cfg,
             gateway,
@@ -224,7 +273,8 @@ impl Forwarder {
             tls,
             host,
             port,
-            max_packet,
+            guard,
+            dead_sent: BTreeSet::new(),
             acked_upto: 0,
             next_batch,
             failures: 0,
@@ -292,7 +342,10 @@ impl Forwarder {
         let mut o = MqttOptions::new(&self.cfg.client_id, &self.host, self.port);
         o.set_keep_alive(self.cfg.keep_alive.0.max(Duration::from_secs(5)));
         o.set_clean_session(true);
-        o.set_max_packet_size(self.max_packet, self.max_packet);
+        // Incoming: acks only. Outgoing: batches are built to fit `max_packet` exactly; the
+        // margin only keeps a sizing slip from turning into a refusal by the client itself.
+        let out = self.cfg.max_packet.0 as usize + 1024;
+        o.set_max_packet_size(1 << 20, out);
         o.set_inflight((self.cfg.max_inflight + 4).min(u16::MAX as usize) as u16);
         o.set_last_will(LastWill::new(
             status_topic(&self.gateway),
@@ -393,13 +446,13 @@ impl Forwarder {
             if let Some(since) = self.partial_since {
                 let pending = committed - conn.next_read;
                 let full_by_count = pending >= self.cfg.batch_max_events as u64;
-                let full_by_bytes = pending * self.avg_row >= self.cfg.batch_max_bytes.0;
+                let full_by_bytes = pending * self.avg_row >= self.payload_budget() as u64;
                 if !full_by_count && !full_by_bytes && since.elapsed() < self.cfg.batch_max_wait.0 {
                     break;
                 }
             }
-            let (payload, last_id, count, full) = match self.build_batch(conn.next_read).await {
-                Ok(Some(b)) => b,
+            let p = match self.build_batch(conn.next_read).await {
+                Ok(Some(p)) => p,
                 Ok(None) => {
                     // Rows below `committed` went (acked or dropped) before we read them.
                     conn.next_read = committed;
@@ -411,13 +464,20 @@ impl Forwarder {
                     break;
                 }
             };
-            if !full {
+            for (id, reason) in &p.dead {
+                self.dead_letter(*id, reason);
+            }
+            let Some(payload) = p.payload else {
+                conn.next_read = conn.next_read.max(p.upto);
+                continue;
+            };
+            if !p.full {
                 let since = *self.partial_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < self.cfg.batch_max_wait.0 {
                     break;
                 }
             }
-            waiting_full |= full;
+            waiting_full |= p.full;
             let batch = self.next_batch;
             self.next_batch += 1;
             if conn
@@ -431,17 +491,21 @@ impl Forwarder {
                 .await
                 .is_err()
             {
-                return self.fail("client closed while publishing".into());
+                return self.closed(conn);
             }
             conn.unsent.push_back(true);
             conn.inflight.push_back(InFlight {
                 batch,
-                last_id,
-                count,
+                first_id: p.first_id,
+                last_id: p.last_id,
+                count: p.count,
+                packet: p.packet,
                 pkid: None,
                 acked: false,
+                queued: Instant::now(),
+                sent_at: None,
             });
-            conn.next_read = last_id;
+            conn.next_read = p.last_id;
             self.partial_since = None;
         }
         let next_label = if waiting_full
@@ -458,6 +522,7 @@ impl Forwarder {
             .map(|s| s + self.cfg.batch_max_wait.0)
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let room = conn.inflight.len() < self.cfg.max_inflight;
+        let puback_due = conn.puback_due(self.cfg.puback_timeout.0);
         tokio::select! {
             ev = conn.events.recv() => match ev {
                 Some(ConnEvent::Sent(pkid)) => {
@@ -470,7 +535,7 @@ impl Forwarder {
                         self.retire(&mut conn);
                     }
                 }
-                Some(ConnEvent::Lost(e)) => return self.fail(e),
+                Some(ConnEvent::Lost(e)) => return self.lost(&conn, e),
                 Some(ConnEvent::ConnAck(_)) => return self.fail("unexpected second CONNACK".into()),
                 None => return self.fail("connection task ended".into()),
             },
@@ -478,6 +543,13 @@ impl Forwarder {
                 if r.is_err() { return self.stop(conn).await; }
             }
             _ = tokio::time::sleep_until(deadline), if room => {}
+            _ = tokio::time::sleep_until(puback_due.unwrap_or(deadline)), if puback_due.is_some() => {
+                self.metrics.upstream_sizes.puback_timeouts.fetch_add(1, Relaxed);
+                return self.fail(format!(
+                    "no PUBACK within {:?} (upstream.puback_timeout); reconnecting to resend from the store",
+                    self.cfg.puback_timeout.0
+                ));
+            }
             _ = self.shutdown.wait() => return self.stop(conn).await,
         }
         match next_label {
@@ -486,56 +558,125 @@ impl Forwarder {
         }
     }
 
-    /// Retires acknowledged batches from the front of the FIFO, telling the store.
-    fn retire(&mut self, conn: &mut Conn) {
-        for b in conn.take_acked_prefix() {
-            self.acked_upto = self.acked_upto.max(b.last_id);
-            self.metrics.forwarded.fetch_add(b.count, Relaxed);
-            self.metrics.batches_forwarded.fetch_add(1, Relaxed);
-            let _ = self.acks.send(ForwardAck {
-                up_to: b.last_id,
-                batch: b.batch,
+    /// The client refused a publish: its connection ended. Takes in what the poller reported
+    /// up to the end (writes, PUBACKs, the error), then judges the drop as [`Self::lost`].
+    fn closed(&mut self, mut conn: Conn) -> State {
+        let mut why = "client closed while publishing".to_string();
+        while let Ok(ev) = conn.events.try_recv() {
+            match ev {
+                ConnEvent::Sent(pkid) => {
+                    conn.on_sent(pkid);
+                }
+                ConnEvent::PubAck(pkid) => {
+                    if conn.on_puback(pkid) {
+                        self.retire(&mut conn);
+                    }
+                }
+                ConnEvent::Lost(e) => why = e,
+                ConnEvent::ConnAck(_) => {}
+            }
+        }
+        self.lost(&conn, why)
+    }
+
+    /// The connection dropped: a size refusal or a network fault (see [`limits`]).
+    fn lost(&mut self, conn: &Conn, e: String) -> State {
+        let unacked = conn.unacked(Instant::now());
+        match self.guard.lost(&unacked) {
+            Verdict::Network => self.fail(e),
+            Verdict::SizeRefusal { packet, limit } => {
+                let m = &self.metrics.upstream_sizes;
+                m.size_refusals.fetch_add(1, Relaxed);
+                m.packet_limit.store(limit as u64, Relaxed);
+                warn!(
+                    packet,
+                    largest_accepted = self.guard.largest_acked(),
+                    limit,
+                    "upstream dropped the connection right after a publish larger than any it accepted: \
+                     taken as its packet size limit; batches are halved"
+                );
+                self.fail(format!(
+                    "{e} (right after a {packet} B publish; batches now at most {limit} B)"
+                ))
+            }
+        }
+    }
+
+    /// Asks the commit loop to move event `id` to the dead-letter queue; it is not read again.
+    fn dead_letter(&mut self, id: u64, reason: &str) {
+        if self.dead_sent.insert(id) {
+            // The commit loop logs the move, one WARN per event.
+            debug!(
+                id,
+                reason, "upstream cannot take this event: dead-lettering it"
+            );
+            let _ = self.acks.send(ForwardMsg::DeadLetter {
+                id,
+                reason: reason.to_string(),
             });
         }
     }
 
-    /// Reads and encodes the next batch after `after`: (payload, last id, count, full).
-    async fn build_batch(
-        &mut self,
-        after: u64,
-    ) -> Result<Option<(Vec<u8>, u64, u64, bool)>, store::StoreError> {
+    /// Largest batch payload under `batch_max_bytes` and the packet limit.
+    fn payload_budget(&self) -> usize {
+        (self.cfg.batch_max_bytes.0 as usize).min(limits::payload_budget(
+            self.guard.limit(),
+            self.cfg.topic.len(),
+        ))
+    }
+
+    /// Retires acknowledged batches from the front of the FIFO, telling the store.
+    fn retire(&mut self, conn: &mut Conn) {
+        for b in conn.take_acked_prefix() {
+            self.acked_upto = self.acked_upto.max(b.last_id);
+            self.guard.acked(b.first_id, b.packet);
+            self.metrics.forwarded.fetch_add(b.count, Relaxed);
+            self.metrics.batches_forwarded.fetch_add(1, Relaxed);
+            let _ = self.acks.send(ForwardMsg::Ack(ForwardAck {
+                up_to: b.last_id,
+                batch: b.batch,
+            }));
+        }
+        self.dead_sent = self.dead_sent.split_off(&(self.acked_upto + 1));
+        self.metrics
+            .upstream_sizes
+            .packet_limit
+            .store(self.guard.limit() as u64, Relaxed);
+    }
+
+    /// Reads and plans the next batch after `after` (None: no rows there).
+    async fn build_batch(&mut self, after: u64) -> Result<Option<Planned>, store::StoreError> {
         let db = self.db.clone();
-        let max_events = self.cfg.batch_max_events;
-        let max_bytes = self.cfg.batch_max_bytes.0;
-        let encoding = self.cfg.encoding;
+        let limits = Limits {
+            encoding: self.cfg.encoding,
+            topic_len: self.cfg.topic.len(),
+            max_events: self.cfg.batch_max_events,
+            max_bytes: self.cfg.batch_max_bytes.0 as usize,
+        };
+        let read_bytes = self.cfg.batch_max_bytes.0;
         let gateway = self.gateway.clone();
         let batch = self.next_batch;
-        let r = tokio::task::spawn_blocking(move || {
-            let events = store::read_after(&*db.db()?, after, max_events, max_bytes)?;
+        let guard = self.guard.clone();
+        let skip = self.dead_sent.clone();
+        let p = tokio::task::spawn_blocking(move || {
+            let (events, more) =
+                read_batch(&*db.db()?, after, limits.max_events, read_bytes, &skip)?;
             if events.is_empty() {
                 return Ok(None);
             }
-            let mut enc = BatchEncoder::new(encoding, &gateway, batch);
-            let mut last = 0;
-            let mut cut = false;
-            for e in &events {
-                if !enc.push(e, max_bytes as usize) {
-                    cut = true;
-                    break;
-                }
-                last = e.id;
-            }
-            let count = enc.count() as u64;
-            let avg = (enc.len() as u64 / count.max(1)).max(1);
-            let full = cut || count as usize >= max_events;
-            Ok::<_, store::StoreError>(Some((enc.finish(batch), last, count, full, avg)))
+            Ok::<_, store::StoreError>(Some(limits::plan(
+                &gateway, batch, &events, more, limits, &guard,
+            )))
         })
         .await
-        .expect("batch reader panicked");
-        Ok(r?.map(|(p, last, count, full, avg)| {
-            self.avg_row = avg;
-            (p, last, count, full)
-        }))
+        .expect("batch reader panicked")?;
+        if let Some(avg) = p
+            .as_ref()
+            .and_then(|p| (p.packet as u64).checked_div(p.count))
+        {
+            self.avg_row = avg.max(1);
+        }
+        Ok(p)
     }
 
     /// Orderly stop: wait briefly for in-flight PUBACKs, say `offline`, disconnect.
@@ -615,6 +756,37 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
+/// Up to `max_events` events with id > `after` (but not in `skip`), stopping before
+/// `max_bytes` of stored rows would be passed (always at least one); and whether more rows
+/// follow them.
+fn read_batch(
+    db: &Database,
+    after: u64,
+    max_events: usize,
+    max_bytes: u64,
+    skip: &BTreeSet<u64>,
+) -> Result<(Vec<crate::event::Event>, bool), store::StoreError> {
+    use redb::ReadableDatabase;
+    let txn = db.begin_read()?;
+    let events = txn.open_table(store::EVENTS)?;
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    for row in events.range(after.saturating_add(1)..)? {
+        let (k, v) = row?;
+        let id = k.value();
+        if skip.contains(&id) {
+            continue;
+        }
+        let len = v.value().len() as u64;
+        if out.len() >= max_events || (!out.is_empty() && bytes + len > max_bytes) {
+            return Ok((out, true));
+        }
+        bytes += len;
+        out.push(store::decode(id, v.value())?);
+    }
+    Ok((out, false))
+}
+
 fn meta_get(db: &Database, key: &str) -> u64 {
     use redb::ReadableDatabase;
     db.begin_read()
@@ -646,11 +818,39 @@ mod tests {
         c.unsent.push_back(true);
         c.inflight.push_back(InFlight {
             batch,
+            first_id: last_id - 9,
             last_id,
             count: 10,
+            packet: 1000,
             pkid: None,
             acked: false,
+            queued: Instant::now(),
+            sent_at: None,
         });
+    }
+
+    #[tokio::test]
+    async fn the_puback_clock_and_the_refusal_suspects_are_the_unacked_batches() {
+        let mut c = conn();
+        let timeout = Duration::from_secs(30);
+        assert_eq!(c.puback_due(timeout), None, "nothing in flight: no clock");
+        batch(&mut c, 1, 10);
+        batch(&mut c, 2, 20);
+        let first_queued = c.inflight[0].queued;
+        assert_eq!(c.puback_due(timeout), Some(first_queued + timeout));
+        assert!(c.on_sent(1));
+        let now = Instant::now();
+        let u = c.unacked(now);
+        assert_eq!(u.len(), 2, "a batch not reported written still counts");
+        assert_eq!((u[0].first_id, u[1].first_id), (1, 11));
+        assert!(c.on_puback(1));
+        c.take_acked_prefix();
+        assert_eq!(c.unacked(now).len(), 1);
+        assert_eq!(
+            c.puback_due(timeout),
+            Some(c.inflight[0].queued + timeout),
+            "the clock moves to the next batch"
+        );
     }
 
     #[test]

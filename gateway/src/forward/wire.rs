@@ -10,9 +10,15 @@ use serde::{Deserialize, Serialize};
 use crate::config::Encoding;
 use crate::event::{Event, Payload};
 
+/// The version of the postcard wire encoding, its first field. Version 1 is the first with
+/// the field (a decoder seeing another value must not guess at the rest).
+pub const WIRE_VERSION: u32 = 1;
+
 /// A batch in postcard encoding (and the shape the JSON follows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireBatch {
+    /// [`WIRE_VERSION`]; postcard only (JSON carries no version).
+    pub version: u32,
     /// `[gateway] id`.
     pub gateway: String,
     /// Batch number, rising per gateway.
@@ -21,37 +27,89 @@ pub struct WireBatch {
     pub events: Vec<Event>,
 }
 
-/// Builds one batch payload, event by event, keeping count of its size.
+/// Decoding a postcard batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Not postcard of a [`WireBatch`].
+    #[error("not a postcard batch: {0}")]
+    Postcard(#[from] postcard::Error),
+    /// A version this build does not know.
+    #[error("postcard batch version {0}; this build reads version {WIRE_VERSION}")]
+    Version(u32),
+}
+
+/// Decodes a postcard batch, checking its version first.
+pub fn decode_postcard(bytes: &[u8]) -> Result<WireBatch, WireError> {
+    let (version, _) = postcard::take_from_bytes::<u32>(bytes)?;
+    if version != WIRE_VERSION {
+        return Err(WireError::Version(version));
+    }
+    Ok(postcard::from_bytes(bytes)?)
+}
+
+/// Builds one batch payload, event by event, keeping exact count of its size.
 #[derive(Debug)]
 pub struct BatchEncoder {
     encoding: Encoding,
-    gateway: String,
-    buf: Vec<u8>,
-    events: Vec<Event>,
+    /// JSON: the text so far, without the closing `]}`. postcard: the fields before the
+    /// events (version, gateway, batch).
+    head: Vec<u8>,
+    /// postcard: the events, concatenated (their count goes between `head` and them).
+    body: Vec<u8>,
     count: usize,
+}
+
+/// Bytes of postcard's varint for `n`.
+fn postcard_varint_len(mut n: u64) -> usize {
+    let mut len = 1;
+    while n >= 0x80 {
+        n >>= 7;
+        len += 1;
+    }
+    len
 }
 
 impl BatchEncoder {
     /// Starts batch number `batch` of `gateway`.
     pub fn new(encoding: Encoding, gateway: &str, batch: u64) -> Self {
-        let mut buf = Vec::with_capacity(64 * 1024);
-        if encoding == Encoding::Json {
-            buf.extend_from_slice(b"{\"gateway\":");
-            serde_json::to_writer(&mut buf, gateway).expect("string to JSON");
-            buf.extend_from_slice(format!(",\"batch\":{batch},\"events\":[").as_bytes());
-        }
+        let head = match encoding {
+            Encoding::Json => {
+                let mut buf = Vec::with_capacity(64 * 1024);
+                buf.extend_from_slice(b"{\"gateway\":");
+                serde_json::to_writer(&mut buf, gateway).expect("string to JSON");
+                buf.extend_from_slice(format!(",\"batch\":{batch},\"events\":[").as_bytes());
+                buf
+            }
+            Encoding::Postcard => {
+                postcard::to_stdvec(&(WIRE_VERSION, gateway, batch)).expect("postcard to Vec")
+            }
+        };
         BatchEncoder {
             encoding,
-            gateway: gateway.to_string(),
-            buf,
-            events: Vec::new(),
+            head,
+            body: Vec::new(),
             count: 0,
         }
     }
 
-    /// Encoded size so far (JSON: exact; postcard: the sum of event sizes, close enough).
+    /// Exact size of the finished payload with the events added so far.
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.len_for(self.count, 0)
+    }
+
+    /// Exact size of the finished payload if an event encoded in `one` bytes were added.
+    pub fn len_with(&self, one: usize) -> usize {
+        self.len_for(self.count + 1, one)
+    }
+
+    fn len_for(&self, count: usize, extra: usize) -> usize {
+        match self.encoding {
+            // `,` between events, `]}` at the end.
+            Encoding::Json => self.head.len() + usize::from(count > 1 && extra > 0) + extra + 2,
+            Encoding::Postcard => {
+                self.head.len() + postcard_varint_len(count as u64) + self.body.len() + extra
+            }
+        }
     }
 
     /// Events added.
@@ -64,44 +122,62 @@ impl BatchEncoder {
         self.count == 0
     }
 
+    /// One event, encoded as it goes into the batch.
+    pub fn encode(&self, e: &Event) -> Vec<u8> {
+        match self.encoding {
+            Encoding::Json => {
+                let mut one = Vec::with_capacity(256);
+                encode_json_event(e, &mut one);
+                one
+            }
+            Encoding::Postcard => postcard::to_stdvec(e).expect("postcard to Vec"),
+        }
+    }
+
     /// Adds `e` unless that would take the batch past `max_bytes` (a first event is always
     /// taken). Returns whether it was added.
     pub fn push(&mut self, e: &Event, max_bytes: usize) -> bool {
-        let mut one = Vec::with_capacity(256);
-        match self.encoding {
-            Encoding::Json => encode_json_event(e, &mut one),
-            Encoding::Postcard => {
-                one = postcard::to_stdvec(e).expect("postcard to Vec");
-            }
-        }
-        let sep = usize::from(self.count > 0);
-        if self.count > 0 && self.buf.len() + sep + one.len() + 2 > max_bytes {
+        let one = self.encode(e);
+        self.push_encoded(one, max_bytes)
+    }
+
+    /// Adds an event from [`BatchEncoder::encode`], unless that would take the finished
+    /// payload past `max_bytes` (a first event is always taken). Returns whether it was added.
+    pub fn push_encoded(&mut self, one: Vec<u8>, max_bytes: usize) -> bool {
+        if self.count > 0 && self.len_with(one.len()) > max_bytes {
             return false;
         }
-        if sep == 1 && self.encoding == Encoding::Json {
-            self.buf.push(b',');
-        }
-        self.buf.extend_from_slice(&one);
-        if self.encoding == Encoding::Postcard {
-            self.events.push(e.clone());
+        match self.encoding {
+            Encoding::Json => {
+                if self.count > 0 {
+                    self.head.push(b',');
+                }
+                self.head.extend_from_slice(&one);
+            }
+            Encoding::Postcard => self.body.extend_from_slice(&one),
         }
         self.count += 1;
         true
     }
 
-    /// The finished payload; `batch` is used for postcard.
-    pub fn finish(mut self, batch: u64) -> Vec<u8> {
+    /// The finished payload.
+    pub fn finish(mut self) -> Vec<u8> {
         match self.encoding {
             Encoding::Json => {
-                self.buf.extend_from_slice(b"]}");
-                self.buf
+                self.head.extend_from_slice(b"]}");
+                self.head
             }
-            Encoding::Postcard => postcard::to_stdvec(&WireBatch {
-                gateway: self.gateway,
-                batch,
-                events: self.events,
-            })
-            .expect("postcard to Vec"),
+            Encoding::Postcard => {
+                let mut out = self.head;
+                let mut n = self.count as u64;
+                while n >= 0x80 {
+                    out.push((n as u8 & 0x7f) | 0x80);
+                    n >>= 7;
+                }
+                out.push(n as u8);
+                out.extend_from_slice(&self.body);
+                out
+            }
         }
     }
 }
@@ -150,7 +226,7 @@ mod tests {
             1 << 20
         ));
         assert!(b.push(&ev(1002, Payload::Bytes(b"on".to_vec())), 1 << 20));
-        let out = b.finish(42);
+        let out = b.finish();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["gateway"], "pi-kitchen-01");
         assert_eq!(v["batch"], 42);
@@ -168,18 +244,62 @@ mod tests {
         assert!(b.push(&big, 100), "a first event is always taken");
         assert!(!b.push(&big, 1500));
         assert_eq!(b.count(), 1);
-        let out = b.finish(1);
+        let out = b.finish();
         assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
     }
 
     #[test]
-    fn postcard_round_trips() {
+    fn postcard_round_trips_with_its_version_first() {
         let mut b = BatchEncoder::new(Encoding::Postcard, "g", 7);
         let e = ev(5, Payload::Json("1".into()));
         b.push(&e, 1 << 20);
-        let out = b.finish(7);
-        let back: WireBatch = postcard::from_bytes(&out).unwrap();
+        let out = b.finish();
+        assert_eq!(out[0], WIRE_VERSION as u8, "the version is the first field");
+        let back = decode_postcard(&out).unwrap();
+        assert_eq!(back.version, WIRE_VERSION);
         assert_eq!(back.batch, 7);
         assert_eq!(back.events, vec![e]);
+        let mut newer = out.clone();
+        newer[0] = 2;
+        assert!(matches!(
+            decode_postcard(&newer),
+            Err(WireError::Version(2))
+        ));
+    }
+
+    #[test]
+    fn encoded_length_is_exact_in_both_encodings() {
+        for encoding in [Encoding::Json, Encoding::Postcard] {
+            let mut b = BatchEncoder::new(encoding, "pi-kitchen-01", 300);
+            let mut events = Vec::new();
+            for i in 0..200 {
+                let e = ev(1000 + i, Payload::Json(format!("{{\"n\":{i}}}")));
+                let one = b.encode(&e);
+                let predicted = b.len_with(one.len());
+                assert!(b.push_encoded(one, predicted), "fits exactly");
+                assert_eq!(b.len(), predicted);
+                events.push(e);
+            }
+            let e = ev(9999, Payload::Bytes(vec![1, 2, 3]));
+            let one = b.encode(&e);
+            let over = b.len_with(one.len()) - 1;
+            assert!(!b.push_encoded(one, over), "one byte short");
+            let len = b.len();
+            let out = b.finish();
+            assert_eq!(out.len(), len, "{encoding:?}");
+            if encoding == Encoding::Postcard {
+                let want = postcard::to_stdvec(&WireBatch {
+                    version: WIRE_VERSION,
+                    gateway: "pi-kitchen-01".into(),
+                    batch: 300,
+                    events,
+                })
+                .unwrap();
+                assert_eq!(out, want, "the same bytes as postcard of a WireBatch");
+            } else {
+                let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+                assert_eq!(v["events"].as_array().unwrap().len(), 200);
+            }
+        }
     }
 }

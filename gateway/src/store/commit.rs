@@ -64,6 +64,21 @@ pub struct ForwardAck {
     pub batch: u64,
 }
 
+/// From the forwarder, in the order it decided them.
+#[derive(Debug, Clone)]
+pub enum ForwardMsg {
+    /// Upstream acknowledged a batch: its events go.
+    Ack(ForwardAck),
+    /// Upstream cannot take this event (over its packet size limit): move it from `events` to
+    /// the dead-letter table (rule `upstream`, the reason as error).
+    DeadLetter {
+        /// The event's id.
+        id: u64,
+        /// Why, e.g. "exceeds upstream max_packet 128000 B: packet 140213 B".
+        reason: String,
+    },
+}
+
 /// The store's writer.
 pub struct CommitLoop {
     store: Store,
@@ -71,7 +86,7 @@ pub struct CommitLoop {
     metrics: Arc<Metrics>,
     rules: Box<dyn RuleStage>,
     input: IngestRx,
-    acks: mpsc::UnboundedReceiver<ForwardAck>,
+    acks: mpsc::UnboundedReceiver<ForwardMsg>,
     committed: watch::Sender<u64>,
     rt: tokio::runtime::Handle,
     // In-memory mirrors of `meta`, valid between commits.
@@ -142,6 +157,9 @@ pub struct Plan {
     pub tick: Option<i64>,
     /// Dead letters to remove (retried or dropped).
     pub dlq_remove: Vec<u64>,
+    /// Events upstream cannot take (id, why): moved to the dead-letter table, before the
+    /// acknowledgements of this plan delete anything (the forwarder sent them in that order).
+    pub upstream_dead: Vec<(u64, String)>,
     /// The filesystem is below `min_free` (or was full): the buffer may not grow.
     pub tight: bool,
     /// Evict at least this many stored bytes, oldest first, making room on a full disk.
@@ -202,6 +220,8 @@ pub struct CommitReport {
     pub dropped_oversize: u64,
     /// Dead letters dropped (oldest first) for `dlq_max_bytes`.
     pub dropped_dlq_full: u64,
+    /// Events moved to the dead-letter table because upstream cannot take them.
+    pub upstream_dead_lettered: u64,
 }
 
 /// A transaction that committed, and what must follow it.
@@ -223,7 +243,7 @@ impl CommitLoop {
         metrics: Arc<Metrics>,
         rules: Box<dyn RuleStage>,
         input: IngestRx,
-        acks: mpsc::UnboundedReceiver<ForwardAck>,
+        acks: mpsc::UnboundedReceiver<ForwardMsg>,
         committed: watch::Sender<u64>,
         rt: tokio::runtime::Handle,
     ) -> Result<CommitLoop, StoreError> {
@@ -432,7 +452,7 @@ impl CommitLoop {
     fn gather(&mut self, open: &mut Open) -> Option<Plan> {
         enum Wake {
             In(Option<Queued>),
-            Ack(Option<ForwardAck>),
+            Ack(Option<ForwardMsg>),
             Control(Option<Control>),
             Idle,
         }
@@ -470,7 +490,7 @@ impl CommitLoop {
         match wake {
             Wake::In(Some(m)) => plan.group.push(m),
             Wake::In(None) => open.input = false,
-            Wake::Ack(Some(a)) => plan.acked = Some(a),
+            Wake::Ack(Some(msg)) => note_forward(msg, &mut plan.acked, &mut plan.upstream_dead),
             Wake::Ack(None) => open.acks = false,
             Wake::Control(Some(c)) => {
                 self.on_control(c);
@@ -482,7 +502,7 @@ impl CommitLoop {
         if !plan.group.is_empty() {
             self.fill_group(&mut plan, open);
         }
-        self.take_acks(&mut plan.acked, open);
+        self.take_acks(&mut plan.acked, &mut plan.upstream_dead, open);
         if Instant::now() >= self.next_tick {
             self.next_tick = Instant::now() + self.tick;
             plan.tick = self.rules.wants_tick().then_some(wall);
@@ -529,15 +549,17 @@ impl CommitLoop {
         }
     }
 
-    /// Takes every waiting upstream acknowledgement; the highest wins (they cover a prefix).
-    fn take_acks(&mut self, acked: &mut Option<ForwardAck>, open: &mut Open) {
+    /// Takes every waiting message of the forwarder: acknowledgements (the highest wins: they
+    /// cover a prefix) and events upstream cannot take.
+    fn take_acks(
+        &mut self,
+        acked: &mut Option<ForwardAck>,
+        dead: &mut Vec<(u64, String)>,
+        open: &mut Open,
+    ) {
         loop {
             match self.acks.try_recv() {
-                Ok(a) => {
-                    if acked.is_none_or(|b| a.up_to > b.up_to) {
-                        *acked = Some(a)
-                    }
-                }
+                Ok(msg) => note_forward(msg, acked, dead),
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     open.acks = false;
                     break;
@@ -593,12 +615,14 @@ impl CommitLoop {
                     if plan.acked.is_some() && (!plan.group.is_empty() || plan.tick.is_some()) {
                         let acks_only = Plan {
                             acked: plan.acked.take(),
+                            upstream_dead: std::mem::take(&mut plan.upstream_dead),
                             ..Plan::default()
                         };
                         match self.write(&acks_only) {
                             Ok(w) => self.after_commit(acks_only, w),
                             Err(_) => {
                                 plan.acked = acks_only.acked;
+                                plan.upstream_dead = acks_only.upstream_dead;
                                 let _ = self.store.reopen();
                             }
                         }
@@ -612,12 +636,14 @@ impl CommitLoop {
                                 evict_bytes: plan.group_bytes().max(1 << 16) * 2,
                                 tight: true,
                                 acked: plan.acked.take(),
+                                upstream_dead: std::mem::take(&mut plan.upstream_dead),
                                 ..Plan::default()
                             };
                             match self.write(&evict) {
                                 Ok(w) => self.after_commit(evict, w),
                                 Err(_) => {
                                     plan.acked = evict.acked;
+                                    plan.upstream_dead = evict.upstream_dead;
                                     let _ = self.store.reopen();
                                 }
                             }
@@ -629,15 +655,13 @@ impl CommitLoop {
                         self.metrics.heartbeat.store(now_ms(), Relaxed);
                         let left = deadline.saturating_duration_since(Instant::now());
                         let step = left.min(Duration::from_millis(500));
-                        if let Ok(Some(a)) = self
+                        if let Ok(Some(msg)) = self
                             .rt
                             .block_on(tokio::time::timeout(step, self.acks.recv()))
                         {
-                            if plan.acked.is_none_or(|b| a.up_to > b.up_to) {
-                                plan.acked = Some(a);
-                            }
+                            note_forward(msg, &mut plan.acked, &mut plan.upstream_dead);
                         }
-                        self.take_acks(&mut plan.acked, &mut open);
+                        self.take_acks(&mut plan.acked, &mut plan.upstream_dead, &mut open);
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -677,6 +701,7 @@ impl CommitLoop {
     /// woken, counters.
     fn after_commit(&mut self, plan: Plan, w: Written) {
         self.rules.commit_state();
+        let plan_upstream_dead = plan.upstream_dead;
         for q in plan.group {
             if let Some(ack) = q.incoming.ack {
                 ack();
@@ -716,6 +741,14 @@ impl CommitLoop {
                 );
                 self.dlq_full_warned = 0;
                 self.last_dlq_warn = Some(Instant::now());
+            }
+        }
+        if r.upstream_dead_lettered > 0 {
+            m.upstream_sizes
+                .dead_lettered
+                .fetch_add(r.upstream_dead_lettered, Relaxed);
+            for (id, reason) in &plan_upstream_dead {
+                warn!(id, reason, "event dead-lettered: upstream cannot take it");
             }
         }
         if r.dropped_full > 0 {
@@ -776,6 +809,23 @@ impl CommitLoop {
             let mut meta = txn.open_table(META)?;
             let mut dedup = dedup::Window::open(&txn, &feedback)?;
             let mut arr = txn.open_table(ARRIVALS)?;
+
+            // 0. What upstream cannot take moves to the dead-letter table.
+            let mut upstream_letters = Vec::new();
+            for (id, reason) in &plan.upstream_dead {
+                let Some(value) = events.remove(*id)? else {
+                    continue; // already gone (max_age, drop_oldest)
+                };
+                t.bytes = t.bytes.saturating_sub(row_size(value.value().len()));
+                t.backlog = t.backlog.saturating_sub(1);
+                upstream_letters.push(crate::rules::DeadLetter {
+                    rule: "upstream".into(),
+                    error: reason.clone(),
+                    at: now_ms(),
+                    event: super::decode(*id, value.value())?,
+                });
+            }
+            report.upstream_dead_lettered = upstream_letters.len() as u64;
 
             // 1. What upstream acknowledged goes.
             if let Some(a) = plan.acked {
@@ -838,6 +888,7 @@ impl CommitLoop {
             report.dropped_rule += out.dropped;
 
             // Dead letters and rule state, in the same transaction as the outputs.
+            out.dead_letters.append(&mut upstream_letters);
             if !plan.dlq_remove.is_empty() || !out.dead_letters.is_empty() {
                 let mut dlq = txn.open_table(DEAD_LETTERS)?;
                 let d = super::dlq::apply(
@@ -922,6 +973,18 @@ fn stall_for_tests(metrics: &Metrics) {
     while path.exists() {
         metrics.heartbeat.store(now_ms(), Relaxed);
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Adds one message of the forwarder to a plan.
+fn note_forward(msg: ForwardMsg, acked: &mut Option<ForwardAck>, dead: &mut Vec<(u64, String)>) {
+    match msg {
+        ForwardMsg::Ack(a) => {
+            if acked.is_none_or(|b| a.up_to > b.up_to) {
+                *acked = Some(a)
+            }
+        }
+        ForwardMsg::DeadLetter { id, reason } => dead.push((id, reason)),
     }
 }
 

@@ -43,8 +43,9 @@
 //! - `dead_letters`: `u64 →` a postcard row (older releases wrote JSON; both are read), the
 //!   input a rule failed on as it entered the chain (or a bad frame's raw bytes), with the
 //!   rule, error and time; ids from `meta.next_dlq_id`, stored size in `meta.dlq_bytes`, capped
-//!   by `dlq_max_bytes` (drop-oldest). Rows go by `tidepool dlq retry|drop` or the cap. See
-//!   [`dlq`].
+//!   by `dlq_max_bytes` (drop-oldest). Also events the upstream broker cannot take for their
+//!   size (rule `upstream`), moved out of `events` in the commit after the forwarder says so.
+//!   Rows go by `tidepool dlq retry|drop` or the cap. See [`dlq`].
 //! - `rule_state`: `(rule, key) → JSON`, what rules keep with `state_set`; a key goes by
 //!   `state_del`.
 //! - `arrivals`: `u64 first id → i64 ms`, when the gateway stored each group of consecutive
@@ -66,7 +67,8 @@
 //! **When rows go.** A row leaves `events` only (a) after its batch's PUBACK from upstream,
 //! (b) when `max_bytes` is reached, or the filesystem is below `min_free`, under `drop_oldest`
 //! (oldest first), or (c) when its group is older than `max_age`. (b) and (c) are counted in
-//! `tidepool_events_dropped_total` (`buffer_full`, `min_free`, `max_age`) and in `meta`.
+//! `tidepool_events_dropped_total` (`buffer_full`, `min_free`, `max_age`) and in `meta`; or
+//! (d) when the forwarder finds it too large for upstream, into `dead_letters`.
 //!
 //! **When the store fails** (a full disk, an I/O error), see [`CommitLoop`]'s recovery: the
 //! file is reopened, acknowledged deletions commit on their own, the buffer counts as full,
@@ -91,7 +93,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, Payload};
 
-pub use commit::{CommitLoop, ForwardAck, Incoming, Plan};
+pub use commit::{CommitLoop, ForwardAck, ForwardMsg, Incoming, Plan};
 pub use handle::Store;
 
 /// Buffered events, by id.
