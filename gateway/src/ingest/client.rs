@@ -33,8 +33,8 @@ use tracing::{info, warn};
 use super::{mqtt_event, stable_hash, Incoming, IngestTx, OwnPublishes};
 use crate::admin::metrics::Metrics;
 use crate::config::{parse_mqtt_url, MqttIngestConfig};
+use crate::ingest::Dedup;
 use crate::shutdown::Shutdown;
-use crate::store::commit::Dedup;
 use crate::store::dedup::{MqttKey, PubackLog};
 
 /// A PUBACK to send once the commit is done: for which packet id, on which connection, and

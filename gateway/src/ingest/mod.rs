@@ -13,8 +13,46 @@ use std::sync::{Arc, Mutex};
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::event::{Event, Payload};
 
-pub use crate::store::Incoming;
 pub use channel::IngestTx;
+
+// What ingest hands to the store: the event, the acknowledgement to send once it is
+// committed, and what identifies a resend (the keys' table logic lives in `store::dedup`).
+
+/// Called once the event it came with is committed (client-mode PUBACK, serial ack).
+pub type AckFn = Box<dyn FnOnce() + Send>;
+
+/// Redelivery detection: what identifies a message its source may send again.
+#[derive(Debug, Clone)]
+pub enum Dedup {
+    /// A client-mode MQTT delivery (packet id, content hash, DUP).
+    Mqtt(crate::store::dedup::MqttKey),
+    /// A reliable-serial frame (port, device, seq, frame hash).
+    Serial(crate::store::dedup::SerialKey),
+}
+
+/// One event from ingest, with what to do once it is committed.
+pub struct Incoming {
+    /// The event (id 0).
+    pub event: Event,
+    /// Called after the commit that stored it (or decided not to).
+    pub ack: Option<AckFn>,
+    /// Redelivery detection (client mode, reliable serial).
+    pub dedup: Option<Dedup>,
+    /// A frame that could not be decoded: dead-lettered (raw bytes in the event) and counted.
+    pub bad: Option<(DropReason, String)>,
+}
+
+impl Incoming {
+    /// An event with no ack and no dedup.
+    pub fn plain(event: Event) -> Incoming {
+        Incoming {
+            event,
+            ack: None,
+            dedup: None,
+            bad: None,
+        }
+    }
+}
 
 /// The source label of MQTT events.
 pub const MQTT_SOURCE: &str = "mqtt";

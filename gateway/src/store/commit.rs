@@ -17,43 +17,8 @@ use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{BufferConfig, WhenFull};
 use crate::event::{now_ms, Event};
 use crate::ingest::channel::{unbudgeted, IngestRx, Queued};
+pub use crate::ingest::{AckFn, Dedup, Incoming};
 use crate::rules::{LocalPublish, RuleStage, StepOutput};
-
-/// Called once the event it came with is committed (client-mode PUBACK, serial ack).
-pub type AckFn = Box<dyn FnOnce() + Send>;
-
-/// Redelivery detection: what identifies a message its source may send again.
-#[derive(Debug, Clone)]
-pub enum Dedup {
-    /// A client-mode MQTT delivery (packet id, content hash, DUP).
-    Mqtt(super::dedup::MqttKey),
-    /// A reliable-serial frame (port, device, seq, frame hash).
-    Serial(super::dedup::SerialKey),
-}
-
-/// One event from ingest, with what to do once it is committed.
-pub struct Incoming {
-    /// The event (id 0).
-    pub event: Event,
-    /// Called after the commit that stored it (or decided not to).
-    pub ack: Option<AckFn>,
-    /// Redelivery detection (client mode, reliable serial).
-    pub dedup: Option<Dedup>,
-    /// A frame that could not be decoded: dead-lettered (raw bytes in the event) and counted.
-    pub bad: Option<(DropReason, String)>,
-}
-
-impl Incoming {
-    /// An event with no ack and no dedup.
-    pub fn plain(event: Event) -> Incoming {
-        Incoming {
-            event,
-            ack: None,
-            dedup: None,
-            bad: None,
-        }
-    }
-}
 
 /// From the forwarder: upstream acknowledged every event up to `up_to`, in batch `batch`.
 #[derive(Debug, Clone, Copy)]

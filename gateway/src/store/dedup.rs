@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex};
 
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
-use super::commit::Dedup;
 use super::StoreError;
+use crate::ingest::Dedup;
 
 /// Client mode: packet id → (hash of topic and payload, tag of the delivery recorded).
 pub const MQTT_DEDUP: TableDefinition<u16, (u64, u64)> = TableDefinition::new("mqtt_dedup");

@@ -31,8 +31,8 @@ use super::{stable_hash, Incoming, IngestTx};
 use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{Framing, SerialConfig};
 use crate::event::{Event, Payload};
+use crate::ingest::Dedup;
 use crate::shutdown::Shutdown;
-use crate::store::commit::Dedup;
 use crate::store::dedup::SerialKey;
 use framing::{decode_cobs, decode_line, encode_ack, Chunk, Deframer};
 
