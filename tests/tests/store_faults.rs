@@ -188,6 +188,10 @@ fn full_disk_holds_then_recovers_and_accounts_for_every_event() {
     );
     assert!(delivered <= acked);
     assert!(delivered > 0);
+    assert!(
+        forwarded_while_full > 0,
+        "forwarding must go on while the disk is full"
+    );
 
     // And it goes on: new events are stored and delivered.
     let before = sub.snapshot().len();

@@ -23,6 +23,8 @@ use crate::event::Event;
 /// Refusals of the same one-event batch before that event is dead-lettered: one drop could
 /// still be a network fault that happened to hit a large packet.
 pub const SINGLE_REFUSALS: u32 = 2;
+/// The same, while the broker has acknowledged nothing yet on this run.
+pub const SINGLE_REFUSALS_UNPROVEN: u32 = 5;
 
 /// A drop counts as a size refusal only this soon after the packet was written: a broker
 /// that refuses a packet closes the connection as it reads it.
@@ -160,8 +162,15 @@ impl SizeGuard {
                 self.max_packet
             ));
         }
+        // Before the broker has acknowledged anything (a fresh start, a broker that drops every
+        // connection), a drop says little about size: it takes more of them on this event alone.
+        let needed = if self.largest_acked > 0 {
+            SINGLE_REFUSALS
+        } else {
+            SINGLE_REFUSALS_UNPROVEN
+        };
         match self.single {
-            Some((sid, size, n)) if sid == id && n >= SINGLE_REFUSALS => Err(format!(
+            Some((sid, size, n)) if sid == id && n >= needed => Err(format!(
                 "refused by the upstream broker: it dropped the connection {n} times on this \
                  event alone (packet {size} B; largest it accepted {} B)",
                 self.largest_acked
@@ -397,6 +406,23 @@ mod tests {
         // Over max_packet: never sent.
         let why = g.single(9, 140_213).unwrap_err();
         assert_eq!(why, "exceeds upstream max_packet 128000 B: packet 140213 B");
+    }
+
+    #[test]
+    fn before_any_ack_a_few_drops_do_not_dead_letter() {
+        let mut g = SizeGuard::new(128_000);
+        for _ in 0..SINGLE_REFUSALS_UNPROVEN - 1 {
+            g.lost(&[unacked(7, 1, 70_000)]);
+            assert!(
+                g.single(7, 70_000).is_ok(),
+                "a flaky link must not dead-letter"
+            );
+        }
+        g.lost(&[unacked(7, 1, 70_000)]);
+        assert!(
+            g.single(7, 70_000).is_err(),
+            "a broker that always refuses it"
+        );
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct Plan {
     pub tick: Option<i64>,
     /// Dead letters to remove (retried or dropped).
     pub dlq_remove: Vec<u64>,
+    /// Events stored again as they are, without the rules (upstream dead letters retried).
+    pub reinsert: Vec<Event>,
     /// Events upstream cannot take (id, why): moved to the dead-letter table, before the
     /// acknowledgements of this plan delete anything (the forwarder sent them in that order).
     pub upstream_dead: Vec<(u64, String)>,
@@ -212,6 +214,7 @@ impl CommitLoop {
         committed: watch::Sender<u64>,
         rt: tokio::runtime::Handle,
     ) -> Result<CommitLoop, StoreError> {
+        store.set_heartbeat(metrics.heartbeat.clone());
         let db = store.db()?;
         let st = super::stats(&*db)?;
         let mut rules = rules;
@@ -296,17 +299,25 @@ impl CommitLoop {
     pub fn retry_dead_letters(&mut self, req: &DlqRequest) -> Result<(u64, u64), StoreError> {
         let (mut retried, mut again) = (0, 0);
         self.dlq_pages(req, |lp, rows| {
-            let group: Vec<Incoming> = rows
+            // What upstream could not take already went through the rules: it goes back to
+            // the buffer as it is. The rest runs through the whole chain again.
+            let (forwarded, inputs): (Vec<_>, Vec<_>) = rows
                 .iter()
                 .filter_map(|(_, d)| d.as_ref().ok())
                 .map(|d| {
                     let mut e = d.event.clone();
                     e.id = 0;
-                    Incoming::plain(e)
+                    (d.rule == UPSTREAM_RULE, e)
                 })
-                .collect();
-            let n = group.len() as u64;
-            let mut plan = Plan::with_group(group);
+                .partition(|(upstream, _)| *upstream);
+            let n = (forwarded.len() + inputs.len()) as u64;
+            let mut plan = Plan::with_group(
+                inputs
+                    .into_iter()
+                    .map(|(_, e)| Incoming::plain(e))
+                    .collect(),
+            );
+            plan.reinsert = forwarded.into_iter().map(|(_, e)| e).collect();
             plan.dlq_remove = rows
                 .iter()
                 .filter(|(_, d)| d.is_ok())
@@ -473,7 +484,12 @@ impl CommitLoop {
             plan.tick = self.rules.wants_tick().then_some(wall);
         }
         let arrivals_due = self.arrivals.needs_commit((self.wall)());
-        if plan.group.is_empty() && plan.acked.is_none() && plan.tick.is_none() && !arrivals_due {
+        if plan.group.is_empty()
+            && plan.acked.is_none()
+            && plan.upstream_dead.is_empty()
+            && plan.tick.is_none()
+            && !arrivals_due
+        {
             return None;
         }
         plan.tight = below_min_free(self.store.path(), self.cfg.min_free, plan.group_bytes());
@@ -620,11 +636,20 @@ impl CommitLoop {
                         self.metrics.heartbeat.store(now_ms(), Relaxed);
                         let left = deadline.saturating_duration_since(Instant::now());
                         let step = left.min(Duration::from_millis(500));
-                        if let Ok(Some(msg)) = self
+                        if !open.acks {
+                            // The forwarder has hung up (shutting down): just wait.
+                            std::thread::sleep(step);
+                            continue;
+                        }
+                        match self
                             .rt
                             .block_on(tokio::time::timeout(step, self.acks.recv()))
                         {
-                            note_forward(msg, &mut plan.acked, &mut plan.upstream_dead);
+                            Ok(Some(msg)) => {
+                                note_forward(msg, &mut plan.acked, &mut plan.upstream_dead)
+                            }
+                            Ok(None) => open.acks = false,
+                            Err(_) => {}
                         }
                         self.take_acks(&mut plan.acked, &mut plan.upstream_dead, &mut open);
                     }
@@ -784,7 +809,7 @@ impl CommitLoop {
                 t.bytes = t.bytes.saturating_sub(row_size(value.value().len()));
                 t.backlog = t.backlog.saturating_sub(1);
                 upstream_letters.push(crate::rules::DeadLetter {
-                    rule: "upstream".into(),
+                    rule: UPSTREAM_RULE.into(),
                     error: reason.clone(),
                     at: now_ms(),
                     event: super::decode(*id, value.value())?,
@@ -849,6 +874,9 @@ impl CommitLoop {
                 for e in out.events.drain(..) {
                     append(&self.cfg, &mut events, e, &mut t, &mut report)?;
                 }
+            }
+            for e in &plan.reinsert {
+                append(&self.cfg, &mut events, e.clone(), &mut t, &mut report)?;
             }
             report.dropped_rule += out.dropped;
 
@@ -940,6 +968,9 @@ fn stall_for_tests(metrics: &Metrics) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The `rule` of a dead letter upstream could not take.
+pub const UPSTREAM_RULE: &str = "upstream";
 
 /// Adds one message of the forwarder to a plan.
 fn note_forward(msg: ForwardMsg, acked: &mut Option<ForwardAck>, dead: &mut Vec<(u64, String)>) {

@@ -7,6 +7,7 @@
 //! span of one read ([`Store::db`]) and never keep it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use super::StoreError;
 #[derive(Clone)]
 pub struct Store {
     slot: Arc<RwLock<Option<Arc<Database>>>>,
+    heartbeat: Arc<std::sync::Mutex<Option<Arc<AtomicI64>>>>,
     path: PathBuf,
     cache_size: u64,
 }
@@ -27,6 +29,7 @@ impl Store {
     pub(super) fn new(db: Database, path: &Path, cache_size: u64) -> Store {
         Store {
             slot: Arc::new(RwLock::new(Some(Arc::new(db)))),
+            heartbeat: Arc::default(),
             path: path.to_path_buf(),
             cache_size,
         }
@@ -41,6 +44,11 @@ impl Store {
             .ok_or(StoreError::Reopening)
     }
 
+    /// The watchdog's heartbeat, fed while a reopen waits or repairs.
+    pub fn set_heartbeat(&self, hb: Arc<AtomicI64>) {
+        *self.heartbeat.lock().unwrap() = Some(hb);
+    }
+
     /// The store file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -50,6 +58,12 @@ impl Store {
     /// Until it returns `Ok`, readers get [`StoreError::Reopening`]; on error the slot stays
     /// empty and a later call tries again.
     pub fn reopen(&self) -> Result<(), StoreError> {
+        let hb = self.heartbeat.lock().unwrap().clone();
+        let beat = || {
+            if let Some(hb) = &hb {
+                hb.store(crate::event::now_ms(), std::sync::atomic::Ordering::Relaxed);
+            }
+        };
         let old = self.slot.write().unwrap().take();
         if let Some(mut old) = old {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -60,6 +74,7 @@ impl Store {
                         break;
                     }
                     Err(still_shared) if Instant::now() < deadline => {
+                        beat();
                         old = still_shared;
                         std::thread::sleep(Duration::from_millis(5));
                     }
@@ -71,7 +86,7 @@ impl Store {
                 }
             }
         }
-        let db = super::schema::open_file(&self.path, self.cache_size)?;
+        let db = super::schema::open_file_with(&self.path, self.cache_size, hb.clone())?;
         *self.slot.write().unwrap() = Some(Arc::new(db));
         Ok(())
     }

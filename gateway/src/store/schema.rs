@@ -12,6 +12,8 @@
 //! | 2 | `arrivals`: when the gateway stored each group of events (ages by the gateway's clock); `meta.dlq_bytes`; `mqtt_dedup` and `serial_dedup` replace `ingest_dedup`; dead letters in a compact postcard row (older JSON rows still read) |
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
@@ -23,13 +25,25 @@ pub const SCHEMA_VERSION: u64 = 2;
 
 /// Opens (creating if needed) the file, upgrading an older layout; refuses a newer one.
 pub fn open_file(path: &Path, cache_size: u64) -> Result<Database, StoreError> {
-    let db = Database::builder()
-        .set_cache_size(cache_size as usize)
-        .create(path)
-        .map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+    open_file_with(path, cache_size, None)
+}
+
+/// [`open_file`], feeding `heartbeat` (the watchdog's) while redb repairs the file after an
+/// unclean stop, which can take long on a big store and a slow card.
+pub fn open_file_with(
+    path: &Path,
+    cache_size: u64,
+    heartbeat: Option<Arc<AtomicI64>>,
+) -> Result<Database, StoreError> {
+    let mut builder = Database::builder();
+    builder.set_cache_size(cache_size as usize);
+    if let Some(hb) = heartbeat {
+        builder.set_repair_callback(move |_| hb.store(now_ms(), Ordering::Relaxed));
+    }
+    let db = builder.create(path).map_err(|source| StoreError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
     let found = version(&db)?;
     match found {
         Some(v) if v == SCHEMA_VERSION => {}
