@@ -559,3 +559,71 @@ fn dead_letters_retry_and_drop_in_pages_and_the_cap_holds() {
     let st = stats(&*h.db.db().unwrap()).unwrap();
     assert_eq!((st.dlq_events, st.dlq_bytes), (0, 0));
 }
+
+/// The forwarder's dead-letter request, arriving on its own while ingest is idle, is committed
+/// by the run loop before a later acknowledgement could delete the row.
+#[test]
+fn a_lone_upstream_dead_letter_is_committed_by_the_run_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb"), 1 << 20).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = crate::ingest::channel::channel(10, 1 << 20);
+    let (atx, arx) = mpsc::unbounded_channel();
+    let (ctx, _crx) = watch::channel(0);
+    let cfg = BufferConfig {
+        max_bytes: ByteSize(1 << 30),
+        max_age: HumanDuration(Duration::from_secs(3600)),
+        when_full: WhenFull::DropOldest,
+        commit_max_events: 100,
+        commit_max_wait: HumanDuration(Duration::from_millis(1)),
+        cache_size: ByteSize(1 << 20),
+        min_free: crate::config::MinFree::Bytes(0),
+        ingest_max_bytes: ByteSize(1 << 20),
+        dlq_max_bytes: ByteSize(16 << 20),
+    };
+    let mut lp = CommitLoop::new(
+        db.clone(),
+        cfg,
+        Arc::new(Metrics::default()),
+        Box::new(PassThrough),
+        rx,
+        arx,
+        ctx,
+        rt.handle().clone(),
+    )
+    .unwrap();
+    lp.commit(
+        (1..=3).map(|n| Incoming::plain(ev(n, 0))).collect(),
+        None,
+        None,
+    )
+    .unwrap();
+    let runner = std::thread::spawn(move || lp.run());
+    atx.send(ForwardMsg::DeadLetter {
+        id: 2,
+        reason: "too large".into(),
+    })
+    .unwrap();
+    // Give the loop time to take it alone, then acknowledge past it.
+    std::thread::sleep(Duration::from_millis(300));
+    atx.send(ForwardMsg::Ack(ForwardAck { up_to: 3, batch: 1 }))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(atx);
+    drop(tx);
+    runner.join().unwrap();
+    let d = db.db().unwrap();
+    let letters = dlq::page(&*d, &dlq::Select::default(), 0, 10).unwrap();
+    assert_eq!(letters.rows.len(), 1, "the dead letter must not be lost");
+    let (_, letter) = &letters.rows[0];
+    let letter = letter.as_ref().unwrap();
+    assert_eq!(
+        (letter.rule.as_str(), letter.event.topic.as_str()),
+        ("upstream", "t/2")
+    );
+    assert_eq!(stats(&*d).unwrap().backlog_events, 0);
+}
