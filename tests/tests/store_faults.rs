@@ -14,6 +14,21 @@ fn upstream_cfg(port: u16) -> String {
     )
 }
 
+/// A gateway (not started yet) whose store is on `disk`, `min_free` 1 MiB, upstream on `port`.
+fn gateway_on(disk: &Tmpfs, port: u16) -> (tempfile::TempDir, Gateway) {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = Gateway::configure(
+        tmp.path().to_path_buf(),
+        &format!("{}\n[buffer]\nmin_free = \"1MiB\"\n", upstream_cfg(port)),
+    );
+    let cfg = std::fs::read_to_string(&gw.config).unwrap().replace(
+        &format!("data_dir = \"{}\"", tmp.path().join("data").display()),
+        &format!("data_dir = \"{}\"", disk.path().display()),
+    );
+    std::fs::write(&gw.config, cfg).unwrap();
+    (tmp, gw)
+}
+
 fn wait(within: Duration, mut pred: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + within;
     while Instant::now() < until {
@@ -55,17 +70,7 @@ fn m(gw: &Gateway, series: &str) -> u64 {
 fn full_disk_holds_then_recovers_and_accounts_for_every_event() {
     let disk = Tmpfs::mount("6m");
     let port = free_port();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::configure(
-        tmp.path().to_path_buf(),
-        &format!("{}\n[buffer]\nmin_free = \"1MiB\"\n", upstream_cfg(port)),
-    );
-    // The store on the small disk.
-    let cfg = std::fs::read_to_string(&gw.config).unwrap().replace(
-        &format!("data_dir = \"{}\"", tmp.path().join("data").display()),
-        &format!("data_dir = \"{}\"", disk.path().display()),
-    );
-    std::fs::write(&gw.config, cfg).unwrap();
+    let (_tmp, mut gw) = gateway_on(&disk, port);
     gw.launch();
     let pid = gw.proc.pid();
     let started = Instant::now();
@@ -211,16 +216,7 @@ fn full_disk_holds_then_recovers_and_accounts_for_every_event() {
 fn min_free_keeps_the_disk_from_filling() {
     let disk = Tmpfs::mount("6m");
     let port = free_port();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::configure(
-        tmp.path().to_path_buf(),
-        &format!("{}\n[buffer]\nmin_free = \"1MiB\"\n", upstream_cfg(port)),
-    );
-    let cfg = std::fs::read_to_string(&gw.config).unwrap().replace(
-        &format!("data_dir = \"{}\"", tmp.path().join("data").display()),
-        &format!("data_dir = \"{}\"", disk.path().display()),
-    );
-    std::fs::write(&gw.config, cfg).unwrap();
+    let (_tmp, mut gw) = gateway_on(&disk, port);
     gw.launch();
     let sim = run_sim(
         gw.mqtt_port,
@@ -322,16 +318,7 @@ fn a_stalled_store_in_embedded_mode_counts_what_the_broker_dropped() {
 fn start_up_on_a_full_disk_opens_and_drains() {
     let disk = Tmpfs::mount("6m");
     let port = free_port();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut gw = Gateway::configure(
-        tmp.path().to_path_buf(),
-        &format!("{}\n[buffer]\nmin_free = \"1MiB\"\n", upstream_cfg(port)),
-    );
-    let cfg = std::fs::read_to_string(&gw.config).unwrap().replace(
-        &format!("data_dir = \"{}\"", tmp.path().join("data").display()),
-        &format!("data_dir = \"{}\"", disk.path().display()),
-    );
-    std::fs::write(&gw.config, cfg).unwrap();
+    let (_tmp, mut gw) = gateway_on(&disk, port);
     gw.launch();
     assert_eq!(run_sim(gw.mqtt_port, 2000, 0.0, &[])["acked"], 2000);
     assert!(wait(Duration::from_secs(20), || m(

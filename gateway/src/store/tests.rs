@@ -30,16 +30,9 @@ fn harness(max_bytes: u64, when_full: WhenFull) -> Harness {
     harness_in(tempfile::tempdir().unwrap(), max_bytes, when_full)
 }
 
-fn harness_in(dir: tempfile::TempDir, max_bytes: u64, when_full: WhenFull) -> Harness {
-    let db = open(&dir.path().join("t.redb"), 1 << 20).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (_tx, rx) = crate::ingest::channel::channel(1, 1 << 20);
-    let (_atx, arx) = mpsc::unbounded_channel();
-    let (ctx, _crx) = watch::channel(0);
-    let cfg = BufferConfig {
+/// The buffer settings of these tests: `max_age` one hour, small groups, no `min_free`.
+fn buffer_cfg(max_bytes: u64, when_full: WhenFull) -> BufferConfig {
+    BufferConfig {
         max_bytes: ByteSize(max_bytes),
         max_age: HumanDuration(Duration::from_secs(3600)),
         when_full,
@@ -49,7 +42,19 @@ fn harness_in(dir: tempfile::TempDir, max_bytes: u64, when_full: WhenFull) -> Ha
         min_free: crate::config::MinFree::Bytes(0),
         ingest_max_bytes: ByteSize(1 << 20),
         dlq_max_bytes: ByteSize(16 << 20),
-    };
+    }
+}
+
+fn harness_in(dir: tempfile::TempDir, max_bytes: u64, when_full: WhenFull) -> Harness {
+    let db = open(&dir.path().join("t.redb"), 1 << 20).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_tx, rx) = crate::ingest::channel::channel(1, 1 << 20);
+    let (_atx, arx) = mpsc::unbounded_channel();
+    let (ctx, _crx) = watch::channel(0);
+    let cfg = buffer_cfg(max_bytes, when_full);
     let metrics = Arc::new(Metrics::default());
     let lp = CommitLoop::new(
         db.clone(),
@@ -574,17 +579,7 @@ fn a_lone_upstream_dead_letter_is_committed_by_the_run_loop() {
     let (tx, rx) = crate::ingest::channel::channel(10, 1 << 20);
     let (atx, arx) = mpsc::unbounded_channel();
     let (ctx, _crx) = watch::channel(0);
-    let cfg = BufferConfig {
-        max_bytes: ByteSize(1 << 30),
-        max_age: HumanDuration(Duration::from_secs(3600)),
-        when_full: WhenFull::DropOldest,
-        commit_max_events: 100,
-        commit_max_wait: HumanDuration(Duration::from_millis(1)),
-        cache_size: ByteSize(1 << 20),
-        min_free: crate::config::MinFree::Bytes(0),
-        ingest_max_bytes: ByteSize(1 << 20),
-        dlq_max_bytes: ByteSize(16 << 20),
-    };
+    let cfg = buffer_cfg(1 << 30, WhenFull::DropOldest);
     let mut lp = CommitLoop::new(
         db.clone(),
         cfg,
