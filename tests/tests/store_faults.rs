@@ -110,8 +110,11 @@ fn full_disk_holds_then_recovers_and_accounts_for_every_event() {
 
     // Upstream comes back while the disk is still full: forwarding goes on, and what it
     // acknowledges makes room.
-    let up = Mosquitto::start_on(port, "");
+    // The subscriber is in before the gateway's port opens, so no batch is acknowledged to
+    // a broker nobody listens to yet.
+    let up = Mosquitto::start("");
     let sub = Subscriber::start(up.port, &[TOPIC]);
+    let _link = Proxy::start_on(port, up.port);
     std::thread::sleep(Duration::from_secs(3));
     let forwarded_while_full = m(&gw, "tidepool_events_forwarded_total");
 
@@ -133,7 +136,11 @@ fn full_disk_holds_then_recovers_and_accounts_for_every_event() {
                 && m(&gw, "tidepool_events_forwarded_total") as usize >= sub.distinct_n().len()
                 && sub.snapshot().len() as u64 >= m(&gw, "tidepool_events_forwarded_total")
         }),
-        "backlog did not drain; log:\n{}",
+        "backlog did not drain: backlog {}, forwarded {}, received {} ({} distinct); log:\n{}",
+        m(&gw, "tidepool_backlog_events"),
+        m(&gw, "tidepool_events_forwarded_total"),
+        sub.snapshot().len(),
+        sub.distinct_n().len(),
         gw.log()
     );
     std::thread::sleep(Duration::from_millis(500));
@@ -235,8 +242,11 @@ fn min_free_keeps_the_disk_from_filling() {
         m(&gw, "tidepool_events_ingested_total{source=\"mqtt\"}") + drop("ingest_overflow") >= acked
     }));
     let avail = disk.available();
-    let up = Mosquitto::start_on(port, "");
+    // The subscriber is in before the gateway's port opens, so no batch is acknowledged to
+    // a broker nobody listens to yet.
+    let up = Mosquitto::start("");
     let sub = Subscriber::start(up.port, &[TOPIC]);
+    let _link = Proxy::start_on(port, up.port);
     assert!(wait(Duration::from_secs(60), || m(
         &gw,
         "tidepool_backlog_events"
@@ -328,8 +338,11 @@ fn start_up_on_a_full_disk_opens_and_drains() {
     assert_eq!(gw.proc.terminate(Duration::from_secs(10)), Some(0));
     disk.fill("ballast");
     gw.launch();
-    let up = Mosquitto::start_on(port, "");
+    // The subscriber is in before the gateway's port opens, so no batch is acknowledged to
+    // a broker nobody listens to yet.
+    let up = Mosquitto::start("");
     let sub = Subscriber::start(up.port, &[TOPIC]);
+    let _link = Proxy::start_on(port, up.port);
     assert!(
         sub.wait_for(Duration::from_secs(30), |g| g.len() >= 2000),
         "only {} arrived; log:\n{}",
