@@ -92,9 +92,33 @@ impl IngestTx {
             .map_err(|_| Closed)
     }
 
-    /// [`send`](Self::send) from a thread outside the runtime.
+    /// [`send`](Self::send) from a thread outside the runtime. While there is room (the
+    /// common case) this takes no trip through the runtime: per event, that trip costs more
+    /// than the rest of the hand-over.
     pub fn blocking_send(&self, m: Incoming, rt: &tokio::runtime::Handle) -> Result<(), Closed> {
-        rt.block_on(self.send(m))
+        let size = size_of(&m);
+        match self
+            .bytes
+            .clone()
+            .try_acquire_many_owned(self.permits(size))
+        {
+            Ok(permit) => {
+                let q = Queued {
+                    incoming: m,
+                    _permit: Some(permit),
+                    size,
+                };
+                match self.tx.try_send(q) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(q)) => {
+                        self.tx.blocking_send(q).map_err(|_| Closed)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err(Closed),
+                }
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => Err(Closed),
+            Err(tokio::sync::TryAcquireError::NoPermits) => rt.block_on(self.send(m)),
+        }
     }
 
     /// Bytes free now (for tests and status).
