@@ -386,8 +386,8 @@ fn merge_listen(extra: &str, port: u16) -> String {
     }
 }
 
-/// A plain HTTP GET on loopback.
-pub fn http_get(port: u16, path: &str) -> Option<String> {
+/// A plain HTTP GET on loopback: (status code, body).
+pub fn http_get_full(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -398,7 +398,14 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|x| x.1.to_string())
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+    Some((code, body))
+}
+
+/// A plain HTTP GET on loopback: the body.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_full(port, path).map(|(_, body)| body)
 }
 
 /// Runs the simulator to completion; returns its JSON summary.

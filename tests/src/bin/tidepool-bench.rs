@@ -397,8 +397,59 @@ fn pi_bench() {
     );
 }
 
+/// SD-card wear at the default config, upstream online: fsyncs per second and bytes written
+/// (`/proc/PID/io` `write_bytes`) idle, at 10 and at 1,000 events/s.
+fn wear_bench() {
+    let up = Mosquitto::start("");
+    let gw = Gateway::start(&format!(
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\n",
+        up.port
+    ));
+    let pid = gw.proc.pid();
+    std::thread::sleep(Duration::from_secs(2));
+    let sample = || {
+        (
+            write_bytes(pid),
+            gw.metric("tidepool_fsyncs_total").unwrap_or(0.0),
+            gw.metric("tidepool_events_committed_total").unwrap_or(0.0),
+            Instant::now(),
+        )
+    };
+    let report = |what: &str, a: (u64, f64, f64, Instant)| {
+        let b = sample();
+        let secs = b.3.duration_since(a.3).as_secs_f64();
+        let bytes = (b.0 - a.0) as f64;
+        let events = b.2 - a.2;
+        let per_event = if events > 0.0 {
+            format!("{:.0} B/event", bytes / events)
+        } else {
+            "no events".to_string()
+        };
+        println!(
+            "wear      {what:<14} {:.2} fsyncs/s, {:.0} B/s written ({:.2} GB/day), {per_event} ({events} events in {secs:.0} s)",
+            (b.1 - a.1) / secs,
+            bytes / secs,
+            bytes / secs * 86_400.0 / 1e9,
+        );
+    };
+    let a = sample();
+    std::thread::sleep(Duration::from_secs(20));
+    report("idle", a);
+    for (rate, count) in [(10.0, 300u64), (1_000.0, 20_000)] {
+        let a = sample();
+        run_sim(gw.mqtt_port, count, rate, &["--sensors", "10"]);
+        std::thread::sleep(Duration::from_secs(2));
+        report(&format!("{rate:.0} events/s"), a);
+    }
+}
+
 fn main() {
     std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
+    if std::env::args().nth(1).as_deref() == Some("wear") {
+        bin_dir();
+        wear_bench();
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("pi") {
         bin_dir();
         pi_bench();
