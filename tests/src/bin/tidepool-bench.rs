@@ -446,6 +446,7 @@ fn wear_bench() {
 fn main() {
     std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
     if std::env::args().nth(1).as_deref() == Some("wear") {
+        std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
         bin_dir();
         wear_bench();
         return;
