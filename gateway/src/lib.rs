@@ -9,6 +9,7 @@
 //! store and deletes only what upstream acknowledged; admin serves metrics and status.
 
 pub mod admin;
+pub mod broker;
 pub mod check;
 pub mod config;
 pub mod demo;

@@ -1,0 +1,3 @@
+//! The embedded broker: the MQTT face sensors and local subscribers connect to.
+
+pub mod packet;
