@@ -32,6 +32,10 @@ pub struct SimConfig {
     pub client_id: String,
     /// QoS 1 (default) or 0.
     pub qos1: bool,
+    /// QoS 1 publishes in flight without a PUBACK.
+    pub inflight: u16,
+    /// Where the `n` of each acknowledged event is appended, one a line.
+    pub acked_log: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -46,6 +50,8 @@ impl Default for SimConfig {
             payload_size: 0,
             client_id: "tidepool-sim".into(),
             qos1: true,
+            inflight: 1000,
+            acked_log: None,
         }
     }
 }
@@ -187,20 +193,36 @@ pub async fn run(
     let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
-    opts.set_inflight(200);
+    opts.set_inflight(cfg.inflight.max(1));
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     let st = stats.clone();
+    let mut acks = match &cfg.acked_log {
+        Some(path) => Some(AckLog::create(path)?),
+        None => None,
+    };
+    let requested = acks.as_ref().map(|a| a.requested.clone());
     let poller = tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                Ok(Event::Incoming(Packet::PubAck(a))) => {
                     st.acked.fetch_add(1, Relaxed);
+                    if let Some(log) = acks.as_mut() {
+                        log.acked(a.pkid);
+                    }
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(_))) => {}
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if let Some(log) = acks.as_mut() {
+                        log.sent(pkid);
+                    }
+                }
                 Ok(_) => {}
                 Err(_) => {
                     st.reconnects.fetch_add(1, Relaxed);
+                    if let Some(log) = acks.as_mut() {
+                        // A clean session: what was in flight is dropped, never acknowledged.
+                        log.lost_connection();
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -230,6 +252,9 @@ pub async fn run(
             }
         }
         let (_, topic, body) = generator.next(n, now_ms());
+        if let Some(r) = &requested {
+            r.lock().unwrap().push_back(n);
+        }
         tokio::select! {
             r = client.publish(topic, qos, false, body.to_string()) => r?,
             _ = &mut stop => break,
@@ -250,6 +275,50 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(50)).await;
     poller.abort();
     Ok(())
+}
+
+/// Which event each acknowledgement is for: the client sends publishes in the order they
+/// were requested, each new one under a packet id (`Outgoing::Publish`); a PUBACK names the
+/// id. Every acknowledged `n` is appended to the file at once.
+struct AckLog {
+    requested: Arc<std::sync::Mutex<std::collections::VecDeque<u64>>>,
+    in_flight: std::collections::HashMap<u16, u64>,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl AckLog {
+    fn create(path: &std::path::Path) -> anyhow::Result<AckLog> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(AckLog {
+            requested: Arc::default(),
+            in_flight: std::collections::HashMap::new(),
+            file: std::io::BufWriter::new(file),
+        })
+    }
+
+    fn sent(&mut self, pkid: u16) {
+        if pkid == 0 || self.in_flight.contains_key(&pkid) {
+            return; // QoS 0, or a resend of the same publish
+        }
+        if let Some(n) = self.requested.lock().unwrap().pop_front() {
+            self.in_flight.insert(pkid, n);
+        }
+    }
+
+    fn acked(&mut self, pkid: u16) {
+        use std::io::Write;
+        if let Some(n) = self.in_flight.remove(&pkid) {
+            let _ = writeln!(self.file, "{n}");
+            let _ = self.file.flush();
+        }
+    }
+
+    fn lost_connection(&mut self) {
+        self.in_flight.clear();
+    }
 }
 
 #[cfg(test)]

@@ -45,6 +45,13 @@ struct Args {
     /// MQTT client id.
     #[arg(long, default_value = "tidepool-sim")]
     client_id: String,
+    /// QoS 1 publishes in flight without a PUBACK (the sensor's window).
+    #[arg(long, default_value_t = 1000)]
+    inflight: u16,
+    /// Append the `n` of every event the broker acknowledged to this file, one a line, as
+    /// acknowledgements arrive (so a crash test can check every acknowledged event arrived).
+    #[arg(long)]
+    acked_log: Option<std::path::PathBuf>,
     /// Print the final summary as one JSON line (for scripts).
     #[arg(long)]
     json: bool,
@@ -98,6 +105,8 @@ async fn main() -> anyhow::Result<()> {
         payload_size: a.payload_size,
         client_id: a.client_id,
         qos1: true,
+        inflight: a.inflight,
+        acked_log: a.acked_log,
     };
     let stats = Arc::new(SimStats::default());
     let started = Instant::now();

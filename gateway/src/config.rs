@@ -101,10 +101,29 @@ pub struct MqttIngestConfig {
     pub max_payload: ByteSize,
     /// (embedded) most simultaneous connections.
     pub max_connections: usize,
-    /// (embedded) memory for messages the gateway has not read yet.
-    pub broker_memory: ByteSize,
     /// (embedded) accepted credentials; empty: anonymous.
     pub users: Vec<UserConfig>,
+    /// (embedded) QoS 1/2 publishes a sensor may have waiting for their commit (MQTT 5
+    /// Receive Maximum); a sensor with this many waits.
+    pub receive_maximum: u16,
+    /// (embedded) QoS 1 messages in flight to a local subscriber that announced no Receive
+    /// Maximum (MQTT 3.1.1).
+    pub subscriber_inflight: u16,
+    /// (embedded) Messages queued per local subscriber session; beyond it the oldest goes
+    /// (counted).
+    pub max_queued_messages: usize,
+    /// (embedded) Most retained topics.
+    pub max_retained: usize,
+    /// (embedded) Longest a persistent session outlives its connection.
+    pub max_session_expiry: HumanDuration,
+    /// (embedded) Seconds a new connection has to send its CONNECT.
+    pub connect_timeout: HumanDuration,
+    /// (embedded) A second listener speaking MQTT over TLS; unset: none.
+    pub tls_listen: Option<SocketAddr>,
+    /// (embedded) PEM certificate chain for `tls_listen`.
+    pub tls_cert: Option<PathBuf>,
+    /// (embedded) PEM private key for `tls_listen`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// One username/password pair for the embedded broker.

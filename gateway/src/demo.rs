@@ -1,6 +1,6 @@
 //! `tidepool demo`: the whole path on one machine, with an outage, and every event accounted for.
 //!
-//! A stand-in "cloud" broker (rumqttd), a TCP proxy in front of it that the demo cuts and
+//! A stand-in "cloud" broker (the gateway's own broker, routing only), a TCP proxy in front of it that the demo cuts and
 //! restores, the gateway (embedded broker, store in a temporary folder) and the simulator.
 //! A subscriber on the cloud broker counts what arrives, by id and by the simulator's `n`.
 
@@ -105,14 +105,16 @@ pub async fn run(plan: DemoPlan) -> anyhow::Result<bool> {
     let dir = tempfile_dir()?;
     let cloud_port = free_port()?;
     let cloud_addr: SocketAddr = format!("127.0.0.1:{cloud_port}").parse()?;
-    let mut cloud_cfg = Config::defaults();
-    cloud_cfg.ingest.mqtt.listen = cloud_addr;
-    let mut cloud = rumqttd::Broker::new(crate::ingest::embedded::broker_config(
-        &cloud_cfg.ingest.mqtt,
-    ));
-    std::thread::spawn(move || {
-        let _ = cloud.start();
-    });
+    // The cloud: the gateway's own broker, ingesting nothing, routing everything.
+    let (_cloud_stop, cloud_shutdown) = crate::shutdown::channel();
+    let (_cloud, _cloud_task) = crate::broker::Broker::start(
+        crate::broker::Settings::routing_only(cloud_addr),
+        None,
+        Arc::new(crate::admin::metrics::Metrics::default()),
+        None,
+        cloud_shutdown,
+    )
+    .await?;
     wait_port(cloud_addr).await?;
     let (proxy, proxy_port) = Proxy::start(cloud_addr).await?;
 
@@ -192,7 +194,7 @@ pub async fn run(plan: DemoPlan) -> anyhow::Result<bool> {
         seed: 42,
         payload_size: 0,
         client_id: "demo-sim".into(),
-        qos1: true,
+        ..Default::default()
     };
     let sim = tokio::spawn(tidepool_sim::run(
         sim_cfg,

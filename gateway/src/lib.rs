@@ -90,25 +90,32 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     };
 
     // Sources. Each holds a sender; the commit loop ends once all are gone.
-    let mut embedded_reader = None;
-    let mut client_task = None;
+    let mut broker_task = None;
+    let mut retained_log = None;
     let publisher: store::commit::Publisher = match cfg.ingest.mqtt.mode {
         MqttMode::Embedded => {
-            let e = ingest::embedded::start(
-                &cfg.ingest.mqtt,
-                in_tx.clone(),
+            let log = Arc::new(store::retained::RetainedLog::default());
+            let (kept, bad) = store::retained::load(&*db.db()?, event::now_ms())?;
+            if bad > 0 {
+                warn!(bad, "retained messages that could not be read were skipped");
+            }
+            let (broker, task) = broker::Broker::start(
+                broker::Settings::from_config(&cfg.ingest.mqtt),
+                Some(in_tx.clone()),
                 metrics.clone(),
+                Some((log.clone(), kept)),
                 shutdown.clone(),
-                own.clone(),
-            )?;
-            embedded_reader = Some(e.reader);
-            let mut link = e.link_tx;
-            let own = own.clone();
+            )
+            .await?;
+            broker_task = Some(task);
+            retained_log = Some(log);
             Box::new(move |p: &rules::LocalPublish| {
-                own.note(&p.topic, &p.payload);
-                if let Err(e) = link.publish(p.topic.clone(), p.payload.clone()) {
-                    warn!(topic = %p.topic, error = %e, "rule publish to the embedded broker failed");
-                }
+                broker.publish(
+                    &p.topic,
+                    bytes::Bytes::from(p.payload.clone()),
+                    broker::packet::Qos::AtLeastOnce,
+                    false,
+                );
             })
         }
         MqttMode::Client => {
@@ -137,9 +144,12 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
         }
     };
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let commit_loop = commit_loop
+    let mut commit_loop = commit_loop
         .with_publisher(publisher)
         .with_control(control_rx);
+    if let Some(log) = retained_log {
+        commit_loop = commit_loop.with_retained(log);
+    }
     let serial_tasks: Vec<_> = cfg
         .ingest
         .serial
@@ -191,8 +201,8 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
             for t in serial_tasks {
                 let _ = t.await;
             }
-            if let Some(r) = embedded_reader {
-                let _ = tokio::task::spawn_blocking(move || r.join()).await;
+            if let Some(t) = broker_task {
+                let _ = t.await;
             }
             let _ = fwd.await;
             let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;

@@ -161,7 +161,7 @@ fn main() -> ExitCode {
             print_defaults,
         } => tidepool::check::main(config.as_deref(), print_defaults),
         Cmd::Run { config } => {
-            tracing_init("info,rumqttd=off,rumqttc=warn");
+            tracing_init("info,rumqttc=warn");
             let cfg = match load(config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -277,7 +277,7 @@ fn main() -> ExitCode {
             cut_at,
             cut_for,
         } => {
-            tracing_init("warn,rumqttd=off,rumqttc=off");
+            tracing_init("warn,rumqttc=off");
             let plan = tidepool::demo::DemoPlan {
                 events,
                 rate,

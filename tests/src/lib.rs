@@ -17,6 +17,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub mod admin;
 pub mod ingest;
+pub mod kill_storm;
 pub mod upstream_limits;
 
 /// The workspace root.
@@ -331,7 +332,7 @@ impl Gateway {
         let child = command("tidepool")
             .args(["run", "--config"])
             .arg(&self.config)
-            .env("TIDEPOOL_LOG", "info,rumqttd=off")
+            .env("TIDEPOOL_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

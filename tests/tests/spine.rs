@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use tidepool_e2e::kill_storm::{self, KillStorm};
 use tidepool_e2e::*;
 
 fn upstream_cfg(port: u16) -> String {
@@ -114,15 +115,7 @@ fn client_mode_survives_kill9_at_random_moments() {
     // Let the gateway's persistent session subscribe before the sensors publish.
     std::thread::sleep(Duration::from_millis(500));
     let mut sim = spawn_sim(ingress.port, 20_000, 2_000.0, &[]);
-    let mut kills = 0;
-    let mut rng = fastrand::Rng::with_seed(0x5eed);
-    while kills < 6 {
-        std::thread::sleep(Duration::from_millis(rng.u64(300..1200)));
-        gw.proc.kill9();
-        kills += 1;
-        std::thread::sleep(Duration::from_millis(rng.u64(50..400)));
-        gw.launch();
-    }
+    let kills = KillStorm::default().run(&mut gw);
     let out = sim.child.take().unwrap().wait_with_output().unwrap();
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
@@ -144,6 +137,54 @@ fn client_mode_survives_kill9_at_random_moments() {
     let (distinct, dups) = check_complete(&sub.snapshot(), 20_000);
     assert_eq!(distinct, 20_000);
     eprintln!("client mode: {kills} kill -9, 20000 events, {dups} duplicate deliveries (same ids)");
+}
+
+/// Embedded mode: a sensor's PUBACK comes after the commit, so every event the simulator was
+/// acknowledged for arrives upstream, whatever moment the gateway is killed at.
+#[test]
+fn embedded_every_acknowledged_event_survives_a_kill9_storm() {
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    let mut gw = Gateway::start(&upstream_cfg(up.port));
+    let log = gw.dir.join("acked.log");
+    let mut sim = spawn_sim(
+        gw.mqtt_port,
+        1_000_000,
+        5_000.0,
+        &["--client-id", "storm", "--acked-log", log.to_str().unwrap()],
+    );
+    let storm = KillStorm {
+        kills: 5,
+        up_ms: 800..1600,
+        ..KillStorm::default()
+    };
+    let kills = storm.run(&mut gw);
+    std::thread::sleep(Duration::from_millis(1500));
+    sim.kill9();
+    let acked = kill_storm::acked_log(&log);
+    assert!(
+        acked.len() > 5_000,
+        "the storm must be tested under load: only {} acknowledged; log:\n{}",
+        acked.len(),
+        gw.log()
+    );
+    let arrived = |g: &[Got]| {
+        let got: std::collections::HashSet<u64> = g.iter().filter_map(|x| x.n).collect();
+        acked.iter().filter(|n| !got.contains(n)).count()
+    };
+    sub.wait_for(Duration::from_secs(60), |g| arrived(g) == 0);
+    let missing = arrived(&sub.snapshot());
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} acknowledged events never arrived after {kills} kills; log:\n{}",
+        acked.len(),
+        gw.log()
+    );
+    eprintln!(
+        "embedded: {kills} kill -9, {} events acknowledged, all arrived upstream",
+        acked.len()
+    );
 }
 
 #[test]

@@ -271,46 +271,58 @@ fn min_free_keeps_the_disk_from_filling() {
 }
 
 /// A store that stops answering (a card that hangs) while sensors keep publishing to the
-/// embedded broker: rumqttd keeps acknowledging and its memory log wraps. What it dropped is
-/// counted as `ingest_overflow`; nothing acknowledged goes uncounted.
+/// embedded broker: nothing is acknowledged and nothing dropped while it hangs (the sensors
+/// wait for their PUBACKs); once it answers again, every event is committed and acknowledged.
 #[test]
-fn a_stalled_store_in_embedded_mode_counts_what_the_broker_dropped() {
+fn a_stalled_store_in_embedded_mode_holds_the_sensors_back() {
     let tmp = tempfile::tempdir().unwrap();
     let stall = tmp.path().join("stall");
-    let mut gw = Gateway::configure(
-        tmp.path().to_path_buf(),
-        "[ingest.mqtt]\nbroker_memory = \"1MiB\"\n",
-    );
+    let mut gw = Gateway::configure(tmp.path().to_path_buf(), "");
     gw.set_env("TIDEPOOL_FAULT_STALL_FILE", stall.to_str().unwrap());
     gw.launch();
     std::fs::write(&stall, b"").unwrap();
-    let sim = run_sim(
+    let log = tmp.path().join("acked.log");
+    let sim = spawn_sim(
         gw.mqtt_port,
-        60_000,
+        20_000,
         0.0,
-        &["--sensors", "20", "--payload-size", "200"],
+        &[
+            "--sensors",
+            "20",
+            "--payload-size",
+            "200",
+            "--acked-log",
+            log.to_str().unwrap(),
+        ],
     );
-    let acked = sim["acked"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let acked_while_stalled = tidepool_e2e::kill_storm::acked_log(&log).len();
+    let ingested_while_stalled = m(&gw, "tidepool_events_ingested_total{source=\"mqtt\"}");
     std::fs::remove_file(&stall).unwrap();
+    let out = sim.child.unwrap().wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let drop = |r: &str| {
         m(
             &gw,
             &format!("tidepool_events_dropped_total{{reason=\"{r}\"}}"),
         )
     };
-    let settled = wait(Duration::from_secs(30), || {
-        m(&gw, "tidepool_events_committed_total") + drop("ingest_overflow") >= acked
-    });
-    let (committed, overflow) = (
-        m(&gw, "tidepool_events_committed_total"),
-        drop("ingest_overflow"),
+    println!(
+        "stalled store: {ingested_while_stalled} read, {acked_while_stalled} acknowledged while stalled; then acked {}",
+        summary["acked"]
     );
-    println!("stalled store: acked {acked}, committed {committed}, ingest_overflow {overflow}");
-    assert!(settled, "unaccounted events; log:\n{}", gw.log());
-    assert_eq!(acked, 60_000);
-    assert!(overflow > 0, "the broker's log should have wrapped");
-    assert_eq!(committed + overflow, acked);
-    assert_eq!(m(&gw, "tidepool_backlog_events"), committed);
+    assert_eq!(acked_while_stalled, 0, "nothing is acknowledged before its commit");
+    assert!(
+        ingested_while_stalled > 0 && ingested_while_stalled < 20_000,
+        "the sensors were held back: {ingested_while_stalled} read"
+    );
+    assert_eq!(summary["acked"], 20_000, "log:\n{}", gw.log());
+    assert_eq!(drop("ingest_overflow"), 0);
+    assert!(wait(Duration::from_secs(10), || m(
+        &gw,
+        "tidepool_events_committed_total"
+    ) == 20_000));
+    assert_eq!(m(&gw, "tidepool_backlog_events"), 20_000);
 }
 
 /// A gateway started on a full disk opens its store without writing, and drains it.

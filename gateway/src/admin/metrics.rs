@@ -146,6 +146,89 @@ pub struct Metrics {
     pub heartbeat: std::sync::Arc<AtomicI64>,
     /// The forwarder's packet-size limit and what it did about it.
     pub upstream_sizes: UpstreamSizeMetrics,
+    /// The embedded broker's connections, sessions and drops.
+    pub broker: BrokerMetrics,
+}
+
+/// The embedded broker: connections now, refusals, and messages local subscribers lost.
+#[derive(Debug, Default)]
+pub struct BrokerMetrics {
+    /// Open MQTT connections.
+    pub connections: AtomicU64,
+    /// Sessions kept (online and offline).
+    pub sessions: AtomicU64,
+    /// Retained topics.
+    pub retained: AtomicU64,
+    /// Connections refused: bad credentials.
+    pub refused_auth: AtomicU64,
+    /// Connections refused: `max_connections` reached.
+    pub refused_full: AtomicU64,
+    /// Connections refused or closed for a protocol error (malformed packet, bad protocol).
+    pub protocol_errors: AtomicU64,
+    /// Messages to local subscribers dropped: their session's queue was full (oldest went).
+    pub dropped_queue_full: AtomicU64,
+    /// Messages to local subscribers dropped: their MQTT 5 message expiry passed in a queue.
+    pub dropped_expired: AtomicU64,
+    /// Publishes refused because the client's Maximum Packet Size is smaller.
+    pub dropped_too_large: AtomicU64,
+}
+
+impl BrokerMetrics {
+    fn render(&self, o: &mut String) {
+        for (name, help, v) in [
+            (
+                "tidepool_broker_connections",
+                "Open MQTT connections to the embedded broker (sensors and local subscribers).",
+                &self.connections,
+            ),
+            (
+                "tidepool_broker_sessions",
+                "Sessions the embedded broker keeps, online and offline (memory only).",
+                &self.sessions,
+            ),
+            (
+                "tidepool_broker_retained",
+                "Retained topics.",
+                &self.retained,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_broker_refused_total Connections the embedded broker refused, by reason.\n# TYPE tidepool_broker_refused_total counter"
+        );
+        for (reason, v) in [
+            ("auth", &self.refused_auth),
+            ("max_connections", &self.refused_full),
+            ("protocol", &self.protocol_errors),
+        ] {
+            let _ = writeln!(
+                o,
+                "tidepool_broker_refused_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_broker_dropped_total Messages for local subscribers the embedded broker dropped, by reason (events ingested from sensors are counted in tidepool_events_dropped_total, never here).\n# TYPE tidepool_broker_dropped_total counter"
+        );
+        for (reason, v) in [
+            ("queue_full", &self.dropped_queue_full),
+            ("expired", &self.dropped_expired),
+            ("too_large", &self.dropped_too_large),
+        ] {
+            let _ = writeln!(
+                o,
+                "tidepool_broker_dropped_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+    }
 }
 
 /// The forwarder's packet-size limit, refusals, dead letters and PUBACK timeouts.
@@ -221,6 +304,7 @@ impl Default for Metrics {
             rules_status: Mutex::new(serde_json::json!([])),
             heartbeat: std::sync::Arc::new(AtomicI64::new(crate::event::now_ms())),
             upstream_sizes: UpstreamSizeMetrics::default(),
+            broker: BrokerMetrics::default(),
         }
     }
 }
@@ -475,6 +559,7 @@ impl Metrics {
         );
         let _ = writeln!(o, "tidepool_commit_seconds_count {count}");
         self.upstream_sizes.render(&mut o);
+        self.broker.render(&mut o);
         o
     }
 

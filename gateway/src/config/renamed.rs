@@ -21,8 +21,13 @@ pub(crate) struct Renamed {
     pub note: &'static str,
 }
 
-/// Every key renamed or removed so far (none yet).
-pub(crate) const RENAMED: &[Renamed] = &[];
+/// Every key renamed or removed so far.
+pub(crate) const RENAMED: &[Renamed] = &[Renamed {
+    old: "ingest.mqtt.broker_memory",
+    new: None,
+    since: "0.2.0",
+    note: "the embedded broker no longer holds unacknowledged messages in memory (sensors wait for the commit); local subscribers' queues are capped by `ingest.mqtt.max_queued_messages`",
+}];
 
 /// One step of a concrete path in a TOML document.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,6 @@
 
 pub mod channel;
 pub mod client;
-pub mod embedded;
 pub mod serial;
 
 use std::collections::HashMap;
@@ -26,6 +25,8 @@ pub type AckFn = Box<dyn FnOnce() + Send>;
 pub enum Dedup {
     /// A client-mode MQTT delivery (packet id, content hash, DUP).
     Mqtt(crate::store::dedup::MqttKey),
+    /// A sensor's QoS 1/2 publish to the embedded broker (client, packet id, hash, DUP).
+    Broker(crate::store::dedup::BrokerKey),
     /// A reliable-serial frame (port, device, seq, frame hash).
     Serial(crate::store::dedup::SerialKey),
 }

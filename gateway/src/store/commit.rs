@@ -63,6 +63,7 @@ pub struct CommitLoop {
     mono: fn() -> Instant,
     publisher: Option<Publisher>,
     control: Option<mpsc::UnboundedReceiver<Control>>,
+    retained: Option<Arc<super::retained::RetainedLog>>,
     tick: Duration,
     next_tick: Instant,
     last_status: Instant,
@@ -256,6 +257,7 @@ impl CommitLoop {
             mono: Instant::now,
             publisher: None,
             control: None,
+            retained: None,
             tick: Duration::from_secs(10),
             next_tick: Instant::now() + Duration::from_secs(10),
             last_status: Instant::now() - Duration::from_secs(10),
@@ -267,6 +269,12 @@ impl CommitLoop {
     /// Where rule publishes go (after each commit).
     pub fn with_publisher(mut self, p: Publisher) -> Self {
         self.publisher = Some(p);
+        self
+    }
+
+    /// Writes the embedded broker's retained-message changes with the commits.
+    pub fn with_retained(mut self, log: Arc<super::retained::RetainedLog>) -> Self {
+        self.retained = Some(log);
         self
     }
 
@@ -489,6 +497,7 @@ impl CommitLoop {
             && plan.upstream_dead.is_empty()
             && plan.tick.is_none()
             && !arrivals_due
+            && !self.retained.as_ref().is_some_and(|l| l.has_pending())
         {
             return None;
         }
@@ -794,6 +803,8 @@ impl CommitLoop {
         let mut dlq_after = None;
         // Client-mode PUBACKs written since the last commit: their entries go in this one.
         let feedback = dedup::Feedback::take(plan.group.iter().map(|q| q.incoming.dedup.as_ref()));
+        // Retained-message changes of the embedded broker: given back unless this commits.
+        let retained = self.retained.as_ref().map(|l| (l.clone(), l.take()));
         let result = (|| -> Result<Vec<LocalPublish>, StoreError> {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
@@ -932,11 +943,28 @@ impl CommitLoop {
                     meta.insert(key.as_str(), prev + n)?;
                 }
             }
+            if let Some((_, changes)) = &retained {
+                super::retained::write(&txn, changes)?;
+            }
             debug_assert_eq!(events.len()?, t.backlog);
             Ok(std::mem::take(&mut out.publishes))
         })();
-        let publishes = result?;
-        txn.commit()?;
+        let give_back = |retained: Option<(Arc<super::retained::RetainedLog>, _)>| {
+            if let Some((log, changes)) = retained {
+                log.give_back(changes);
+            }
+        };
+        let publishes = match result {
+            Ok(p) => p,
+            Err(e) => {
+                give_back(retained);
+                return Err(e);
+            }
+        };
+        if let Err(e) = txn.commit() {
+            give_back(retained);
+            return Err(e.into());
+        }
         feedback.committed();
         drop(db);
         self.arrivals = arrivals;

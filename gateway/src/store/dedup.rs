@@ -34,6 +34,9 @@ pub const MQTT_DEDUP: TableDefinition<u16, (u64, u64)> = TableDefinition::new("m
 /// Reliable serial: (port, device, seq) → hash of the frame's bytes.
 pub const SERIAL_DEDUP: TableDefinition<(&str, &str, u64), u64> =
     TableDefinition::new("serial_dedup");
+/// Embedded broker: (client id, packet id) → hash of topic and payload, for sensors with a
+/// persistent session.
+pub const BROKER_DEDUP: TableDefinition<(&str, u16), u64> = TableDefinition::new("broker_dedup");
 /// The table of earlier versions (entries never expired); dropped at open.
 pub(crate) const LEGACY_INGEST_DEDUP: TableDefinition<u16, (u64, u64)> =
     TableDefinition::new("ingest_dedup");
@@ -79,6 +82,29 @@ pub struct SerialKey {
     pub seq: u64,
     /// Hash of the frame's bytes.
     pub hash: u64,
+}
+
+/// A publish a sensor sent to the embedded broker at QoS 1 or 2.
+///
+/// Only sensors with a persistent session resend after a reconnect, so only theirs are
+/// recorded: an entry lives until the client reuses its packet id for a message without DUP,
+/// or connects with a clean session (its first publish then carries `purge`). A publish with
+/// DUP whose (client, packet id) entry has the same hash was committed already: acknowledged
+/// again, not stored twice. Bounded by 65,536 rows per persistent client.
+#[derive(Debug, Clone)]
+pub struct BrokerKey {
+    /// The sensor's client id.
+    pub client: Arc<str>,
+    /// Its packet id.
+    pub pkid: u16,
+    /// Hash of topic and payload.
+    pub hash: u64,
+    /// The sensor set DUP.
+    pub dup: bool,
+    /// Record it (a persistent session); otherwise only checked.
+    pub record: bool,
+    /// First publish of a clean session: the client's entries go first.
+    pub purge: bool,
 }
 
 /// What the ingest client tells the commit loop: PUBACKs written (their entries go) and lost
@@ -176,6 +202,7 @@ impl Drop for Feedback {
 pub struct Window<'t> {
     txn: &'t WriteTransaction,
     mqtt: Option<Table<'t, u16, (u64, u64)>>,
+    broker: Option<Table<'t, (&'static str, u16), u64>>,
     serial: Option<Table<'t, (&'static str, &'static str, u64), u64>>,
 }
 
@@ -185,6 +212,7 @@ impl<'t> Window<'t> {
         let mut w = Window {
             txn,
             mqtt: None,
+            broker: None,
             serial: None,
         };
         if !fb.taken.is_empty() {
@@ -213,6 +241,13 @@ impl<'t> Window<'t> {
         match key {
             None => Ok(false),
             Some(Dedup::Mqtt(k)) => Ok(mqtt_seen(self.mqtt()?, k)?),
+            Some(Dedup::Broker(k)) => {
+                if self.broker.is_none() {
+                    self.broker = Some(self.txn.open_table(BROKER_DEDUP)?);
+                }
+                let t = self.broker.as_mut().expect("just opened");
+                Ok(broker_seen(t, k)?)
+            }
             Some(Dedup::Serial(k)) => {
                 if self.serial.is_none() {
                     self.serial = Some(self.txn.open_table(SERIAL_DEDUP)?);
@@ -250,6 +285,23 @@ pub fn mqtt_seen(t: &mut Table<u16, (u64, u64)>, k: &MqttKey) -> Result<bool, re
     }
     let resend = k.dup && t.get(k.pkid)?.is_some_and(|v| v.value().0 == k.hash);
     t.insert(k.pkid, (k.hash, k.tag))?;
+    Ok(resend)
+}
+
+/// Embedded broker: a DUP publish matching its (client, packet id) entry is a resend; a
+/// recorded client's publish becomes the entry of its id.
+pub fn broker_seen(
+    t: &mut Table<(&'static str, u16), u64>,
+    k: &BrokerKey,
+) -> Result<bool, redb::StorageError> {
+    let c: &str = &k.client;
+    if k.purge {
+        t.retain_in((c, 0)..=(c, u16::MAX), |_, _| false)?;
+    }
+    let resend = k.dup && t.get((c, k.pkid))?.is_some_and(|v| v.value() == k.hash);
+    if k.record && !resend {
+        t.insert((c, k.pkid), k.hash)?;
+    }
     Ok(resend)
 }
 
@@ -536,5 +588,60 @@ mod tests {
         assert_eq!(fb.taken[0].1.written, vec![(5, 1), (6, 2)]);
         fb.committed();
         assert!(log.take().written.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod broker_tests {
+    use super::*;
+
+    fn key(client: &str, pkid: u16, hash: u64, dup: bool, record: bool, purge: bool) -> BrokerKey {
+        BrokerKey {
+            client: client.into(),
+            pkid,
+            hash,
+            dup,
+            record,
+            purge,
+        }
+    }
+
+    /// Runs one key through `broker_seen` in its own committed transaction.
+    fn seen(db: &redb::Database, k: BrokerKey) -> bool {
+        let txn = db.begin_write().unwrap();
+        let r = {
+            let mut t = txn.open_table(BROKER_DEDUP).unwrap();
+            broker_seen(&mut t, &k).unwrap()
+        };
+        txn.commit().unwrap();
+        r
+    }
+
+    #[test]
+    fn a_persistent_sensors_resend_is_recognised_and_a_reused_id_is_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
+        assert!(!seen(&db, key("s1", 1, 10, false, true, false)));
+        assert!(seen(&db, key("s1", 1, 10, true, true, false)), "DUP, same id and hash");
+        assert!(!seen(&db, key("s2", 1, 10, true, true, false)), "another client");
+        assert!(!seen(&db, key("s1", 1, 11, true, true, false)), "other content");
+        // The id reused for a new message (no DUP) replaces the entry.
+        assert!(!seen(&db, key("s1", 1, 12, false, true, false)));
+        assert!(!seen(&db, key("s1", 1, 11, true, true, false)));
+        assert!(seen(&db, key("s1", 1, 11, true, true, false)));
+    }
+
+    #[test]
+    fn clean_sessions_record_nothing_and_purge_what_was_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
+        assert!(!seen(&db, key("s1", 1, 10, false, true, false)));
+        assert!(!seen(&db, key("s1", 2, 20, false, true, false)));
+        assert!(!seen(&db, key("s2", 2, 20, false, true, false)));
+        // s1 comes back with a clean session: its entries go.
+        assert!(!seen(&db, key("s1", 9, 90, false, false, true)));
+        assert!(!seen(&db, key("s1", 1, 10, true, false, false)));
+        assert!(!seen(&db, key("s1", 9, 90, true, false, false)), "not recorded");
+        assert!(seen(&db, key("s2", 2, 20, true, true, false)), "s2 kept");
     }
 }

@@ -82,6 +82,7 @@ pub mod arrivals;
 pub mod commit;
 pub mod dedup;
 pub mod dlq;
+pub mod retained;
 mod handle;
 pub mod schema;
 pub mod space;

@@ -121,37 +121,30 @@ fn pct(v: &mut [i64], p: f64) -> i64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// The ceiling: the simulator into a bare embedded broker whose link only counts.
+/// The ceiling: the simulator into a bare embedded broker that ingests nothing (each publish
+/// is acknowledged on receipt and routed to one local subscriber, which only counts).
 fn ceiling(n: u64) -> f64 {
     let port = free_port();
-    let mut cfg = tidepool::config::Config::defaults();
-    cfg.ingest.mqtt.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut broker =
-        rumqttd::Broker::new(tidepool::ingest::embedded::broker_config(&cfg.ingest.mqtt));
-    let (mut tx, mut rx) = broker.link("bench").unwrap();
-    std::thread::spawn(move || {
-        let _ = broker.start();
-    });
-    tx.subscribe("#").unwrap();
-    let count = Arc::new(AtomicU64::new(0));
-    let c = count.clone();
-    std::thread::spawn(move || loop {
-        match rx.recv() {
-            Ok(Some(rumqttd::Notification::Forward(_))) => {
-                c.fetch_add(1, Relaxed);
-            }
-            Ok(Some(rumqttd::Notification::Unschedule)) => {
-                let _ = rx.ready();
-            }
-            Ok(_) => {}
-            Err(_) => return,
-        }
-    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_stop, shutdown) = tidepool::shutdown::channel();
+    let _broker = rt
+        .block_on(tidepool::broker::Broker::start(
+            tidepool::broker::Settings::routing_only(
+                format!("127.0.0.1:{port}").parse().unwrap(),
+            ),
+            None,
+            Arc::new(tidepool::admin::metrics::Metrics::default()),
+            None,
+            shutdown,
+        ))
+        .unwrap();
     assert!(wait_port(port, Duration::from_secs(5)));
+    let sub = Subscriber::start(port, &["#"]);
     let started = Instant::now();
     run_sim(port, n, 0.0, &["--payload-size", "200", "--sensors", "20"]);
-    while count.load(Relaxed) < n && started.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(2));
+    let got = || -> u64 { sub.other.lock().unwrap().values().map(|v| v.len() as u64).sum() };
+    while got() < n && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
     }
     n as f64 / started.elapsed().as_secs_f64()
 }

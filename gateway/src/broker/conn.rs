@@ -1,0 +1,694 @@
+//! One MQTT connection: CONNECT, then packets in and out until either side closes.
+//!
+//! The state lives in [`Inbound`] (this connection's publishes) and the [`super::router`]
+//! (its session as a subscriber); this task moves bytes, waits for commits and wakes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tracing::debug;
+
+use super::codec::{self, DecodeError};
+use super::packet::{ConnAckProps, ConnCode, Connect, In, Out, Publish, Qos, Version, Will};
+use super::router::{self, Message};
+use super::session::{self, Accepted, Inbound};
+use super::{Online, Shared};
+use crate::admin::metrics::DropReason;
+use crate::event::{Event, Payload};
+use crate::ingest::{stable_hash, Dedup, Incoming, IngestTx, MQTT_SOURCE};
+use crate::store::dedup::BrokerKey;
+
+/// Topic aliases a client may set.
+const TOPIC_ALIAS_MAX: u16 = 16;
+/// MQTT 5 reasons the server disconnects with.
+const SESSION_TAKEN_OVER: u8 = 0x8E;
+const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+const SHUTTING_DOWN: u8 = 0x8B;
+const PACKET_TOO_LARGE: u8 = 0x95;
+const MALFORMED: u8 = 0x81;
+
+/// Why a connection ended, for the DEBUG line and the will.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT from the client; `true`: with its will (MQTT 5 reason 0x04).
+    Disconnect(bool),
+    /// The socket closed or failed.
+    Closed(String),
+    /// We closed it (reason for MQTT 5).
+    Server(u8, String),
+    /// Gateway shutdown.
+    Shutdown,
+}
+
+/// Counts the connection while it lives.
+struct Count(Arc<Shared>);
+
+impl Drop for Count {
+    fn drop(&mut self) {
+        let n = self.0.connections.fetch_sub(1, Relaxed) - 1;
+        self.0.metrics.broker.connections.store(n, Relaxed);
+    }
+}
+
+/// Serves one connection to its end.
+pub(super) async fn serve<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let n = shared.connections.fetch_add(1, Relaxed) + 1;
+    shared.metrics.broker.connections.store(n, Relaxed);
+    let _count = Count(shared.clone());
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(4096);
+    let max_packet = shared.settings.max_packet;
+    let first = tokio::time::timeout(
+        shared.settings.connect_timeout,
+        read_connect(&mut rd, &mut buf, max_packet),
+    )
+    .await;
+    let connect = match first {
+        Ok(Ok(c)) => c,
+        Ok(Err(ReadError::Decode(DecodeError::UnsupportedProtocol { name, level }))) => {
+            debug!(%peer, name, level, "CONNECT with an unsupported protocol refused");
+            shared.metrics.broker.protocol_errors.fetch_add(1, Relaxed);
+            let v = if level == 5 { Version::V5 } else { Version::V311 };
+            let _ = send(&mut wr, v, &[connack(ConnCode::BadProtocol)]).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "connection closed before a valid CONNECT");
+            if matches!(e, ReadError::Decode(_)) {
+                shared.metrics.broker.protocol_errors.fetch_add(1, Relaxed);
+            }
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no CONNECT in time; closed");
+            return;
+        }
+    };
+    let v = connect.version;
+    let refuse = |code: ConnCode| vec![connack(code)];
+    if let Some(code) = check_connect(&shared, &connect, n) {
+        debug!(%peer, client = %connect.client_id, ?code, "CONNECT refused");
+        let _ = send(&mut wr, v, &refuse(code)).await;
+        return;
+    }
+    let conn_id = shared.next_conn.fetch_add(1, Relaxed);
+    let mut props = ConnAckProps::default();
+    let client: Arc<str> = if connect.client_id.is_empty() {
+        let id = format!("tidepool-auto-{conn_id}");
+        if v == Version::V5 {
+            props.assigned_client_id = Some(id.clone());
+        }
+        id.into()
+    } else {
+        connect.client_id.as_str().into()
+    };
+    let max = shared.settings.max_session_expiry;
+    let expiry = match v {
+        Version::V5 => {
+            let asked = connect.session_expiry.unwrap_or(0);
+            if asked > max {
+                props.session_expiry = Some(max);
+            }
+            asked.min(max)
+        }
+        _ if connect.clean_start => 0,
+        _ => max,
+    };
+    // A newer connection takes the client id over.
+    let wake = Arc::new(Notify::new());
+    let kick = Arc::new(Notify::new());
+    {
+        let mut online = shared.online.lock().unwrap();
+        if let Some(old) = online.insert(
+            client.clone(),
+            Online {
+                conn: conn_id,
+                wake: wake.clone(),
+                kick: kick.clone(),
+            },
+        ) {
+            old.kick.notify_one();
+        }
+    }
+    let session_present = {
+        let mut r = shared.router.lock().unwrap();
+        let present = r.connect(
+            &client,
+            conn_id,
+            connect.clean_start,
+            expiry,
+            connect.receive_max,
+            Instant::now(),
+        );
+        shared
+            .metrics
+            .broker
+            .sessions
+            .store(r.stats().sessions as u64, Relaxed);
+        present
+    };
+    if v == Version::V5 {
+        props.receive_max = Some(shared.settings.receive_maximum);
+        props.max_packet = Some(max_packet as u32);
+        props.topic_alias_max = Some(TOPIC_ALIAS_MAX);
+        props.retain_available = Some(true);
+        props.wildcard_available = Some(true);
+        props.sub_ids_available = Some(true);
+        props.shared_available = Some(false);
+    }
+    let ack = Out::ConnAck {
+        session_present,
+        code: ConnCode::Success,
+        props,
+    };
+    let ingest = shared.ingest.lock().unwrap().clone();
+    let mut c = Conn {
+        shared: shared.clone(),
+        client: client.clone(),
+        source: format!("{MQTT_SOURCE}:{client}"),
+        conn_id,
+        v,
+        persistent: expiry > 0,
+        purge_next: connect.clean_start,
+        client_max_packet: connect.max_packet.map(|m| m as usize),
+        keep_alive: connect.keep_alive,
+        will: connect.will.clone(),
+        inbound: Inbound::new(
+            shared.settings.receive_maximum,
+            if v == Version::V5 { TOPIC_ALIAS_MAX } else { 0 },
+        ),
+        ingest,
+        out: BytesMut::with_capacity(4096),
+        done: mpsc::unbounded_channel(),
+    };
+    debug!(%peer, client = %client, version = ?v, keep_alive = connect.keep_alive, session_present, "MQTT client connected");
+    c.encode(&[ack]);
+    if session_present {
+        let resend = shared.router.lock().unwrap().resume(&client);
+        let outs: Vec<Out> = resend.into_iter().map(Out::Publish).collect();
+        c.encode(&outs);
+    }
+    let end = c.run(&mut rd, &mut wr, &mut buf, &wake, &kick).await;
+    // The end: the session goes offline (or away), the will goes out unless the client
+    // said goodbye.
+    {
+        let mut online = shared.online.lock().unwrap();
+        if online.get(&client).is_some_and(|o| o.conn == conn_id) {
+            online.remove(&client);
+        }
+    }
+    {
+        let mut r = shared.router.lock().unwrap();
+        r.disconnect(&client, conn_id, Instant::now());
+        shared
+            .metrics
+            .broker
+            .sessions
+            .store(r.stats().sessions as u64, Relaxed);
+    }
+    let will = match &end {
+        End::Disconnect(with_will) => *with_will,
+        End::Shutdown => false,
+        End::Closed(_) | End::Server(..) => true,
+    };
+    debug!(%peer, client = %client, end = ?end, will = will && c.will.is_some(), "MQTT client disconnected");
+    if will {
+        if let Some(w) = c.will.take() {
+            publish_will(shared, client, conn_id, w, c.ingest.take());
+        }
+    }
+}
+
+/// The first packet: a CONNECT.
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Connect, ReadError> {
+    loop {
+        if let Some(c) = codec::decode_connect(buf, max_packet)? {
+            return Ok(c);
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Err(ReadError::Closed);
+        }
+    }
+}
+
+/// Reading failed.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("closed")]
+    Closed,
+}
+
+fn connack(code: ConnCode) -> Out {
+    Out::ConnAck {
+        session_present: false,
+        code,
+        props: ConnAckProps::default(),
+    }
+}
+
+/// Why a CONNECT is refused, if it is.
+fn check_connect(shared: &Shared, c: &Connect, connections: u64) -> Option<ConnCode> {
+    let b = &shared.metrics.broker;
+    if connections > shared.settings.max_connections as u64 {
+        b.refused_full.fetch_add(1, Relaxed);
+        return Some(ConnCode::Unavailable);
+    }
+    if c.auth_method.is_some() {
+        b.refused_auth.fetch_add(1, Relaxed);
+        return Some(ConnCode::BadAuthMethod);
+    }
+    if !shared.settings.users.is_empty() {
+        let ok = match (&c.username, &c.password) {
+            (Some(u), Some(p)) => shared
+                .settings
+                .users
+                .get(u)
+                .is_some_and(|want| want.as_bytes() == p.as_ref()),
+            _ => false,
+        };
+        if !ok {
+            b.refused_auth.fetch_add(1, Relaxed);
+            return Some(ConnCode::BadAuth);
+        }
+    }
+    if c.client_id.is_empty() && c.version != Version::V5 && !c.clean_start {
+        return Some(ConnCode::BadClientId); // 3.1.1 §3.1.3.1: a persistent session needs a name
+    }
+    if c.client_id.is_empty() && c.version == Version::V31 {
+        return Some(ConnCode::BadClientId);
+    }
+    if let Some(w) = &c.will {
+        if !router::valid_topic(&w.topic) {
+            b.protocol_errors.fetch_add(1, Relaxed);
+            return Some(ConnCode::Malformed);
+        }
+    }
+    None
+}
+
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, v: Version, outs: &[Out]) -> std::io::Result<()> {
+    let mut b = BytesMut::new();
+    for o in outs {
+        if codec::encode(o, v, &mut b).is_err() {
+            continue;
+        }
+    }
+    wr.write_all(&b).await?;
+    wr.flush().await
+}
+
+/// One connection after its CONNACK.
+struct Conn {
+    shared: Arc<Shared>,
+    client: Arc<str>,
+    source: String,
+    conn_id: u64,
+    v: Version,
+    persistent: bool,
+    /// The next QoS 1/2 publish carries the purge of this client's dedupe entries (a clean
+    /// session: nothing of an earlier one will be resent).
+    purge_next: bool,
+    client_max_packet: Option<usize>,
+    keep_alive: u16,
+    will: Option<Will>,
+    inbound: Inbound,
+    ingest: Option<IngestTx>,
+    out: BytesMut,
+    /// Commits report here: (seq, reason).
+    done: (mpsc::UnboundedSender<(u64, u8)>, mpsc::UnboundedReceiver<(u64, u8)>),
+}
+
+impl Conn {
+    fn encode(&mut self, outs: &[Out]) {
+        for o in outs {
+            if let Err(e) = codec::encode(o, self.v, &mut self.out) {
+                debug!(client = %self.client, error = %e, "packet not encoded");
+            }
+        }
+    }
+
+    async fn run<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        buf: &mut BytesMut,
+        wake: &Notify,
+        kick: &Notify,
+    ) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut sd = self.shared.shutdown.clone();
+        let mut last_packet = Instant::now();
+        self.drain_router();
+        loop {
+            // What is already read, as far as the window lets us.
+            match self.process(buf, &mut last_packet).await {
+                Ok(()) => {}
+                Err(end) => {
+                    let _ = self.flush(wr).await;
+                    return end;
+                }
+            }
+            if let Err(e) = self.flush(wr).await {
+                return End::Closed(e.to_string());
+            }
+            let deadline = session::keep_alive_deadline(self.keep_alive, last_packet);
+            let can_read = !self.inbound.full();
+            tokio::select! {
+                biased;
+                _ = sd.wait() => {
+                    self.disconnect(SHUTTING_DOWN);
+                    let _ = self.flush(wr).await;
+                    return End::Shutdown;
+                }
+                _ = kick.notified() => {
+                    self.disconnect(SESSION_TAKEN_OVER);
+                    let _ = self.flush(wr).await;
+                    return End::Server(SESSION_TAKEN_OVER, "session taken over".into());
+                }
+                Some((seq, reason)) = self.done.1.recv() => {
+                    let mut outs = self.inbound.done(seq, reason);
+                    while let Ok((seq, reason)) = self.done.1.try_recv() {
+                        outs.extend(self.inbound.done(seq, reason));
+                    }
+                    self.encode(&outs);
+                }
+                _ = wake.notified() => self.drain_router(),
+                r = rd.read_buf(buf), if can_read => match r {
+                    Ok(0) => return End::Closed("closed by the client".into()),
+                    Ok(_) => {}
+                    Err(e) => return End::Closed(e.to_string()),
+                },
+                _ = sleep_until(deadline) => {
+                    self.disconnect(KEEP_ALIVE_TIMEOUT);
+                    let _ = self.flush(wr).await;
+                    return End::Server(KEEP_ALIVE_TIMEOUT, "keep-alive expired".into());
+                }
+            }
+        }
+    }
+
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        wr.write_all(&self.out).await?;
+        self.out.clear();
+        wr.flush().await
+    }
+
+    fn disconnect(&mut self, reason: u8) {
+        if self.v == Version::V5 {
+            self.encode(&[Out::Disconnect { reason }]);
+        }
+    }
+
+    /// Decodes and handles what is buffered, while the window has room.
+    async fn process(&mut self, buf: &mut BytesMut, last: &mut Instant) -> Result<(), End> {
+        while !self.inbound.full() {
+            let p = match codec::decode(buf, self.v, self.shared.settings.max_packet) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(DecodeError::TooLarge { size, max }) => {
+                    self.shared
+                        .metrics
+                        .broker
+                        .protocol_errors
+                        .fetch_add(1, Relaxed);
+                    self.disconnect(PACKET_TOO_LARGE);
+                    return Err(End::Server(
+                        PACKET_TOO_LARGE,
+                        format!("packet of {size} B over the {max} B limit"),
+                    ));
+                }
+                Err(e) => {
+                    self.shared
+                        .metrics
+                        .broker
+                        .protocol_errors
+                        .fetch_add(1, Relaxed);
+                    self.disconnect(MALFORMED);
+                    return Err(End::Server(MALFORMED, e.to_string()));
+                }
+            };
+            *last = Instant::now();
+            self.handle(p).await?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, p: In) -> Result<(), End> {
+        match p {
+            In::Publish(p) => self.publish(p).await?,
+            In::PubAck(pkid) => {
+                self.shared.router.lock().unwrap().acked(&self.client, pkid);
+                self.drain_router();
+            }
+            In::PubRec(pkid) => self.encode(&[Out::PubRel(pkid)]),
+            In::PubComp(_) => {}
+            In::PubRel(pkid) => {
+                let o = self.inbound.release(pkid);
+                self.encode(&[o]);
+            }
+            In::Subscribe { pkid, filters, id } => {
+                let now = Instant::now();
+                let codes: Vec<u8> = {
+                    let mut r = self.shared.router.lock().unwrap();
+                    filters
+                        .into_iter()
+                        .map(|(f, opts)| match r.subscribe(&self.client, &f, opts, id, now) {
+                            Ok(q) => q as u8,
+                            Err(e) => e.code(),
+                        })
+                        .collect()
+                };
+                self.encode(&[Out::SubAck { pkid, codes }]);
+                self.drain_router();
+            }
+            In::Unsubscribe { pkid, filters } => {
+                let codes: Vec<u8> = {
+                    let mut r = self.shared.router.lock().unwrap();
+                    filters
+                        .iter()
+                        .map(|f| if r.unsubscribe(&self.client, f) { 0 } else { 0x11 })
+                        .collect()
+                };
+                self.encode(&[Out::UnsubAck { pkid, codes }]);
+            }
+            In::PingReq => self.encode(&[Out::PingResp]),
+            In::Disconnect {
+                reason,
+                session_expiry,
+            } => {
+                if let Some(e) = session_expiry {
+                    let e = e.min(self.shared.settings.max_session_expiry);
+                    self.shared.router.lock().unwrap().set_expiry(&self.client, e);
+                }
+                return Err(End::Disconnect(reason == 0x04));
+            }
+            In::Connect(_) => {
+                self.disconnect(session::PROTOCOL_ERROR);
+                return Err(End::Server(
+                    session::PROTOCOL_ERROR,
+                    "a second CONNECT".into(),
+                ));
+            }
+            In::Auth => {
+                self.disconnect(session::PROTOCOL_ERROR);
+                return Err(End::Server(
+                    session::PROTOCOL_ERROR,
+                    "AUTH without an authentication method".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A sensor's PUBLISH.
+    async fn publish(&mut self, mut p: Publish) -> Result<(), End> {
+        if let Err(reason) = self.inbound.resolve_topic(&mut p) {
+            self.disconnect(reason);
+            return Err(End::Server(reason, "bad topic alias".into()));
+        }
+        if !router::valid_topic(&p.topic) {
+            self.disconnect(session::TOPIC_INVALID);
+            return Err(End::Server(
+                session::TOPIC_INVALID,
+                format!("topic `{}` is not a valid topic name", p.topic),
+            ));
+        }
+        let seq = match self.inbound.accept(&p) {
+            Ok(Accepted::New(seq)) => seq,
+            Ok(Accepted::Duplicate) => return Ok(()),
+            Err(reason) => {
+                self.disconnect(reason);
+                return Err(End::Server(reason, "receive maximum exceeded".into()));
+            }
+        };
+        let needs_ack = p.qos != Qos::AtMostOnce;
+        let ingest = self.ingest.is_some() && self.shared.ingested(&p.topic);
+        if !ingest {
+            self.shared
+                .route(Message::from_publish(&p, Some(&self.client), Instant::now()));
+            if needs_ack {
+                let outs = self.inbound.done(seq, 0);
+                self.encode(&outs);
+            }
+            return Ok(());
+        }
+        let metrics = &self.shared.metrics;
+        metrics.ingested(MQTT_SOURCE, 1);
+        if p.payload.len() > self.shared.settings.max_payload {
+            metrics.dropped(DropReason::Oversize, 1);
+            debug!(client = %self.client, topic = %p.topic, size = p.payload.len(), max_payload = self.shared.settings.max_payload, "payload over max_payload refused");
+            if needs_ack {
+                let outs = self.inbound.done(seq, session::QUOTA_EXCEEDED);
+                self.encode(&outs);
+            }
+            return Ok(());
+        }
+        let dedup = needs_ack.then(|| {
+            let purge = std::mem::take(&mut self.purge_next);
+            Dedup::Broker(BrokerKey {
+                client: self.client.clone(),
+                pkid: p.pkid,
+                hash: stable_hash(&[p.topic.as_bytes(), &p.payload]),
+                dup: p.dup,
+                record: self.persistent,
+                purge,
+            })
+        });
+        // Routed to local subscribers, as received, once committed.
+        let routed = Message::from_publish(&p, Some(&self.client), Instant::now());
+        let shared = self.shared.clone();
+        let done = self.done.0.clone();
+        let ack: crate::ingest::AckFn = Box::new(move || {
+            if needs_ack {
+                let _ = done.send((seq, 0));
+            }
+            shared.route(routed);
+        });
+        let event = Event::new(self.source.clone(), p.topic, Payload::from_raw(&p.payload));
+        let incoming = Incoming {
+            event,
+            ack: Some(ack),
+            dedup,
+            bad: None,
+        };
+        let tx = self.ingest.as_ref().expect("checked above");
+        if tx.send(incoming).await.is_err() {
+            return Err(End::Shutdown);
+        }
+        Ok(())
+    }
+
+    /// Writes what the router has for this session, as far as its window allows.
+    fn drain_router(&mut self) {
+        let now = Instant::now();
+        let mut outs = Vec::new();
+        {
+            let mut r = self.shared.router.lock().unwrap();
+            while let Some(p) = r.next_out(&self.client, now) {
+                if let Some(max) = self.client_max_packet {
+                    if codec::publish_size(&p, self.v) > max {
+                        // MQTT 5 §3.1.2.11.4: not sent, as if sent and acknowledged.
+                        self.shared
+                            .metrics
+                            .broker
+                            .dropped_too_large
+                            .fetch_add(1, Relaxed);
+                        if p.qos != Qos::AtMostOnce {
+                            r.acked(&self.client, p.pkid);
+                        }
+                        continue;
+                    }
+                }
+                outs.push(Out::Publish(p));
+            }
+        }
+        self.encode(&outs);
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Publishes a will: at once, or after its MQTT 5 delay unless the client is back by then.
+/// On an ingested topic it is ingested like any publish (no acknowledgement is owed).
+fn publish_will(
+    shared: Arc<Shared>,
+    client: Arc<str>,
+    conn_id: u64,
+    w: Will,
+    ingest: Option<IngestTx>,
+) {
+    let go = move |shared: Arc<Shared>| async move {
+        let p = Publish {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            dup: false,
+            pkid: 0,
+            props: w.props,
+        };
+        let msg = Message::from_publish(&p, Some(&client), Instant::now());
+        match ingest {
+            Some(tx) if shared.ingested(&p.topic) => {
+                shared.metrics.ingested(MQTT_SOURCE, 1);
+                let s2 = shared.clone();
+                let incoming = Incoming {
+                    event: Event::new(
+                        format!("{MQTT_SOURCE}:{client}"),
+                        p.topic.clone(),
+                        Payload::from_raw(&p.payload),
+                    ),
+                    ack: Some(Box::new(move || s2.route(msg))),
+                    dedup: None,
+                    bad: None,
+                };
+                let _ = tx.send(incoming).await;
+            }
+            _ => shared.route(msg),
+        }
+    };
+    if w.delay == 0 {
+        tokio::spawn(go(shared));
+        return;
+    }
+    let delay = Duration::from_secs(u64::from(w.delay));
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let back = shared
+            .online
+            .lock()
+            .unwrap()
+            .get(&client)
+            .is_some_and(|o| o.conn > conn_id);
+        if !back {
+            go(shared).await;
+        }
+    });
+}
