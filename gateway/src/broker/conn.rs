@@ -192,7 +192,7 @@ where
     debug!(%peer, client = %client, version = ?v, keep_alive = connect.keep_alive, session_present, "MQTT client connected");
     c.encode(&[ack]);
     if session_present {
-        let resend = shared.router.lock().unwrap().resume(&client);
+        let resend = shared.router.lock().unwrap().resume(&client, Instant::now());
         let outs: Vec<Out> = resend.into_iter().map(Out::Publish).collect();
         c.encode(&outs);
     }

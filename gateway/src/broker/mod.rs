@@ -330,9 +330,20 @@ async fn serve(
         tokio::select! {
             _ = sd.wait() => break,
             _ = expire.tick() => {
-                let mut r = shared.router.lock().unwrap();
-                r.expire(Instant::now());
-                shared.metrics.broker.sessions.store(r.stats().sessions as u64, Relaxed);
+                let now = Instant::now();
+                let gone = {
+                    let mut r = shared.router.lock().unwrap();
+                    r.expire(now);
+                    let stats = r.stats();
+                    shared.metrics.broker.sessions.store(stats.sessions as u64, Relaxed);
+                    shared.metrics.broker.retained.store(stats.retained as u64, Relaxed);
+                    r.expire_retained(now)
+                };
+                if let Some(log) = &shared.retained_log {
+                    for topic in gone {
+                        log.note(&topic, None);
+                    }
+                }
             }
             a = listener.accept() => match a {
                 Ok((stream, peer)) => {
