@@ -91,6 +91,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
 
     // Sources. Each holds a sender; the commit loop ends once all are gone.
     let mut broker_task = None;
+    let mut client_task = None;
     let mut retained_log = None;
     let publisher: store::commit::Publisher = match cfg.ingest.mqtt.mode {
         MqttMode::Embedded => {

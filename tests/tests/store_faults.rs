@@ -282,7 +282,7 @@ fn a_stalled_store_in_embedded_mode_holds_the_sensors_back() {
     gw.launch();
     std::fs::write(&stall, b"").unwrap();
     let log = tmp.path().join("acked.log");
-    let sim = spawn_sim(
+    let mut sim = spawn_sim(
         gw.mqtt_port,
         20_000,
         0.0,
@@ -299,7 +299,7 @@ fn a_stalled_store_in_embedded_mode_holds_the_sensors_back() {
     let acked_while_stalled = tidepool_e2e::kill_storm::acked_log(&log).len();
     let ingested_while_stalled = m(&gw, "tidepool_events_ingested_total{source=\"mqtt\"}");
     std::fs::remove_file(&stall).unwrap();
-    let out = sim.child.unwrap().wait_with_output().unwrap();
+    let out = sim.child.take().unwrap().wait_with_output().unwrap();
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let drop = |r: &str| {
         m(
@@ -311,7 +311,10 @@ fn a_stalled_store_in_embedded_mode_holds_the_sensors_back() {
         "stalled store: {ingested_while_stalled} read, {acked_while_stalled} acknowledged while stalled; then acked {}",
         summary["acked"]
     );
-    assert_eq!(acked_while_stalled, 0, "nothing is acknowledged before its commit");
+    assert_eq!(
+        acked_while_stalled, 0,
+        "nothing is acknowledged before its commit"
+    );
     assert!(
         ingested_while_stalled > 0 && ingested_while_stalled < 20_000,
         "the sensors were held back: {ingested_while_stalled} read"

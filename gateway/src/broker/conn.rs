@@ -39,8 +39,8 @@ enum End {
     Disconnect(bool),
     /// The socket closed or failed.
     Closed(String),
-    /// We closed it (reason for MQTT 5).
-    Server(u8, String),
+    /// We closed it (why).
+    Server(String),
     /// Gateway shutdown.
     Shutdown,
 }
@@ -76,7 +76,11 @@ where
         Ok(Err(ReadError::Decode(DecodeError::UnsupportedProtocol { name, level }))) => {
             debug!(%peer, name, level, "CONNECT with an unsupported protocol refused");
             shared.metrics.broker.protocol_errors.fetch_add(1, Relaxed);
-            let v = if level == 5 { Version::V5 } else { Version::V311 };
+            let v = if level == 5 {
+                Version::V5
+            } else {
+                Version::V311
+            };
             let _ = send(&mut wr, v, &[connack(ConnCode::BadProtocol)]).await;
             return;
         }
@@ -174,7 +178,6 @@ where
         shared: shared.clone(),
         client: client.clone(),
         source: format!("{MQTT_SOURCE}:{client}"),
-        conn_id,
         v,
         persistent: expiry > 0,
         purge_next: connect.clean_start,
@@ -192,7 +195,11 @@ where
     debug!(%peer, client = %client, version = ?v, keep_alive = connect.keep_alive, session_present, "MQTT client connected");
     c.encode(&[ack]);
     if session_present {
-        let resend = shared.router.lock().unwrap().resume(&client, Instant::now());
+        let resend = shared
+            .router
+            .lock()
+            .unwrap()
+            .resume(&client, Instant::now());
         let outs: Vec<Out> = resend.into_iter().map(Out::Publish).collect();
         c.encode(&outs);
     }
@@ -217,9 +224,14 @@ where
     let will = match &end {
         End::Disconnect(with_will) => *with_will,
         End::Shutdown => false,
-        End::Closed(_) | End::Server(..) => true,
+        End::Closed(_) | End::Server(_) => true,
     };
-    debug!(%peer, client = %client, end = ?end, will = will && c.will.is_some(), "MQTT client disconnected");
+    let why = match &end {
+        End::Disconnect(_) => "DISCONNECT".to_string(),
+        End::Closed(why) | End::Server(why) => why.clone(),
+        End::Shutdown => "gateway shutdown".to_string(),
+    };
+    debug!(%peer, client = %client, why, will = will && c.will.is_some(), "MQTT client disconnected");
     if will {
         if let Some(w) = c.will.take() {
             publish_will(shared, client, conn_id, w, c.ingest.take());
@@ -313,12 +325,14 @@ async fn send<W: AsyncWrite + Unpin>(wr: &mut W, v: Version, outs: &[Out]) -> st
     wr.flush().await
 }
 
+/// A commit's report for one publish: (its number in [`Inbound`], reason code).
+type Done = (u64, u8);
+
 /// One connection after its CONNACK.
 struct Conn {
     shared: Arc<Shared>,
     client: Arc<str>,
     source: String,
-    conn_id: u64,
     v: Version,
     persistent: bool,
     /// The next QoS 1/2 publish carries the purge of this client's dedupe entries (a clean
@@ -331,7 +345,7 @@ struct Conn {
     ingest: Option<IngestTx>,
     out: BytesMut,
     /// Commits report here: (seq, reason).
-    done: (mpsc::UnboundedSender<(u64, u8)>, mpsc::UnboundedReceiver<(u64, u8)>),
+    done: (mpsc::UnboundedSender<Done>, mpsc::UnboundedReceiver<Done>),
 }
 
 impl Conn {
@@ -382,7 +396,7 @@ impl Conn {
                 _ = kick.notified() => {
                     self.disconnect(SESSION_TAKEN_OVER);
                     let _ = self.flush(wr).await;
-                    return End::Server(SESSION_TAKEN_OVER, "session taken over".into());
+                    return End::Server("session taken over".into());
                 }
                 Some((seq, reason)) = self.done.1.recv() => {
                     let mut outs = self.inbound.done(seq, reason);
@@ -400,7 +414,7 @@ impl Conn {
                 _ = sleep_until(deadline) => {
                     self.disconnect(KEEP_ALIVE_TIMEOUT);
                     let _ = self.flush(wr).await;
-                    return End::Server(KEEP_ALIVE_TIMEOUT, "keep-alive expired".into());
+                    return End::Server("keep-alive expired".into());
                 }
             }
         }
@@ -434,10 +448,9 @@ impl Conn {
                         .protocol_errors
                         .fetch_add(1, Relaxed);
                     self.disconnect(PACKET_TOO_LARGE);
-                    return Err(End::Server(
-                        PACKET_TOO_LARGE,
-                        format!("packet of {size} B over the {max} B limit"),
-                    ));
+                    return Err(End::Server(format!(
+                        "packet of {size} B over the {max} B limit"
+                    )));
                 }
                 Err(e) => {
                     self.shared
@@ -446,7 +459,7 @@ impl Conn {
                         .protocol_errors
                         .fetch_add(1, Relaxed);
                     self.disconnect(MALFORMED);
-                    return Err(End::Server(MALFORMED, e.to_string()));
+                    return Err(End::Server(e.to_string()));
                 }
             };
             *last = Instant::now();
@@ -474,10 +487,12 @@ impl Conn {
                     let mut r = self.shared.router.lock().unwrap();
                     filters
                         .into_iter()
-                        .map(|(f, opts)| match r.subscribe(&self.client, &f, opts, id, now) {
-                            Ok(q) => q as u8,
-                            Err(e) => e.code(),
-                        })
+                        .map(
+                            |(f, opts)| match r.subscribe(&self.client, &f, opts, id, now) {
+                                Ok(q) => q as u8,
+                                Err(e) => e.code(),
+                            },
+                        )
                         .collect()
                 };
                 self.encode(&[Out::SubAck { pkid, codes }]);
@@ -488,7 +503,13 @@ impl Conn {
                     let mut r = self.shared.router.lock().unwrap();
                     filters
                         .iter()
-                        .map(|f| if r.unsubscribe(&self.client, f) { 0 } else { 0x11 })
+                        .map(|f| {
+                            if r.unsubscribe(&self.client, f) {
+                                0
+                            } else {
+                                0x11
+                            }
+                        })
                         .collect()
                 };
                 self.encode(&[Out::UnsubAck { pkid, codes }]);
@@ -500,23 +521,21 @@ impl Conn {
             } => {
                 if let Some(e) = session_expiry {
                     let e = e.min(self.shared.settings.max_session_expiry);
-                    self.shared.router.lock().unwrap().set_expiry(&self.client, e);
+                    self.shared
+                        .router
+                        .lock()
+                        .unwrap()
+                        .set_expiry(&self.client, e);
                 }
                 return Err(End::Disconnect(reason == 0x04));
             }
             In::Connect(_) => {
                 self.disconnect(session::PROTOCOL_ERROR);
-                return Err(End::Server(
-                    session::PROTOCOL_ERROR,
-                    "a second CONNECT".into(),
-                ));
+                return Err(End::Server("a second CONNECT".into()));
             }
             In::Auth => {
                 self.disconnect(session::PROTOCOL_ERROR);
-                return Err(End::Server(
-                    session::PROTOCOL_ERROR,
-                    "AUTH without an authentication method".into(),
-                ));
+                return Err(End::Server("AUTH without an authentication method".into()));
             }
         }
         Ok(())
@@ -526,28 +545,31 @@ impl Conn {
     async fn publish(&mut self, mut p: Publish) -> Result<(), End> {
         if let Err(reason) = self.inbound.resolve_topic(&mut p) {
             self.disconnect(reason);
-            return Err(End::Server(reason, "bad topic alias".into()));
+            return Err(End::Server("bad topic alias".into()));
         }
         if !router::valid_topic(&p.topic) {
             self.disconnect(session::TOPIC_INVALID);
-            return Err(End::Server(
-                session::TOPIC_INVALID,
-                format!("topic `{}` is not a valid topic name", p.topic),
-            ));
+            return Err(End::Server(format!(
+                "topic `{}` is not a valid topic name",
+                p.topic
+            )));
         }
         let seq = match self.inbound.accept(&p) {
             Ok(Accepted::New(seq)) => seq,
             Ok(Accepted::Duplicate) => return Ok(()),
             Err(reason) => {
                 self.disconnect(reason);
-                return Err(End::Server(reason, "receive maximum exceeded".into()));
+                return Err(End::Server("receive maximum exceeded".into()));
             }
         };
         let needs_ack = p.qos != Qos::AtMostOnce;
         let ingest = self.ingest.is_some() && self.shared.ingested(&p.topic);
         if !ingest {
-            self.shared
-                .route(Message::from_publish(&p, Some(&self.client), Instant::now()));
+            self.shared.route(Message::from_publish(
+                &p,
+                Some(&self.client),
+                Instant::now(),
+            ));
             if needs_ack {
                 let outs = self.inbound.done(seq, 0);
                 self.encode(&outs);
@@ -644,7 +666,9 @@ fn publish_will(
     w: Will,
     ingest: Option<IngestTx>,
 ) {
+    let who = client.clone();
     let go = move |shared: Arc<Shared>| async move {
+        let client = who;
         let p = Publish {
             topic: w.topic,
             payload: w.payload,

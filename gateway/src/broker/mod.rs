@@ -176,6 +176,9 @@ struct Shared {
     shutdown: Shutdown,
 }
 
+/// Where retained changes are written, and the retained messages kept from earlier runs.
+pub type Retained = (Arc<RetainedLog>, Vec<(String, RetainedRow)>);
+
 /// A running broker; cheap to clone. Rules publish through it.
 #[derive(Clone)]
 pub struct Broker {
@@ -191,16 +194,17 @@ impl Broker {
         settings: Settings,
         ingest: Option<IngestTx>,
         metrics: Arc<Metrics>,
-        retained: Option<(Arc<RetainedLog>, Vec<(String, RetainedRow)>)>,
+        retained: Option<Retained>,
         shutdown: Shutdown,
     ) -> Result<(Broker, tokio::task::JoinHandle<()>), BrokerError> {
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| BrokerError::Listen {
-                key: "listen",
-                addr: settings.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| BrokerError::Listen {
+                    key: "listen",
+                    addr: settings.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().unwrap_or(settings.listen);
         let tls = match &settings.tls {
             Some((a, cert, key)) => {
@@ -217,7 +221,8 @@ impl Broker {
             None => None,
         };
         if settings.users.is_empty() {
-            for a in std::iter::once(addr).chain(tls.as_ref().and_then(|(l, _)| l.local_addr().ok()))
+            for a in
+                std::iter::once(addr).chain(tls.as_ref().and_then(|(l, _)| l.local_addr().ok()))
             {
                 if !a.ip().is_loopback() {
                     warn!(listen = %a, "the embedded broker listens beyond loopback and `ingest.mqtt.users` is empty: anyone who can reach it may publish and subscribe");
@@ -231,8 +236,14 @@ impl Broker {
         };
         let now = Instant::now();
         let wall = crate::event::now_ms();
-        router.load_retained(kept.into_iter().map(|(t, r)| message_from_row(&t, r, now, wall)));
-        metrics.broker.retained.store(router.stats().retained as u64, Relaxed);
+        router.load_retained(
+            kept.into_iter()
+                .map(|(t, r)| message_from_row(&t, r, now, wall)),
+        );
+        metrics
+            .broker
+            .retained
+            .store(router.stats().retained as u64, Relaxed);
         let shared = Arc::new(Shared {
             settings,
             metrics,
@@ -280,7 +291,8 @@ impl Shared {
             (routed, r.stats())
         };
         let b = &self.metrics.broker;
-        b.dropped_queue_full.store(stats.dropped_queue_full, Relaxed);
+        b.dropped_queue_full
+            .store(stats.dropped_queue_full, Relaxed);
         b.dropped_expired.store(stats.dropped_expired, Relaxed);
         b.retained.store(stats.retained as u64, Relaxed);
         if let (Some(change), Some(log)) = (routed.retained, &self.retained_log) {

@@ -63,6 +63,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .expect("ring supports the default protocol versions")
         .with_no_client_auth()
         .with_single_cert(chain, private)
-        .map_err(|e| err("tls_key", key, format!("tls_cert and tls_key are not a usable pair: {e}")))?;
+        .map_err(|e| {
+            err(
+                "tls_key",
+                key,
+                format!("tls_cert and tls_key are not a usable pair: {e}"),
+            )
+        })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -622,9 +622,18 @@ mod broker_tests {
         let dir = tempfile::tempdir().unwrap();
         let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
         assert!(!seen(&db, key("s1", 1, 10, false, true, false)));
-        assert!(seen(&db, key("s1", 1, 10, true, true, false)), "DUP, same id and hash");
-        assert!(!seen(&db, key("s2", 1, 10, true, true, false)), "another client");
-        assert!(!seen(&db, key("s1", 1, 11, true, true, false)), "other content");
+        assert!(
+            seen(&db, key("s1", 1, 10, true, true, false)),
+            "DUP, same id and hash"
+        );
+        assert!(
+            !seen(&db, key("s2", 1, 10, true, true, false)),
+            "another client"
+        );
+        assert!(
+            !seen(&db, key("s1", 1, 11, true, true, false)),
+            "other content"
+        );
         // The id reused for a new message (no DUP) replaces the entry.
         assert!(!seen(&db, key("s1", 1, 12, false, true, false)));
         assert!(!seen(&db, key("s1", 1, 11, true, true, false)));
@@ -641,7 +650,10 @@ mod broker_tests {
         // s1 comes back with a clean session: its entries go.
         assert!(!seen(&db, key("s1", 9, 90, false, false, true)));
         assert!(!seen(&db, key("s1", 1, 10, true, false, false)));
-        assert!(!seen(&db, key("s1", 9, 90, true, false, false)), "not recorded");
+        assert!(
+            !seen(&db, key("s1", 9, 90, true, false, false)),
+            "not recorded"
+        );
         assert!(seen(&db, key("s2", 2, 20, true, true, false)), "s2 kept");
     }
 }

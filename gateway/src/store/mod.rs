@@ -82,8 +82,8 @@ pub mod arrivals;
 pub mod commit;
 pub mod dedup;
 pub mod dlq;
-pub mod retained;
 mod handle;
+pub mod retained;
 pub mod schema;
 pub mod space;
 

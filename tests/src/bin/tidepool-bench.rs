@@ -129,9 +129,7 @@ fn ceiling(n: u64) -> f64 {
     let (_stop, shutdown) = tidepool::shutdown::channel();
     let _broker = rt
         .block_on(tidepool::broker::Broker::start(
-            tidepool::broker::Settings::routing_only(
-                format!("127.0.0.1:{port}").parse().unwrap(),
-            ),
+            tidepool::broker::Settings::routing_only(format!("127.0.0.1:{port}").parse().unwrap()),
             None,
             Arc::new(tidepool::admin::metrics::Metrics::default()),
             None,
@@ -142,7 +140,14 @@ fn ceiling(n: u64) -> f64 {
     let sub = Subscriber::start(port, &["#"]);
     let started = Instant::now();
     run_sim(port, n, 0.0, &["--payload-size", "200", "--sensors", "20"]);
-    let got = || -> u64 { sub.other.lock().unwrap().values().map(|v| v.len() as u64).sum() };
+    let got = || -> u64 {
+        sub.other
+            .lock()
+            .unwrap()
+            .values()
+            .map(|v| v.len() as u64)
+            .sum()
+    };
     while got() < n && started.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(20));
     }
