@@ -67,6 +67,21 @@ pub struct SimStats {
     pub reconnects: AtomicU64,
     /// Frames sent again for want of an ack (reliable serial).
     pub resent: AtomicU64,
+    /// Sensor-side acknowledgement latency of each QoS 1 publish (from its first send to its
+    /// PUBACK), in microseconds.
+    pub ack_latency_us: std::sync::Mutex<Vec<u32>>,
+}
+
+impl SimStats {
+    /// The `p` quantile (0..=1) of the acknowledgement latency, in milliseconds.
+    pub fn ack_latency_ms(&self, p: f64) -> f64 {
+        let mut v = self.ack_latency_us.lock().unwrap().clone();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_unstable();
+        f64::from(v[((v.len() - 1) as f64 * p).round() as usize]) / 1000.0
+    }
 }
 
 /// What a simulated sensor measures; sensor `i` is kind `i % 4`.
@@ -203,15 +218,23 @@ pub async fn run(
     };
     let requested = acks.as_ref().map(|a| a.requested.clone());
     let poller = tokio::spawn(async move {
+        let mut sent_at: std::collections::HashMap<u16, Instant> = std::collections::HashMap::new();
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
                     st.acked.fetch_add(1, Relaxed);
+                    if let Some(t) = sent_at.remove(&a.pkid) {
+                        let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
+                        st.ack_latency_us.lock().unwrap().push(us);
+                    }
                     if let Some(log) = acks.as_mut() {
                         log.acked(a.pkid);
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if pkid != 0 {
+                        sent_at.entry(pkid).or_insert_with(Instant::now);
+                    }
                     if let Some(log) = acks.as_mut() {
                         log.sent(pkid);
                     }
@@ -219,6 +242,7 @@ pub async fn run(
                 Ok(_) => {}
                 Err(_) => {
                     st.reconnects.fetch_add(1, Relaxed);
+                    sent_at.clear();
                     if let Some(log) = acks.as_mut() {
                         // A clean session: what was in flight is dropped, never acknowledged.
                         log.lost_connection();

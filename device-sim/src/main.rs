@@ -138,14 +138,18 @@ async fn main() -> anyhow::Result<()> {
     let acked = stats.acked.load(Relaxed);
     if a.json {
         println!(
-            "{{\"sent\":{sent},\"acked\":{acked},\"reconnects\":{},\"seconds\":{secs:.3}}}",
-            stats.reconnects.load(Relaxed)
+            "{{\"sent\":{sent},\"acked\":{acked},\"reconnects\":{},\"seconds\":{secs:.3},\"ack_p50_ms\":{:.2},\"ack_p99_ms\":{:.2}}}",
+            stats.reconnects.load(Relaxed),
+            stats.ack_latency_ms(0.5),
+            stats.ack_latency_ms(0.99)
         );
     } else {
         println!(
-            "sim: done: sent {sent}, acked {acked}, reconnects {} in {secs:.1}s ({:.0} events/s)",
+            "sim: done: sent {sent}, acked {acked}, reconnects {} in {secs:.1}s ({:.0} events/s); PUBACK latency p50 {:.1} ms, p99 {:.1} ms",
             stats.reconnects.load(Relaxed),
-            sent as f64 / secs.max(1e-9)
+            sent as f64 / secs.max(1e-9),
+            stats.ack_latency_ms(0.5),
+            stats.ack_latency_ms(0.99)
         );
     }
     Ok(())

@@ -30,9 +30,13 @@ pub fn root() -> PathBuf {
 
 /// A command for one of the project's binaries. `TIDEPOOL_RUNNER` (e.g.
 /// `qemu-aarch64-static -L /usr/aarch64-linux-gnu`) runs it under an emulator, for binaries
-/// cross-built into `TIDEPOOL_BIN_DIR`.
+/// cross-built into `TIDEPOOL_BIN_DIR`. `TIDEPOOL_GATEWAY_BIN` names another `tidepool` binary
+/// (the benchmark's side-by-side run of an earlier release), the simulator staying this one.
 pub fn command(bin: &str) -> Command {
-    let path = bin_dir().join(bin);
+    let path = match std::env::var("TIDEPOOL_GATEWAY_BIN") {
+        Ok(p) if bin == "tidepool" && !p.is_empty() => PathBuf::from(p),
+        _ => bin_dir().join(bin),
+    };
     match std::env::var("TIDEPOOL_RUNNER")
         .ok()
         .filter(|r| !r.trim().is_empty())

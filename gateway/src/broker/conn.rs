@@ -384,8 +384,14 @@ impl Conn {
             if let Err(e) = self.flush(wr).await {
                 return End::Closed(e.to_string());
             }
-            let deadline = session::keep_alive_deadline(self.keep_alive, last_packet);
             let can_read = !self.inbound.full();
+            if !can_read {
+                // Not reading: the client's PINGREQs wait unread in the socket, so its silence
+                // is ours. The keep-alive counts again once the window opens.
+                last_packet = Instant::now();
+            }
+            let deadline = session::keep_alive_deadline(self.keep_alive, last_packet)
+                .filter(|_| can_read);
             tokio::select! {
                 biased;
                 _ = sd.wait() => {

@@ -494,7 +494,8 @@ fn main() {
     std::thread::sleep(Duration::from_secs(2));
     let idle = rss_kib(pid, "VmRSS:");
     let started = Instant::now();
-    run_sim(
+    let cpu0 = cpu_secs(pid);
+    let sim = run_sim(
         gw.mqtt_port,
         n,
         0.0,
@@ -502,6 +503,7 @@ fn main() {
     );
     let ok = counter.wait(n, Duration::from_secs(300));
     let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_secs(pid) - cpu0;
     let e2e = counter.events.load(Relaxed) as f64 / secs;
     let mut lat = counter.latencies.lock().unwrap().clone();
     println!(
@@ -510,27 +512,35 @@ fn main() {
         if ok { "" } else { " INCOMPLETE" }
     );
     println!(
-        "          latency under that load: p50 {} ms, p99 {} ms",
+        "          latency under that load: p50 {} ms, p99 {} ms; sensor PUBACK p50 {} ms, p99 {} ms; gateway CPU {:.1} µs/event",
         pct(&mut lat, 0.5),
-        pct(&mut lat, 0.99)
+        pct(&mut lat, 0.99),
+        sim["ack_p50_ms"],
+        sim["ack_p99_ms"],
+        cpu * 1e6 / n as f64
     );
 
     // Latency at a steady online rate.
     for rate in [1_000.0, 10_000.0] {
         counter.reset();
         let k = (rate * 10.0) as u64;
-        run_sim(
+        let cpu0 = cpu_secs(pid);
+        let sim = run_sim(
             gw.mqtt_port,
             k,
             rate,
             &["--payload-size", "200", "--sensors", "20"],
         );
         counter.wait(k, Duration::from_secs(60));
+        let cpu = cpu_secs(pid) - cpu0;
         let mut lat = counter.latencies.lock().unwrap().clone();
         println!(
-            "latency   at {rate:>6.0} events/s online: p50 {:>4} ms, p99 {:>4} ms (batch_max_wait 1s, batch_max_events 500)",
+            "latency   at {rate:>6.0} events/s online: p50 {:>4} ms, p99 {:>4} ms (batch_max_wait 1s, batch_max_events 500); sensor PUBACK p50 {} ms, p99 {} ms; CPU {:.1} µs/event",
             pct(&mut lat, 0.5),
-            pct(&mut lat, 0.99)
+            pct(&mut lat, 0.99),
+            sim["ack_p50_ms"],
+            sim["ack_p99_ms"],
+            cpu * 1e6 / k as f64
         );
     }
     let committed = gw.metric("tidepool_events_committed_total").unwrap_or(0.0);
