@@ -18,6 +18,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 pub mod admin;
 pub mod ingest;
 pub mod kill_storm;
+pub mod mqtt_clients;
 pub mod upstream_limits;
 
 /// The workspace root.
