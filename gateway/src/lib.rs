@@ -96,6 +96,7 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     let publisher: store::commit::Publisher = match cfg.ingest.mqtt.mode {
         MqttMode::Embedded => {
             let log = Arc::new(store::retained::RetainedLog::default());
+            let acks = Arc::new(store::dedup::BrokerAckLog::default());
             let (kept, bad) = store::retained::load(&*db.db()?, event::now_ms())?;
             if bad > 0 {
                 warn!(bad, "retained messages that could not be read were skipped");
@@ -104,12 +105,16 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
                 broker::Settings::from_config(&cfg.ingest.mqtt),
                 Some(in_tx.clone()),
                 metrics.clone(),
-                Some((log.clone(), kept)),
+                Some(broker::StoreLinks {
+                    retained: log.clone(),
+                    kept,
+                    acks: acks.clone(),
+                }),
                 shutdown.clone(),
             )
             .await?;
             broker_task = Some(task);
-            retained_log = Some(log);
+            retained_log = Some((log, acks));
             Box::new(move |p: &rules::LocalPublish| {
                 broker.publish(
                     &p.topic,
@@ -148,8 +153,8 @@ pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
     let mut commit_loop = commit_loop
         .with_publisher(publisher)
         .with_control(control_rx);
-    if let Some(log) = retained_log {
-        commit_loop = commit_loop.with_retained(log);
+    if let Some((log, acks)) = retained_log {
+        commit_loop = commit_loop.with_retained(log).with_broker_acks(acks);
     }
     let serial_tasks: Vec<_> = cfg
         .ingest

@@ -983,3 +983,74 @@ fn mqttjs_5_connack_properties_and_topic_alias() {
     }
     assert_eq!(committed(&gw, 2.0), Some(2.0), "log:\n{}", gw.log());
 }
+
+/// A buffer that cannot take an event (`when_full = "reject_new"` at `max_bytes`) refuses it
+/// instead of acknowledging it: MQTT 5 gets PUBACK 0x97, MQTT 3.1.1 (which cannot refuse) no
+/// PUBACK and a closed connection. Nothing refused is counted as committed.
+#[test]
+fn a_full_buffer_refuses_instead_of_acknowledging() {
+    let gw = gateway("[buffer]\nmax_bytes = \"2KiB\"\nwhen_full = \"reject_new\"\n");
+    let pad = "x".repeat(300);
+    let mut reasons = Vec::new();
+    for i in 0..10 {
+        let body = format!("{{\"pad\":\"{pad}\",\"i\":{i}}}");
+        let out = mosquitto_pub(
+            gw.mqtt_port,
+            &[
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-t",
+                "sensors/1/t",
+                "-m",
+                &body,
+                "-d",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let rc = text
+            .split("RC:")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no PUBACK for {i}: {text}"));
+        reasons.push(rc);
+    }
+    let accepted = reasons.iter().filter(|r| *r == "0").count();
+    assert!(accepted > 0, "{reasons:?}");
+    assert!(
+        reasons[accepted..].iter().all(|r| r == "151"),
+        "once full, every publish is refused with 0x97: {reasons:?}"
+    );
+    assert_eq!(committed(&gw, accepted as f64), Some(accepted as f64));
+    let body = format!("{{\"pad\":\"{pad}\",\"v311\":1}}");
+    let out = mosquitto_pub(
+        gw.mqtt_port,
+        &[
+            "-V",
+            "mqttv311",
+            "-q",
+            "1",
+            "-t",
+            "sensors/1/t",
+            "-m",
+            &body,
+            "-d",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("received PUBACK"),
+        "3.1.1 must not be acknowledged: {text}"
+    );
+    assert!(!out.status.success(), "the connection is closed: {text}");
+    assert_eq!(
+        gw.metric("tidepool_events_committed_total"),
+        Some(accepted as f64)
+    );
+    assert_eq!(
+        gw.metric("tidepool_events_dropped_total{reason=\"buffer_full\"}"),
+        Some((10 - accepted + 1) as f64)
+    );
+}

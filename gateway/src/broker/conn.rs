@@ -4,7 +4,7 @@
 //! (its session as a subscriber); this task moves bytes, waits for commits and wakes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
 const SHUTTING_DOWN: u8 = 0x8B;
 const PACKET_TOO_LARGE: u8 = 0x95;
 const MALFORMED: u8 = 0x81;
+/// How long a client may keep us from writing to it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a connection ended, for the DEBUG line and the will.
 #[derive(Debug)]
@@ -98,7 +100,12 @@ where
     };
     let v = connect.version;
     let refuse = |code: ConnCode| vec![connack(code)];
-    if let Some(code) = check_connect(&shared, &connect, n) {
+    let refused = if shared.shutdown.is_set() {
+        Some(ConnCode::Unavailable)
+    } else {
+        check_connect(&shared, &connect, n)
+    };
+    if let Some(code) = refused {
         debug!(%peer, client = %connect.client_id, ?code, "CONNECT refused");
         let _ = send(&mut wr, v, &refuse(code)).await;
         return;
@@ -106,7 +113,7 @@ where
     let conn_id = shared.next_conn.fetch_add(1, Relaxed);
     let mut props = ConnAckProps::default();
     let client: Arc<str> = if connect.client_id.is_empty() {
-        let id = format!("tidepool-auto-{conn_id}");
+        let id = format!("tidepool-auto-{}-{conn_id}", shared.run);
         if v == Version::V5 {
             props.assigned_client_id = Some(id.clone());
         }
@@ -129,7 +136,10 @@ where
     // A newer connection takes the client id over.
     let wake = Arc::new(Notify::new());
     let kick = Arc::new(Notify::new());
-    {
+    let superseded = Arc::new(AtomicBool::new(false));
+    // Taken over and connected in one step (the `online` lock held over the router's), so
+    // two connections racing for one client id end the same way in both.
+    let session_present = {
         let mut online = shared.online.lock().unwrap();
         if let Some(old) = online.insert(
             client.clone(),
@@ -137,12 +147,12 @@ where
                 conn: conn_id,
                 wake: wake.clone(),
                 kick: kick.clone(),
+                superseded: superseded.clone(),
             },
         ) {
+            old.superseded.store(true, Relaxed);
             old.kick.notify_one();
         }
-    }
-    let session_present = {
         let mut r = shared.router.lock().unwrap();
         let present = r.connect(
             &client,
@@ -191,6 +201,8 @@ where
         ingest,
         out: BytesMut::with_capacity(4096),
         done: mpsc::unbounded_channel(),
+        recorded: std::collections::HashMap::new(),
+        superseded,
     };
     debug!(%peer, client = %client, version = ?v, keep_alive = connect.keep_alive, session_present, "MQTT client connected");
     c.encode(&[ack]);
@@ -234,7 +246,7 @@ where
     debug!(%peer, client = %client, why, will = will && c.will.is_some(), "MQTT client disconnected");
     if will {
         if let Some(w) = c.will.take() {
-            publish_will(shared, client, conn_id, w, c.ingest.take());
+            publish_will(shared, client, conn_id, expiry, w, c.ingest.take());
         }
     }
 }
@@ -344,11 +356,29 @@ struct Conn {
     inbound: Inbound,
     ingest: Option<IngestTx>,
     out: BytesMut,
+    /// Recorded publishes (persistent session) waiting for their acknowledgement: pkid → hash.
+    recorded: std::collections::HashMap<u16, u64>,
+    /// A newer connection took the client id: touch the session no more.
+    superseded: Arc<AtomicBool>,
     /// Commits report here: (seq, reason).
     done: (mpsc::UnboundedSender<Done>, mpsc::UnboundedReceiver<Done>),
 }
 
 impl Conn {
+    /// Encodes acknowledgements, reporting those of recorded publishes to the store.
+    fn acknowledge(&mut self, outs: Vec<Out>) {
+        if let Some(log) = &self.shared.acks_log {
+            for o in &outs {
+                if let Out::PubAck { pkid, .. } | Out::PubRec { pkid, .. } = o {
+                    if let Some(hash) = self.recorded.remove(pkid) {
+                        log.written(self.client.clone(), *pkid, hash);
+                    }
+                }
+            }
+        }
+        self.encode(&outs);
+    }
+
     fn encode(&mut self, outs: &[Out]) {
         for o in outs {
             if let Err(e) = codec::encode(o, self.v, &mut self.out) {
@@ -377,11 +407,11 @@ impl Conn {
             match self.process(buf, &mut last_packet).await {
                 Ok(()) => {}
                 Err(end) => {
-                    let _ = self.flush(wr).await;
+                    let _ = self.flush(wr, &mut sd).await;
                     return end;
                 }
             }
-            if let Err(e) = self.flush(wr).await {
+            if let Err(e) = self.flush(wr, &mut sd).await {
                 return End::Closed(e.to_string());
             }
             let can_read = !self.inbound.full();
@@ -390,26 +420,35 @@ impl Conn {
                 // is ours. The keep-alive counts again once the window opens.
                 last_packet = Instant::now();
             }
-            let deadline = session::keep_alive_deadline(self.keep_alive, last_packet)
-                .filter(|_| can_read);
+            let deadline =
+                session::keep_alive_deadline(self.keep_alive, last_packet).filter(|_| can_read);
             tokio::select! {
                 biased;
                 _ = sd.wait() => {
                     self.disconnect(SHUTTING_DOWN);
-                    let _ = self.flush(wr).await;
+                    let _ = self.flush(wr, &mut sd).await;
                     return End::Shutdown;
                 }
                 _ = kick.notified() => {
                     self.disconnect(SESSION_TAKEN_OVER);
-                    let _ = self.flush(wr).await;
+                    let _ = self.flush(wr, &mut sd).await;
                     return End::Server("session taken over".into());
                 }
-                Some((seq, reason)) = self.done.1.recv() => {
-                    let mut outs = self.inbound.done(seq, reason);
-                    while let Ok((seq, reason)) = self.done.1.try_recv() {
+                Some(first) = self.done.1.recv() => {
+                    let mut outs = Vec::new();
+                    let mut next = Some(first);
+                    while let Some((seq, reason)) = next {
+                        if reason == session::QUOTA_EXCEEDED && self.v != Version::V5 {
+                            // The buffer refused it, and 3.1.1 cannot say so: no PUBACK,
+                            // the connection ends, the sensor keeps the message.
+                            self.acknowledge(outs);
+                            let _ = self.flush(wr, &mut sd).await;
+                            return End::Server("the buffer is full (when_full = reject_new, or the disk below min_free): publish refused, not acknowledged".into());
+                        }
                         outs.extend(self.inbound.done(seq, reason));
+                        next = self.done.1.try_recv().ok();
                     }
-                    self.encode(&outs);
+                    self.acknowledge(outs);
                 }
                 _ = wake.notified() => self.drain_router(),
                 r = rd.read_buf(buf), if can_read => match r {
@@ -419,20 +458,36 @@ impl Conn {
                 },
                 _ = sleep_until(deadline) => {
                     self.disconnect(KEEP_ALIVE_TIMEOUT);
-                    let _ = self.flush(wr).await;
+                    let _ = self.flush(wr, &mut sd).await;
                     return End::Server("keep-alive expired".into());
                 }
             }
         }
     }
 
-    async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+    /// Writes what is encoded; a peer that stops reading for [`WRITE_TIMEOUT`] (or a
+    /// shutdown meanwhile) ends the connection.
+    async fn flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+        sd: &mut crate::shutdown::Shutdown,
+    ) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
-        wr.write_all(&self.out).await?;
+        let write = async {
+            wr.write_all(&self.out).await?;
+            wr.flush().await
+        };
+        let r = tokio::select! {
+            r = tokio::time::timeout(WRITE_TIMEOUT, write) => match r {
+                Ok(r) => r,
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the client stopped reading")),
+            },
+            _ = sd.wait() => Err(std::io::Error::other("gateway shutdown")),
+        };
         self.out.clear();
-        wr.flush().await
+        r
     }
 
     fn disconnect(&mut self, reason: u8) {
@@ -444,6 +499,10 @@ impl Conn {
     /// Decodes and handles what is buffered, while the window has room.
     async fn process(&mut self, buf: &mut BytesMut, last: &mut Instant) -> Result<(), End> {
         while !self.inbound.full() {
+            if self.superseded.load(Relaxed) {
+                self.disconnect(SESSION_TAKEN_OVER);
+                return Err(End::Server("session taken over".into()));
+            }
             let p = match codec::decode(buf, self.v, self.shared.settings.max_packet) {
                 Ok(Some(p)) => p,
                 Ok(None) => return Ok(()),
@@ -569,7 +628,11 @@ impl Conn {
             }
         };
         let needs_ack = p.qos != Qos::AtMostOnce;
-        let ingest = self.ingest.is_some() && self.shared.ingested(&p.topic);
+        let ingest = self.shared.ingested(&p.topic);
+        if ingest && self.ingest.is_none() {
+            // Shutting down: not stored, so not acknowledged.
+            return Err(End::Shutdown);
+        }
         if !ingest {
             self.shared.route(Message::from_publish(
                 &p,
@@ -578,7 +641,7 @@ impl Conn {
             ));
             if needs_ack {
                 let outs = self.inbound.done(seq, 0);
-                self.encode(&outs);
+                self.acknowledge(outs);
             }
             return Ok(());
         }
@@ -589,16 +652,20 @@ impl Conn {
             debug!(client = %self.client, topic = %p.topic, size = p.payload.len(), max_payload = self.shared.settings.max_payload, "payload over max_payload refused");
             if needs_ack {
                 let outs = self.inbound.done(seq, session::QUOTA_EXCEEDED);
-                self.encode(&outs);
+                self.acknowledge(outs);
             }
             return Ok(());
         }
         let dedup = needs_ack.then(|| {
             let purge = std::mem::take(&mut self.purge_next);
+            let hash = stable_hash(&[p.topic.as_bytes(), &p.payload]);
+            if self.persistent {
+                self.recorded.insert(p.pkid, hash);
+            }
             Dedup::Broker(BrokerKey {
                 client: self.client.clone(),
                 pkid: p.pkid,
-                hash: stable_hash(&[p.topic.as_bytes(), &p.payload]),
+                hash,
                 dup: p.dup,
                 record: self.persistent,
                 purge,
@@ -608,11 +675,15 @@ impl Conn {
         let routed = Message::from_publish(&p, Some(&self.client), Instant::now());
         let shared = self.shared.clone();
         let done = self.done.0.clone();
-        let ack: crate::ingest::AckFn = Box::new(move || {
+        let ack: crate::ingest::AckFn = Box::new(move |taken| {
+            let refused = taken == crate::ingest::Taken::Refused;
             if needs_ack {
-                let _ = done.send((seq, 0));
+                let reason = if refused { session::QUOTA_EXCEEDED } else { 0 };
+                let _ = done.send((seq, reason));
             }
-            shared.route(routed);
+            if !refused {
+                shared.route(routed);
+            }
         });
         let event = Event::new(self.source.clone(), p.topic, Payload::from_raw(&p.payload));
         let incoming = Incoming {
@@ -630,6 +701,9 @@ impl Conn {
 
     /// Writes what the router has for this session, as far as its window allows.
     fn drain_router(&mut self) {
+        if self.superseded.load(Relaxed) {
+            return; // the session is the new connection's now
+        }
         let now = Instant::now();
         let mut outs = Vec::new();
         {
@@ -669,6 +743,7 @@ fn publish_will(
     shared: Arc<Shared>,
     client: Arc<str>,
     conn_id: u64,
+    expiry: u32,
     w: Will,
     ingest: Option<IngestTx>,
 ) {
@@ -695,7 +770,11 @@ fn publish_will(
                         p.topic.clone(),
                         Payload::from_raw(&p.payload),
                     ),
-                    ack: Some(Box::new(move || s2.route(msg))),
+                    ack: Some(Box::new(move |taken| {
+                        if taken == crate::ingest::Taken::Stored {
+                            s2.route(msg)
+                        }
+                    })),
                     dedup: None,
                     bad: None,
                 };
@@ -704,13 +783,19 @@ fn publish_will(
             _ => shared.route(msg),
         }
     };
-    if w.delay == 0 {
+    // MQTT 5 §3.1.3.2.2: sent when the delay or the session ends, whichever is first.
+    let delay = w.delay.min(expiry);
+    if delay == 0 {
         tokio::spawn(go(shared));
         return;
     }
-    let delay = Duration::from_secs(u64::from(w.delay));
+    let delay = Duration::from_secs(u64::from(delay));
+    let mut sd = shared.shutdown.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = sd.wait() => return, // nobody to tell, and ingest must be let go
+        }
         let back = shared
             .online
             .lock()

@@ -160,6 +160,8 @@ struct Online {
     wake: Arc<Notify>,
     /// A newer connection took its client id.
     kick: Arc<Notify>,
+    /// Set with `kick`: stop touching the session at once.
+    superseded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What every connection shares.
@@ -171,13 +173,24 @@ struct Shared {
     /// Taken at shutdown, so the commit loop sees ingest end once connections have gone.
     ingest: Mutex<Option<IngestTx>>,
     retained_log: Option<Arc<RetainedLog>>,
+    acks_log: Option<Arc<crate::store::dedup::BrokerAckLog>>,
+    /// Tells this run's assigned client ids from an earlier run's.
+    run: u64,
     next_conn: AtomicU64,
     connections: AtomicU64,
     shutdown: Shutdown,
 }
 
-/// Where retained changes are written, and the retained messages kept from earlier runs.
-pub type Retained = (Arc<RetainedLog>, Vec<(String, RetainedRow)>);
+/// What the broker shares with the store: where retained changes are noted (and what was
+/// kept from earlier runs), and where written acknowledgements are reported.
+pub struct StoreLinks {
+    /// Retained changes, written with the next commit.
+    pub retained: Arc<RetainedLog>,
+    /// The retained messages stored.
+    pub kept: Vec<(String, RetainedRow)>,
+    /// PUBACKs written for recorded publishes (their dedupe entries go).
+    pub acks: Arc<crate::store::dedup::BrokerAckLog>,
+}
 
 /// A running broker; cheap to clone. Rules publish through it.
 #[derive(Clone)]
@@ -194,7 +207,7 @@ impl Broker {
         settings: Settings,
         ingest: Option<IngestTx>,
         metrics: Arc<Metrics>,
-        retained: Option<Retained>,
+        store: Option<StoreLinks>,
         shutdown: Shutdown,
     ) -> Result<(Broker, tokio::task::JoinHandle<()>), BrokerError> {
         let listener =
@@ -230,9 +243,9 @@ impl Broker {
             }
         }
         let mut router = Router::new(settings.limits.clone());
-        let (log, kept) = match retained {
-            Some((log, kept)) => (Some(log), kept),
-            None => (None, Vec::new()),
+        let (log, kept, acks) = match store {
+            Some(s) => (Some(s.retained), s.kept, Some(s.acks)),
+            None => (None, Vec::new(), None),
         };
         let now = Instant::now();
         let wall = crate::event::now_ms();
@@ -251,6 +264,8 @@ impl Broker {
             online: Mutex::new(HashMap::new()),
             ingest: Mutex::new(ingest),
             retained_log: log,
+            acks_log: acks,
+            run: crate::event::now_ms() as u64 % 1_000_000,
             next_conn: AtomicU64::new(1),
             connections: AtomicU64::new(0),
             shutdown,
@@ -287,7 +302,14 @@ impl Shared {
         let now = Instant::now();
         let (routed, stats) = {
             let mut r = self.router.lock().unwrap();
-            let routed = r.publish(msg, now);
+            let mut routed = r.publish(msg, now);
+            // Noted under the router's lock, so the store gets the changes in their order.
+            if let (Some(change), Some(log)) = (routed.retained.take(), &self.retained_log) {
+                match change {
+                    RetainChange::Set(m) => log.note(&m.topic, Some(row_from_message(&m, now))),
+                    RetainChange::Cleared(topic) => log.note(&topic, None),
+                }
+            }
             (routed, r.stats())
         };
         let b = &self.metrics.broker;
@@ -295,12 +317,6 @@ impl Shared {
             .store(stats.dropped_queue_full, Relaxed);
         b.dropped_expired.store(stats.dropped_expired, Relaxed);
         b.retained.store(stats.retained as u64, Relaxed);
-        if let (Some(change), Some(log)) = (routed.retained, &self.retained_log) {
-            match change {
-                RetainChange::Set(m) => log.note(&m.topic, Some(row_from_message(&m, now))),
-                RetainChange::Cleared(topic) => log.note(&topic, None),
-            }
-        }
         if !routed.woken.is_empty() {
             let online = self.online.lock().unwrap();
             for c in &routed.woken {
@@ -343,16 +359,15 @@ async fn serve(
             _ = sd.wait() => break,
             _ = expire.tick() => {
                 let now = Instant::now();
-                let gone = {
-                    let mut r = shared.router.lock().unwrap();
-                    r.expire(now);
-                    let stats = r.stats();
-                    shared.metrics.broker.sessions.store(stats.sessions as u64, Relaxed);
-                    shared.metrics.broker.retained.store(stats.retained as u64, Relaxed);
-                    r.expire_retained(now)
-                };
-                if let Some(log) = &shared.retained_log {
-                    for topic in gone {
+                let mut r = shared.router.lock().unwrap();
+                r.expire(now);
+                let stats = r.stats();
+                shared.metrics.broker.sessions.store(stats.sessions as u64, Relaxed);
+                shared.metrics.broker.retained.store(stats.retained as u64, Relaxed);
+                shared.metrics.broker.dropped_expired.store(stats.dropped_expired, Relaxed);
+                // Noted under the router's lock, as in `route`.
+                for topic in r.expire_retained(now) {
+                    if let Some(log) = &shared.retained_log {
                         log.note(&topic, None);
                     }
                 }

@@ -291,7 +291,7 @@ pub fn start(
                     });
                     let incoming = Incoming {
                         event: ev,
-                        ack: Some(Box::new(move || {
+                        ack: Some(Box::new(move |_| {
                             if reliable {
                                 let _ = ack.send((token, qos));
                             }

@@ -17,8 +17,19 @@ pub use channel::IngestTx;
 // What ingest hands to the store: the event, the acknowledgement to send once it is
 // committed, and what identifies a resend (the keys' table logic lives in `store::dedup`).
 
-/// Called once the event it came with is committed (client-mode PUBACK, serial ack).
-pub type AckFn = Box<dyn FnOnce() + Send>;
+/// Called once the event it came with is committed (client-mode PUBACK, serial ack, the
+/// embedded broker's PUBACK), with what the commit did with it.
+pub type AckFn = Box<dyn FnOnce(Taken) + Send>;
+
+/// What the commit did with an event, for its acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Stored, or decided: a rule dropped or dead-lettered it, it was a resend, a bad frame.
+    Stored,
+    /// The buffer could not take it (`when_full = "reject_new"`, or the disk below
+    /// `min_free` with nothing to evict): counted as dropped.
+    Refused,
+}
 
 /// Redelivery detection: what identifies a message its source may send again.
 #[derive(Debug, Clone)]

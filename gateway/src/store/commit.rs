@@ -17,7 +17,7 @@ use crate::admin::metrics::{DropReason, Metrics};
 use crate::config::{BufferConfig, WhenFull};
 use crate::event::{now_ms, Event};
 use crate::ingest::channel::{unbudgeted, IngestRx, Queued};
-pub use crate::ingest::{AckFn, Dedup, Incoming};
+pub use crate::ingest::{AckFn, Dedup, Incoming, Taken};
 use crate::rules::{LocalPublish, RuleStage, StepOutput};
 
 /// From the forwarder: upstream acknowledged every event up to `up_to`, in batch `batch`.
@@ -64,6 +64,7 @@ pub struct CommitLoop {
     publisher: Option<Publisher>,
     control: Option<mpsc::UnboundedReceiver<Control>>,
     retained: Option<Arc<super::retained::RetainedLog>>,
+    broker_acks: Option<Arc<dedup::BrokerAckLog>>,
     tick: Duration,
     next_tick: Instant,
     last_status: Instant,
@@ -200,6 +201,8 @@ struct Written {
     dlq_after: Option<(u64, u64)>,
     last_stored: Option<u64>,
     took: Duration,
+    /// Per event of the group, whether the buffer refused (one of) its outputs.
+    refused: Vec<bool>,
 }
 
 impl CommitLoop {
@@ -258,6 +261,7 @@ impl CommitLoop {
             publisher: None,
             control: None,
             retained: None,
+            broker_acks: None,
             tick: Duration::from_secs(10),
             next_tick: Instant::now() + Duration::from_secs(10),
             last_status: Instant::now() - Duration::from_secs(10),
@@ -275,6 +279,12 @@ impl CommitLoop {
     /// Writes the embedded broker's retained-message changes with the commits.
     pub fn with_retained(mut self, log: Arc<super::retained::RetainedLog>) -> Self {
         self.retained = Some(log);
+        self
+    }
+
+    /// Removes the embedded broker's dedupe entries whose PUBACK was written.
+    pub fn with_broker_acks(mut self, log: Arc<dedup::BrokerAckLog>) -> Self {
+        self.broker_acks = Some(log);
         self
     }
 
@@ -427,6 +437,11 @@ impl CommitLoop {
                 continue;
             };
             self.execute(plan);
+        }
+        // The last acknowledgements may have changed retained messages (ingested retained
+        // publishes are routed after their commit): write them before stopping.
+        if self.retained.as_ref().is_some_and(|l| l.has_pending()) {
+            self.execute(Plan::default());
         }
         info!(next_id = self.next_id, "store: commit loop stopped");
     }
@@ -701,9 +716,13 @@ impl CommitLoop {
     fn after_commit(&mut self, plan: Plan, w: Written) {
         self.rules.commit_state();
         let plan_upstream_dead = plan.upstream_dead;
-        for q in plan.group {
+        for (i, q) in plan.group.into_iter().enumerate() {
             if let Some(ack) = q.incoming.ack {
-                ack();
+                ack(if w.refused.get(i).copied().unwrap_or(false) {
+                    Taken::Refused
+                } else {
+                    Taken::Stored
+                });
             }
         }
         if let Some(p) = self.publisher.as_mut() {
@@ -805,10 +824,15 @@ impl CommitLoop {
         let feedback = dedup::Feedback::take(plan.group.iter().map(|q| q.incoming.dedup.as_ref()));
         // Retained-message changes of the embedded broker: given back unless this commits.
         let retained = self.retained.as_ref().map(|l| (l.clone(), l.take()));
+        let broker_acks = self.broker_acks.as_ref().map(|l| (l.clone(), l.take()));
+        let mut refused = vec![false; plan.group.len()];
         let result = (|| -> Result<Vec<LocalPublish>, StoreError> {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
             let mut dedup = dedup::Window::open(&txn, &feedback)?;
+            if let Some((_, written)) = &broker_acks {
+                dedup.forget_broker_acks(written)?;
+            }
             let mut arr = txn.open_table(ARRIVALS)?;
 
             // 0. What upstream cannot take moves to the dead-letter table.
@@ -856,7 +880,7 @@ impl CommitLoop {
 
             // 2. The group, through the rule stage, given ids, appended under the caps.
             let mut out = StepOutput::default();
-            for q in &plan.group {
+            for (i, q) in plan.group.iter().enumerate() {
                 let m = &q.incoming;
                 if dedup.seen(m.dedup.as_ref())? {
                     report.deduped += 1;
@@ -877,7 +901,13 @@ impl CommitLoop {
                 }
                 self.rules.on_event(m.event.clone(), &mut out);
                 for e in out.events.drain(..) {
-                    append(&self.cfg, &mut events, e, &mut t, &mut report)?;
+                    if !append(&self.cfg, &mut events, e, &mut t, &mut report)? {
+                        refused[i] = true;
+                    }
+                }
+                if refused[i] {
+                    // Not taken: a resend of it must not be taken for a stored one.
+                    dedup.unrecord(m.dedup.as_ref())?;
                 }
             }
             if let Some(now) = plan.tick {
@@ -949,20 +979,24 @@ impl CommitLoop {
             debug_assert_eq!(events.len()?, t.backlog);
             Ok(std::mem::take(&mut out.publishes))
         })();
-        let give_back = |retained: Option<(Arc<super::retained::RetainedLog>, _)>| {
+        let give_back = |retained: Option<(Arc<super::retained::RetainedLog>, _)>,
+                         acks: Option<(Arc<dedup::BrokerAckLog>, _)>| {
             if let Some((log, changes)) = retained {
                 log.give_back(changes);
+            }
+            if let Some((log, written)) = acks {
+                log.give_back(written);
             }
         };
         let publishes = match result {
             Ok(p) => p,
             Err(e) => {
-                give_back(retained);
+                give_back(retained, broker_acks);
                 return Err(e);
             }
         };
         if let Err(e) = txn.commit() {
-            give_back(retained);
+            give_back(retained, broker_acks);
             return Err(e.into());
         }
         feedback.committed();
@@ -977,6 +1011,7 @@ impl CommitLoop {
             dlq_after,
             last_stored: t.last_stored,
             took: started.elapsed(),
+            refused,
         })
     }
 }
@@ -1033,14 +1068,14 @@ impl CommitReport {
     }
 }
 
-/// Appends one event under the buffer caps, giving it the next id.
+/// Appends one event under the buffer caps, giving it the next id; `false`: refused (counted).
 fn append(
     cfg: &BufferConfig,
     events: &mut redb::Table<u64, &[u8]>,
     mut e: Event,
     t: &mut Tally,
     report: &mut CommitReport,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let value = encode(&e);
     let size = row_size(value.len());
     let count = |report: &mut CommitReport| {
@@ -1054,7 +1089,7 @@ fn append(
         match cfg.when_full {
             WhenFull::RejectNew => {
                 count(report);
-                return Ok(());
+                return Ok(false);
             }
             WhenFull::DropOldest => {
                 while t.bytes + size > t.cap {
@@ -1070,7 +1105,7 @@ fn append(
                 if t.bytes + size > t.cap {
                     // Larger than the whole buffer (or nothing to make room with).
                     count(report);
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -1083,7 +1118,7 @@ fn append(
     report.stored += 1;
     t.first_stored.get_or_insert(e.id);
     t.last_stored = Some(e.id);
-    Ok(())
+    Ok(true)
 }
 
 /// The first row, if its id is at most `max`: (id, stored value length).

@@ -87,10 +87,12 @@ pub struct SerialKey {
 /// A publish a sensor sent to the embedded broker at QoS 1 or 2.
 ///
 /// Only sensors with a persistent session resend after a reconnect, so only theirs are
-/// recorded: an entry lives until the client reuses its packet id for a message without DUP,
-/// or connects with a clean session (its first publish then carries `purge`). A publish with
-/// DUP whose (client, packet id) entry has the same hash was committed already: acknowledged
-/// again, not stored twice. Bounded by 65,536 rows per persistent client.
+/// recorded. An entry lives from the commit that took the publish until its PUBACK (QoS 2:
+/// PUBREC) is written ([`BrokerAckLog`], applied by the next commit); a publish without DUP
+/// replaces the entry of its id; a clean-session connect purges the client's entries (its
+/// first publish carries `purge`). A publish with DUP whose (client, packet id) entry has the
+/// same hash was committed already and its acknowledgement lost: acknowledged again, not
+/// stored twice. Bounded by the publishes in flight.
 #[derive(Debug, Clone)]
 pub struct BrokerKey {
     /// The sensor's client id.
@@ -105,6 +107,34 @@ pub struct BrokerKey {
     pub record: bool,
     /// First publish of a clean session: the client's entries go first.
     pub purge: bool,
+}
+
+/// The embedded broker's PUBACKs (and PUBRECs) written for recorded publishes: (client,
+/// packet id, hash). The next commit removes those entries, so an entry lives only between
+/// the commit that took a publish and its acknowledgement (MQTT §4.3.2: after it, the id names
+/// a new message).
+#[derive(Debug, Default)]
+pub struct BrokerAckLog {
+    written: Mutex<Vec<(Arc<str>, u16, u64)>>,
+}
+
+impl BrokerAckLog {
+    /// The acknowledgement of this recorded publish was written.
+    pub fn written(&self, client: Arc<str>, pkid: u16, hash: u64) {
+        self.written.lock().unwrap().push((client, pkid, hash));
+    }
+
+    /// Takes the reports for one commit.
+    pub fn take(&self) -> Vec<(Arc<str>, u16, u64)> {
+        std::mem::take(&mut *self.written.lock().unwrap())
+    }
+
+    /// The commit failed: the reports wait for the next one.
+    pub fn give_back(&self, mut old: Vec<(Arc<str>, u16, u64)>) {
+        let mut w = self.written.lock().unwrap();
+        old.append(&mut w);
+        *w = old;
+    }
 }
 
 /// What the ingest client tells the commit loop: PUBACKs written (their entries go) and lost
@@ -235,19 +265,53 @@ impl<'t> Window<'t> {
         Ok(self.mqtt.as_mut().expect("just opened"))
     }
 
+    /// Removes the broker entries whose acknowledgement was written (if still theirs).
+    pub fn forget_broker_acks(
+        &mut self,
+        written: &[(Arc<str>, u16, u64)],
+    ) -> Result<(), StoreError> {
+        if written.is_empty() {
+            return Ok(());
+        }
+        let t = self.broker()?;
+        for (client, pkid, hash) in written {
+            let c: &str = client;
+            if t.get((c, *pkid))?.is_some_and(|v| v.value() == *hash) {
+                t.remove((c, *pkid))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The event `key` came with was refused by the buffer: its entry goes, so its resend is
+    /// stored rather than taken for a stored one.
+    pub fn unrecord(&mut self, key: Option<&Dedup>) -> Result<(), StoreError> {
+        if let Some(Dedup::Broker(k)) = key {
+            if k.record {
+                let c: &str = &k.client;
+                let t = self.broker()?;
+                if t.get((c, k.pkid))?.is_some_and(|v| v.value() == k.hash) {
+                    t.remove((c, k.pkid))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn broker(&mut self) -> Result<&mut Table<'t, (&'static str, u16), u64>, StoreError> {
+        if self.broker.is_none() {
+            self.broker = Some(self.txn.open_table(BROKER_DEDUP)?);
+        }
+        Ok(self.broker.as_mut().expect("just opened"))
+    }
+
     /// Whether this message is a resend of one already committed (skip it, acknowledge it);
     /// records it otherwise, in this transaction.
     pub fn seen(&mut self, key: Option<&Dedup>) -> Result<bool, StoreError> {
         match key {
             None => Ok(false),
             Some(Dedup::Mqtt(k)) => Ok(mqtt_seen(self.mqtt()?, k)?),
-            Some(Dedup::Broker(k)) => {
-                if self.broker.is_none() {
-                    self.broker = Some(self.txn.open_table(BROKER_DEDUP)?);
-                }
-                let t = self.broker.as_mut().expect("just opened");
-                Ok(broker_seen(t, k)?)
-            }
+            Some(Dedup::Broker(k)) => Ok(broker_seen(self.broker()?, k)?),
             Some(Dedup::Serial(k)) => {
                 if self.serial.is_none() {
                     self.serial = Some(self.txn.open_table(SERIAL_DEDUP)?);

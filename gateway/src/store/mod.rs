@@ -40,6 +40,13 @@
 //!     (acknowledged, not stored); a seq further back than the window, or a recorded seq with
 //!     other bytes, is a device that restarted its count: stored, its rows start over. One
 //!     row (~40 bytes) written and one deleted per frame.
+//!   - `broker_dedup`: `(client id, packet id) → hash of topic + payload`, the embedded
+//!     broker's sensors with a persistent session. Written in the commit that takes a QoS 1/2
+//!     publish, removed by the commit after its PUBACK (PUBREC) was written, so a DUP resend
+//!     whose acknowledgement was lost is acknowledged, not stored twice; a refused publish
+//!     leaves no entry. Bounded by the publishes in flight.
+//! - `retained`: `topic → postcard row`, the embedded broker's retained messages (see
+//!   [`retained`]), written with the next commit after a change.
 //! - `dead_letters`: `u64 →` a postcard row (older releases wrote JSON; both are read), the
 //!   input a rule failed on as it entered the chain (or a bad frame's raw bytes), with the
 //!   rule, error and time; ids from `meta.next_dlq_id`, stored size in `meta.dlq_bytes`, capped

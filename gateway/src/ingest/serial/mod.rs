@@ -263,7 +263,7 @@ fn incoming(
                             hash: stable_hash(&[&raw]),
                         }));
                         let (tx, conn) = (to.tx.clone(), to.conn);
-                        m.ack = Some(Box::new(move || {
+                        m.ack = Some(Box::new(move |_| {
                             let _ = tx.send(PortAck { conn, device, seq });
                         }));
                     }
