@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
+mod exact;
 pub mod serial;
 
 /// What to simulate.
@@ -205,6 +206,9 @@ pub async fn run(
     stats: Arc<SimStats>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    if let Some(log) = cfg.acked_log.clone() {
+        return exact::run(cfg, stats, stop, &log).await;
+    }
     let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
@@ -212,11 +216,6 @@ pub async fn run(
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(opts, 1000);
     let st = stats.clone();
-    let mut acks = match &cfg.acked_log {
-        Some(path) => Some(AckLog::create(path)?),
-        None => None,
-    };
-    let requested = acks.as_ref().map(|a| a.requested.clone());
     let poller = tokio::spawn(async move {
         let mut sent_at: std::collections::HashMap<u16, Instant> = std::collections::HashMap::new();
         loop {
@@ -227,26 +226,16 @@ pub async fn run(
                         let us = t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
                         st.ack_latency_us.lock().unwrap().push(us);
                     }
-                    if let Some(log) = acks.as_mut() {
-                        log.acked(a.pkid);
-                    }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     if pkid != 0 {
                         sent_at.entry(pkid).or_insert_with(Instant::now);
-                    }
-                    if let Some(log) = acks.as_mut() {
-                        log.sent(pkid);
                     }
                 }
                 Ok(_) => {}
                 Err(_) => {
                     st.reconnects.fetch_add(1, Relaxed);
                     sent_at.clear();
-                    if let Some(log) = acks.as_mut() {
-                        // A clean session: what was in flight is dropped, never acknowledged.
-                        log.lost_connection();
-                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -276,9 +265,6 @@ pub async fn run(
             }
         }
         let (_, topic, body) = generator.next(n, now_ms());
-        if let Some(r) = &requested {
-            r.lock().unwrap().push_back(n);
-        }
         tokio::select! {
             r = client.publish(topic, qos, false, body.to_string()) => r?,
             _ = &mut stop => break,
@@ -299,50 +285,6 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(50)).await;
     poller.abort();
     Ok(())
-}
-
-/// Which event each acknowledgement is for: the client sends publishes in the order they
-/// were requested, each new one under a packet id (`Outgoing::Publish`); a PUBACK names the
-/// id. Every acknowledged `n` is appended to the file at once.
-struct AckLog {
-    requested: Arc<std::sync::Mutex<std::collections::VecDeque<u64>>>,
-    in_flight: std::collections::HashMap<u16, u64>,
-    file: std::io::BufWriter<std::fs::File>,
-}
-
-impl AckLog {
-    fn create(path: &std::path::Path) -> anyhow::Result<AckLog> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(AckLog {
-            requested: Arc::default(),
-            in_flight: std::collections::HashMap::new(),
-            file: std::io::BufWriter::new(file),
-        })
-    }
-
-    fn sent(&mut self, pkid: u16) {
-        if pkid == 0 || self.in_flight.contains_key(&pkid) {
-            return; // QoS 0, or a resend of the same publish
-        }
-        if let Some(n) = self.requested.lock().unwrap().pop_front() {
-            self.in_flight.insert(pkid, n);
-        }
-    }
-
-    fn acked(&mut self, pkid: u16) {
-        use std::io::Write;
-        if let Some(n) = self.in_flight.remove(&pkid) {
-            let _ = writeln!(self.file, "{n}");
-            let _ = self.file.flush();
-        }
-    }
-
-    fn lost_connection(&mut self) {
-        self.in_flight.clear();
-    }
 }
 
 #[cfg(test)]
