@@ -57,6 +57,10 @@ pub struct Event {
     pub topic: String,
     /// The content.
     pub payload: Payload,
+    /// MQTT 5 user properties the sensor sent (embedded broker), given to rules as
+    /// `event.properties`; not stored or forwarded.
+    #[serde(skip)]
+    pub properties: Vec<(String, String)>,
 }
 
 impl Event {
@@ -68,6 +72,7 @@ impl Event {
             source: source.into(),
             topic: topic.into(),
             payload,
+            properties: Vec::new(),
         }
     }
 }

@@ -39,6 +39,7 @@ fn event(i: u64) -> RuleEvent {
         source: "mqtt".into(),
         topic: format!("sensors/{}/temperature", i % 20),
         payload: json!({"sensor": format!("sensor-{}", i % 20), "n": i, "seq": i / 20, "celsius": 20.0 + (i % 17) as f64 * 0.37}),
+        properties: Vec::new(),
     }
 }
 

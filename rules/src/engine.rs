@@ -88,6 +88,9 @@ pub struct RuleEvent {
     pub topic: String,
     /// JSON payload (non-JSON payloads arrive as a string).
     pub payload: Value,
+    /// MQTT 5 user properties the sensor sent, in order (`event.properties` in rules); empty
+    /// for other sources.
+    pub properties: Vec<(String, String)>,
 }
 
 /// A message a rule asked to publish to local subscribers (after the step commits).
@@ -512,6 +515,7 @@ impl RuleSet {
                 source: format!("rule:{}", rule.name),
                 topic: String::new(),
                 payload: Value::Null,
+                properties: Vec::new(),
             };
             let given = event_map(&tick_event);
             let outcome = self
@@ -576,6 +580,33 @@ fn event_map(e: &RuleEvent) -> Map {
     m.insert("source".into(), Dynamic::from(e.source.clone()));
     m.insert("topic".into(), Dynamic::from(e.topic.clone()));
     m.insert("payload".into(), to_dynamic(&e.payload));
+    m.insert(
+        "properties".into(),
+        Dynamic::from_map(properties_map(&e.properties)),
+    );
+    m
+}
+
+/// `event.properties`: name → value; a name sent more than once → its values in order.
+fn properties_map(props: &[(String, String)]) -> Map {
+    let mut m = Map::new();
+    for (k, v) in props {
+        let v = Dynamic::from(v.clone());
+        match m.get_mut(k.as_str()) {
+            None => {
+                m.insert(k.as_str().into(), v);
+            }
+            Some(old) if old.is_array() => {
+                if let Some(mut a) = old.write_lock::<rhai::Array>() {
+                    a.push(v);
+                }
+            }
+            Some(old) => {
+                let first = std::mem::take(old);
+                *old = Dynamic::from_array(vec![first, v]);
+            }
+        }
+    }
     m
 }
 
@@ -660,6 +691,7 @@ fn from_map(m: &Map, input: &RuleEvent) -> Result<RuleEvent, String> {
         source,
         topic,
         payload,
+        properties: Vec::new(),
     })
 }
 
@@ -821,6 +853,26 @@ mod tests {
         s
     }
 
+    #[test]
+    fn user_properties_are_a_map_and_repeated_names_an_array() {
+        let m = properties_map(&[
+            ("site".into(), "north".into()),
+            ("tag".into(), "a".into()),
+            ("tag".into(), "b".into()),
+            ("tag".into(), "c".into()),
+        ]);
+        assert_eq!(m["site"].clone().into_string().unwrap(), "north");
+        let tags: Vec<String> = m["tag"]
+            .clone()
+            .into_array()
+            .unwrap()
+            .into_iter()
+            .map(|d| d.into_string().unwrap())
+            .collect();
+        assert_eq!(tags, ["a", "b", "c"]);
+        assert!(properties_map(&[]).is_empty());
+    }
+
     fn ev(topic: &str, payload: Value) -> RuleEvent {
         RuleEvent {
             id: 0,
@@ -828,6 +880,7 @@ mod tests {
             source: "mqtt".into(),
             topic: topic.into(),
             payload,
+            properties: Vec::new(),
         }
     }
 

@@ -1054,3 +1054,82 @@ fn a_full_buffer_refuses_instead_of_acknowledging() {
         Some((10 - accepted + 1) as f64)
     );
 }
+
+/// MQTT 5 user properties reach the rules as `event.properties` (a repeated name as an array);
+/// a 3.1.1 publish has none.
+#[test]
+fn user_properties_reach_rules_as_event_properties() {
+    let up = Mosquitto::start("");
+    let upstream = Subscriber::start(up.port, &[EVENTS]);
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("10-props.rhai"),
+        "fn on_event(event) {\n event.payload.props = event.properties;\n event\n}\n",
+    )
+    .unwrap();
+    let gw = gateway(&format!(
+        "[ingest.mqtt]\ntopics = [\"sensors/#\"]\n\n[rules]\ndir = \"{}\"\n\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nbatch_max_wait = \"100ms\"\n",
+        rules.display(),
+        up.port
+    ));
+    mosquitto_pub_ok(
+        gw.mqtt_port,
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            "sensors/5/t",
+            "-m",
+            "{\"v\":5}",
+            "-D",
+            "publish",
+            "user-property",
+            "site",
+            "north",
+            "-D",
+            "publish",
+            "user-property",
+            "tag",
+            "a",
+            "-D",
+            "publish",
+            "user-property",
+            "tag",
+            "b",
+        ],
+    );
+    mosquitto_pub_ok(
+        gw.mqtt_port,
+        &[
+            "-V",
+            "mqttv311",
+            "-q",
+            "1",
+            "-t",
+            "sensors/3/t",
+            "-m",
+            "{\"v\":3}",
+        ],
+    );
+    assert!(
+        upstream.wait_for(SHORT, |g| g.len() >= 2),
+        "log:\n{}",
+        gw.log()
+    );
+    let got = upstream.snapshot();
+    let by_v = |v: i64| {
+        got.iter()
+            .find(|g| g.payload["v"] == v)
+            .map(|g| g.payload["props"].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        by_v(5),
+        serde_json::json!({"site": "north", "tag": ["a", "b"]})
+    );
+    assert_eq!(by_v(3), serde_json::json!({}));
+}

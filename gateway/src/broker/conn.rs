@@ -685,7 +685,8 @@ impl Conn {
                 shared.route(routed);
             }
         });
-        let event = Event::new(self.source.clone(), p.topic, Payload::from_raw(&p.payload));
+        let mut event = Event::new(self.source.clone(), p.topic, Payload::from_raw(&p.payload));
+        event.properties = p.props.user;
         let incoming = Incoming {
             event,
             ack: Some(ack),

@@ -442,6 +442,7 @@ mod tests {
             source: "mqtt".into(),
             topic: "sensors/1/temperature".into(),
             payload: Payload::Json(format!("\"{}\"", "x".repeat(payload_len))),
+            properties: Vec::new(),
         }
     }
 

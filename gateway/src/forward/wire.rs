@@ -215,6 +215,7 @@ mod tests {
             source: "mqtt".into(),
             topic: "sensors/7/temperature".into(),
             payload,
+            properties: Vec::new(),
         }
     }
 

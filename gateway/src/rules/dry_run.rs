@@ -115,6 +115,7 @@ pub fn run(rules: &Path, events: &Path, limits: Limits) -> anyhow::Result<DryRun
             source: v["source"].as_str().unwrap_or("mqtt").to_string(),
             topic: topic.to_string(),
             payload: v.get("payload").cloned().unwrap_or(Value::Null),
+            properties: Vec::new(),
         };
         let r = set.on_event(input.clone());
         set.commit_state();

@@ -94,6 +94,7 @@ fn to_rule_event(e: &Event) -> RuleEvent {
         source: e.source.clone(),
         topic: e.topic.clone(),
         payload,
+        properties: e.properties.clone(),
     }
 }
 
@@ -104,6 +105,7 @@ fn from_rule_event(r: RuleEvent) -> Event {
         source: r.source,
         topic: r.topic,
         payload: Payload::Json(r.payload.to_string()),
+        properties: Vec::new(),
     }
 }
 

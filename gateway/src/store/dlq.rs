@@ -95,6 +95,7 @@ pub fn decode(bytes: &[u8]) -> Result<DeadLetter, String> {
                     source: r.source,
                     topic: r.topic,
                     payload: r.payload,
+                    properties: Vec::new(),
                 },
             })
         }
@@ -298,6 +299,7 @@ mod tests {
                 source: "serial:uart0".into(),
                 topic: "serial/uart0".into(),
                 payload,
+                properties: Vec::new(),
             },
         }
     }

@@ -213,6 +213,7 @@ pub fn decode(id: u64, bytes: &[u8]) -> Result<Event, StoreError> {
         source: s.source,
         topic: s.topic,
         payload: s.payload,
+        properties: Vec::new(),
     })
 }
 
