@@ -650,6 +650,13 @@ impl Config {
                 "needs at least one filter, e.g. [\"#\"]".into(),
             ));
         }
+        let m = &self.ingest.mqtt;
+        if m.tls_listen.is_some() && (m.tls_cert.is_none() || m.tls_key.is_none()) {
+            return Err(err(
+                "ingest.mqtt.tls_listen",
+                "needs tls_cert and tls_key (PEM files) beside it".into(),
+            ));
+        }
         if !self.admin.listen.is_empty() && self.admin.addr().is_none() {
             return Err(err(
                 "admin.listen",
@@ -939,6 +946,14 @@ mod tests {
         );
         assert!(HumanDuration::parse("5").is_err());
         assert_eq!(ByteSize(512 << 20).to_string(), "512MiB");
+    }
+
+    #[test]
+    fn a_tls_listener_without_its_files_is_an_error_naming_the_key() {
+        let e =
+            Config::from_str_named("c.toml", "[ingest.mqtt]\ntls_listen = \"127.0.0.1:8883\"\n")
+                .unwrap_err();
+        assert!(e.to_string().contains("ingest.mqtt.tls_listen"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod dlq;
 pub mod event;
 pub mod forward;
 pub mod ingest;
+pub mod pem;
 pub mod rules;
 pub mod shutdown;
 pub mod status;

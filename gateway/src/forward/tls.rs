@@ -1,6 +1,5 @@
 //! TLS and mTLS for the upstream connection: rustls on ring, the one crypto provider built.
 
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,31 +17,12 @@ pub struct TlsError {
     what: String,
 }
 
-fn read_pem(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError {
+fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    crate::pem::certs(path).map_err(|what| TlsError {
         key,
         path: path.display().to_string(),
-        what: format!("cannot read: {e}"),
+        what,
     })
-}
-
-fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_pem(key, path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(pem.as_slice()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError {
-            key,
-            path: path.display().to_string(),
-            what: format!("not a PEM certificate file: {e}"),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError {
-            key,
-            path: path.display().to_string(),
-            what: "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
-        });
-    }
-    Ok(certs)
 }
 
 /// Builds the rustls client config from `[upstream]` `ca_file`, `cert_file`, `key_file`.
@@ -78,16 +58,12 @@ pub fn client_config(cfg: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError
         builder.with_no_client_auth()
     } else {
         let chain = certs("cert_file", &cfg.cert_file)?;
-        let pem = read_pem("key_file", &cfg.key_file)?;
         let key: PrivateKeyDer<'static> =
-            rustls_pemfile::private_key(&mut BufReader::new(pem.as_slice()))
-                .ok()
-                .flatten()
-                .ok_or_else(|| TlsError {
-                    key: "key_file",
-                    path: cfg.key_file.display().to_string(),
-                    what: "holds no PEM private key (PKCS#8, PKCS#1 or SEC1)".into(),
-                })?;
+            crate::pem::private_key(&cfg.key_file).map_err(|what| TlsError {
+                key: "key_file",
+                path: cfg.key_file.display().to_string(),
+                what,
+            })?;
         builder
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError {
