@@ -297,6 +297,12 @@ pub struct BufferConfig {
     pub ingest_max_bytes: ByteSize,
     /// Cap on the stored size of the dead-letter queue (drop-oldest, counted `dlq_full`).
     pub dlq_max_bytes: ByteSize,
+    /// Bytes a day the store may write to the card; commits wait longer to keep to it (0: none).
+    pub write_budget: ByteSize,
+    /// The longest the write budget may make a commit wait (the ceiling of the window).
+    pub budget_max_wait: HumanDuration,
+    /// Bytes the card can take in its life (its rated endurance), for the forecast; 0: unknown.
+    pub card_endurance: ByteSize,
 }
 
 /// `[admin]`.
@@ -382,9 +388,11 @@ impl ByteSize {
             "KB" | "kB" => 1_000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
+            "TiB" | "T" => 1 << 40,
+            "TB" => 1_000_000_000_000,
             other => {
                 return Err(format!(
-                    "unknown size unit `{other}` in `{s}`; use B, KiB, MiB, GiB (or KB, MB, GB)"
+                    "unknown size unit `{other}` in `{s}`; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
                 ))
             }
         };
@@ -637,6 +645,12 @@ impl Config {
         }
         if self.buffer.commit_max_events == 0 {
             return Err(err("buffer.commit_max_events", "must be at least 1".into()));
+        }
+        if self.buffer.budget_max_wait.0 > std::time::Duration::from_secs(20) {
+            return Err(err(
+                "buffer.budget_max_wait",
+                "must be at most 20s: sensors wait that long for acknowledgements, and the systemd watchdog for the commit loop".into(),
+            ));
         }
         if let Some(url) = &self.upstream.url {
             parse_mqtt_url(url).map_err(|e| err("upstream.url", e))?;

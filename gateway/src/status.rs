@@ -75,6 +75,83 @@ fn bytes(n: u64) -> String {
     format!("{} {}", &s[..at], &s[at..])
 }
 
+fn decimal(n: f64) -> String {
+    let units = [(1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")];
+    for (scale, unit) in units {
+        if n.abs() >= scale {
+            return format!("{:.1} {unit}", n / scale);
+        }
+    }
+    format!("{n:.0} B")
+}
+
+/// The wear forecast and, while the backlog grows, when the buffer is full.
+fn wear_lines(o: &mut String, v: &Value) {
+    let w = &v["wear"];
+    let window = v["commit_window_seconds"].as_f64().unwrap_or(0.0);
+    if w["span_seconds"].as_f64().unwrap_or(0.0) <= 0.0 {
+        let _ = writeln!(o, "wear      measuring (a forecast after the first minute)");
+        return;
+    }
+    let per_day = w["bytes_per_day"].as_f64().unwrap_or(0.0);
+    let budget = w["write_budget"].as_u64().unwrap_or(0);
+    let per_event = match w["bytes_per_event"].as_f64() {
+        Some(b) => format!("{} per event, ", decimal(b)),
+        None => String::new(),
+    };
+    let verdict = if budget == 0 {
+        "no write budget".to_string()
+    } else if per_day <= budget as f64 * 1.05 {
+        format!("within the {}/day budget", decimal(budget as f64))
+    } else {
+        format!(
+            "over the {}/day budget by {:.0}%",
+            decimal(budget as f64),
+            (per_day / budget as f64 - 1.0) * 100.0
+        )
+    };
+    let _ = writeln!(
+        o,
+        "wear      {}/day written at this rate ({per_event}{:.2} commits/s); {verdict}",
+        decimal(per_day),
+        w["commits_per_second"].as_f64().unwrap_or(0.0),
+    );
+    match w["card_life_years"].as_f64() {
+        Some(y) => {
+            let _ = writeln!(o, "          card life about {y:.1} years at this rate");
+        }
+        None if per_day > 0.0 => {
+            let _ = writeln!(
+                o,
+                "          card life: set [buffer] card_endurance (the card's rated bytes written) for a forecast"
+            );
+        }
+        None => {}
+    }
+    if window > 0.1 {
+        let _ = writeln!(
+            o,
+            "          commits wait {window:.1} s for more events (the write budget is spent)"
+        );
+    }
+    let growth = w["backlog_bytes_per_second"].as_f64().unwrap_or(0.0);
+    if growth > 0.0 {
+        let full = match (w["full_in_seconds"].as_f64(), w["full_by"].as_str()) {
+            (Some(s), Some(by)) => format!(
+                ": buffer full ({by}) in {} at this rate",
+                crate::admin::wear::human_duration(s)
+            ),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "buffer    growing {}/h ({:.1} events/s){full}",
+            decimal(growth * 3600.0),
+            w["backlog_events_per_second"].as_f64().unwrap_or(0.0),
+        );
+    }
+}
+
 /// Renders the document for a person.
 pub fn render(v: &Value) -> String {
     let mut o = String::new();
@@ -115,6 +192,9 @@ pub fn render(v: &Value) -> String {
             v["ingested"], v["committed"], v["forwarded"]
         );
     }
+    if running {
+        wear_lines(&mut o, v);
+    }
     if let Some(d) = v["dropped"].as_object() {
         let parts: Vec<String> = d.iter().map(|(k, n)| format!("{k} {n}")).collect();
         let _ = writeln!(o, "dropped   {}", parts.join("  "));
@@ -148,4 +228,69 @@ pub fn render(v: &Value) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(wear: Value, window: f64) -> Value {
+        json!({
+            "gateway": "gw", "running": true, "uptime_seconds": 700,
+            "backlog_events": 0, "backlog_bytes": 0, "oldest_age_seconds": 0.0,
+            "upstream": {"state": "offline", "last_error": ""},
+            "ingested": 1, "committed": 1, "forwarded": 0,
+            "dlq_events": 0, "dlq_bytes": 0, "rules": [],
+            "commit_window_seconds": window,
+            "wear": wear,
+        })
+    }
+
+    #[test]
+    fn the_forecast_reads_at_a_glance() {
+        let f = crate::admin::wear::Forecast {
+            span_seconds: 600.0,
+            bytes_per_second: 13_888.9,
+            bytes_per_event: Some(1388.9),
+            commits_per_second: 0.35,
+            events_per_second: 10.0,
+            bytes_per_day: 1.2e9,
+            write_budget: 1_000_000_000,
+            card_life_years: Some(68.5),
+            backlog_bytes_per_second: 2_500.0,
+            backlog_events_per_second: 10.0,
+            full_in_seconds: Some(12_000.0),
+            full_by: Some("max_bytes"),
+        };
+        let out = render(&doc(serde_json::to_value(&f).unwrap(), 2.8));
+        for want in [
+            "wear      1.2 GB/day written at this rate (1.4 kB per event, 0.35 commits/s); over the 1.0 GB/day budget by 20%",
+            "          card life about 68.5 years at this rate",
+            "          commits wait 2.8 s for more events (the write budget is spent)",
+            "buffer    growing 9.0 MB/h (10.0 events/s): buffer full (max_bytes) in 3 h 20 min at this rate",
+        ] {
+            assert!(out.contains(want), "missing {want:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn without_endurance_or_growth_it_says_what_to_set_and_no_more() {
+        let f = crate::admin::wear::Forecast {
+            span_seconds: 600.0,
+            bytes_per_day: 0.5e9,
+            write_budget: 1_000_000_000,
+            backlog_bytes_per_second: -100.0,
+            ..Default::default()
+        };
+        let out = render(&doc(serde_json::to_value(&f).unwrap(), 0.005));
+        assert!(out.contains("within the 1.0 GB/day budget"), "{out}");
+        assert!(out.contains("set [buffer] card_endurance"), "{out}");
+        assert!(!out.contains("commits wait"), "{out}");
+        assert!(!out.contains("growing"), "{out}");
+        let early = render(&doc(
+            serde_json::to_value(crate::admin::wear::Forecast::default()).unwrap(),
+            0.0,
+        ));
+        assert!(early.contains("wear      measuring"), "{early}");
+    }
 }

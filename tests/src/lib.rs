@@ -369,6 +369,22 @@ impl Gateway {
             .and_then(|v| v.parse().ok())
     }
 
+    /// Waits up to `within` for `series` to read `value`; whether it did. (Delivered events
+    /// leave the store with the next commit, which waits up to `budget_max_wait` while the
+    /// write budget is spent.)
+    pub fn wait_metric(&self, series: &str, value: f64, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        loop {
+            if self.metric(series) == Some(value) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Runs `tidepool ARGS --config CONFIG`.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         command("tidepool")

@@ -25,8 +25,10 @@ fn reliable_serial_replug_acks_everything_and_stores_each_frame_once() {
     let mut pair = PtyPair::start(dir.path());
     let up = Mosquitto::start("");
     let sub = Subscriber::start(up.port, &[TOPIC]);
+    // 1,500 frames/s with 64 in flight: past what the default write budget lets through
+    // (64 frames per budget_max_wait); this test is about replugs, not the budget.
     let gw = Gateway::start(&format!(
-        "[[ingest.serial]]\nname = \"uart0\"\npath = \"{}\"\nframing = \"cobs\"\nack = true\n\n{}",
+        "[[ingest.serial]]\nname = \"uart0\"\npath = \"{}\"\nframing = \"cobs\"\nack = true\n\n{}\n[buffer]\nwrite_budget = \"0\"\n",
         pair.a.display(),
         upstream_cfg(up.port)
     ));

@@ -24,5 +24,5 @@ fn smoke_gateway_simulator_upstream() {
     );
     let (distinct, dups) = check_complete(&sub.snapshot(), 3_000);
     assert_eq!((distinct, dups), (3_000, 0));
-    assert_eq!(gw.metric("tidepool_backlog_events"), Some(0.0));
+    assert!(gw.wait_metric("tidepool_backlog_events", 0.0, Duration::from_secs(15)));
 }

@@ -277,10 +277,12 @@ fn min_free_keeps_the_disk_from_filling() {
 fn a_stalled_store_in_embedded_mode_holds_the_sensors_back() {
     let tmp = tempfile::tempdir().unwrap();
     let stall = tmp.path().join("stall");
-    // The sensor would keep 5,000 in flight; the broker's window (200) holds it back.
+    // The sensor would keep 5,000 in flight; the broker's window (200) holds it back. (200
+    // per commit is past what the default write budget lets through at this rate, 200 per
+    // budget_max_wait: this test is about the stall, so it runs without a budget.)
     let mut gw = Gateway::configure(
         tmp.path().to_path_buf(),
-        "[ingest.mqtt]\nreceive_maximum = 200\n",
+        "[ingest.mqtt]\nreceive_maximum = 200\n\n[buffer]\nwrite_budget = \"0\"\n",
     );
     gw.set_env("TIDEPOOL_FAULT_STALL_FILE", stall.to_str().unwrap());
     gw.launch();

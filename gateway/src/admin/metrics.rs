@@ -148,6 +148,16 @@ pub struct Metrics {
     pub upstream_sizes: UpstreamSizeMetrics,
     /// The embedded broker's connections, sessions and drops.
     pub broker: BrokerMetrics,
+    /// Bytes the store wrote to its file since start (what the card takes).
+    pub store_bytes_written: AtomicU64,
+    /// The commit window now (µs): `commit_max_wait`, or wider while the write budget is spent.
+    pub commit_window_us: AtomicU64,
+    /// The wear forecast's samples.
+    pub wear: super::wear::Wear,
+    /// The store file's length, as last looked at.
+    pub store_file_bytes: AtomicU64,
+    /// Compactions of the store file.
+    pub compactions: AtomicU64,
 }
 
 /// The embedded broker: connections now, refusals, and messages local subscribers lost.
@@ -305,6 +315,11 @@ impl Default for Metrics {
             heartbeat: std::sync::Arc::new(AtomicI64::new(crate::event::now_ms())),
             upstream_sizes: UpstreamSizeMetrics::default(),
             broker: BrokerMetrics::default(),
+            store_bytes_written: AtomicU64::new(0),
+            commit_window_us: AtomicU64::new(0),
+            wear: super::wear::Wear::default(),
+            store_file_bytes: AtomicU64::new(0),
+            compactions: AtomicU64::new(0),
         }
     }
 }
@@ -371,6 +386,27 @@ impl Metrics {
     /// Number of commits so far.
     pub fn commits(&self) -> u64 {
         self.commit_count.load(Relaxed)
+    }
+
+    /// A wear sample of now (free space as given).
+    pub fn wear_sample(&self, fs_avail: Option<u64>) -> super::wear::Sample {
+        super::wear::Sample {
+            at: std::time::Instant::now(),
+            written: self.store_bytes_written.load(Relaxed),
+            commits: self.commits(),
+            events: self.committed.load(Relaxed),
+            backlog_bytes: self.backlog_bytes.load(Relaxed),
+            backlog_events: self.backlog_events.load(Relaxed),
+            fs_avail,
+        }
+    }
+
+    /// The wear forecast up to the newest sample.
+    pub fn forecast(&self) -> super::wear::Forecast {
+        match self.wear.newest() {
+            Some(s) => self.wear.forecast(s),
+            None => super::wear::Forecast::default(),
+        }
     }
 
     /// Sets the forwarder's state.
@@ -499,7 +535,75 @@ impl Metrics {
             "tidepool_store_errors_total {}",
             self.store_errors.load(Relaxed)
         );
-        let gauges: [(&str, &str, String); 7] = [
+        counter(
+            &mut o,
+            "tidepool_store_bytes_written_total",
+            "Bytes the store wrote to its file (whole OS pages, as the card takes them).",
+        );
+        let _ = writeln!(
+            o,
+            "tidepool_store_bytes_written_total {}",
+            self.store_bytes_written.load(Relaxed)
+        );
+        counter(
+            &mut o,
+            "tidepool_store_commits_total",
+            "Store commits (one fsync each).",
+        );
+        let _ = writeln!(o, "tidepool_store_commits_total {}", self.commits());
+        counter(
+            &mut o,
+            "tidepool_store_compactions_total",
+            "Compactions of the store file (it shrinks after a backlog drained).",
+        );
+        let _ = writeln!(
+            o,
+            "tidepool_store_compactions_total {}",
+            self.compactions.load(Relaxed)
+        );
+        let f = self.forecast();
+        let num = |v: Option<f64>| v.map_or("NaN".to_string(), |v| format!("{v:.3}"));
+        let gauges: [(&str, &str, String); 15] = [
+            (
+                "tidepool_store_file_bytes",
+                "Length of the store file, as last looked at (every 10 s).",
+                self.store_file_bytes.load(Relaxed).to_string(),
+            ),
+            (
+                "tidepool_store_bytes_per_event",
+                "Bytes written per event committed, over the last 10 minutes (NaN: no events).",
+                num(f.bytes_per_event),
+            ),
+            (
+                "tidepool_store_bytes_per_day",
+                "Bytes a day the store writes at the rate of the last 10 minutes.",
+                format!("{:.0}", f.bytes_per_day),
+            ),
+            (
+                "tidepool_write_budget_bytes_per_day",
+                "The write budget ([buffer] write_budget; 0: none).",
+                f.write_budget.to_string(),
+            ),
+            (
+                "tidepool_card_life_years",
+                "Years the card lasts at this rate, from [buffer] card_endurance (NaN: unknown).",
+                num(f.card_life_years),
+            ),
+            (
+                "tidepool_commit_window_seconds",
+                "How long a commit waits for more events now (wider while the write budget is spent).",
+                format!("{:.3}", self.commit_window_us.load(Relaxed) as f64 / 1e6),
+            ),
+            (
+                "tidepool_backlog_growth_bytes_per_second",
+                "Backlog growth over the last 10 minutes, stored bytes a second (negative: draining).",
+                format!("{:.1}", f.backlog_bytes_per_second),
+            ),
+            (
+                "tidepool_buffer_full_seconds",
+                "Seconds until max_bytes or min_free is reached at the backlog's growth (+Inf: not growing).",
+                f.full_in_seconds.map_or("+Inf".to_string(), |v| format!("{v:.0}")),
+            ),
             (
                 "tidepool_backlog_events",
                 "Events buffered, not yet acknowledged upstream.",
@@ -589,6 +693,10 @@ impl Metrics {
             "dlq_bytes": self.dlq_bytes.load(Relaxed),
             "store_healthy": self.store_healthy.load(Relaxed),
             "commits": self.commits(),
+            "store_bytes_written": self.store_bytes_written.load(Relaxed),
+            "store_file_bytes": self.store_file_bytes.load(Relaxed),
+            "commit_window_seconds": self.commit_window_us.load(Relaxed) as f64 / 1e6,
+            "wear": self.forecast(),
             "rules": rules,
         })
     }

@@ -9,6 +9,7 @@
 
 pub mod guard;
 pub mod metrics;
+pub mod wear;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;

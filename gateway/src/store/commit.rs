@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::arrivals::{self, Arrivals};
-use super::space::{below_min_free, commit_headroom, fs_space};
+use super::space::{below_min_free, commit_headroom, fs_space, worth_compacting};
 use super::{
     dedup, encode, row_size, Store, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, META, RULE_STATE,
 };
@@ -68,6 +68,12 @@ pub struct CommitLoop {
     tick: Duration,
     next_tick: Instant,
     last_status: Instant,
+    /// The write budget: how long groups wait for company.
+    budget: super::budget::Budget,
+    /// When to look next whether the file is worth compacting.
+    next_compact_check: Instant,
+    /// When the log last said the write budget holds commits at the ceiling.
+    last_budget_warn: Option<Instant>,
     /// `dlq_full` drops not yet reported in the log, and when it last was.
     dlq_full_warned: u64,
     last_dlq_warn: Option<Instant>,
@@ -201,6 +207,11 @@ struct Written {
     dlq_after: Option<(u64, u64)>,
     last_stored: Option<u64>,
     took: Duration,
+    /// Bytes the commit wrote to the card.
+    bytes: u64,
+    /// False: the plan turned out to change nothing (a tick with nothing to write), so the
+    /// transaction was dropped instead of committed: no write, no fsync.
+    committed: bool,
     /// Per event of the group, whether the buffer refused (one of) its outputs.
     refused: Vec<bool>,
 }
@@ -243,6 +254,20 @@ impl CommitLoop {
         metrics.dlq_events.store(dlq_events, Relaxed);
         metrics.dlq_bytes.store(dlq_bytes, Relaxed);
         committed.send_replace(st.next_id - 1);
+        metrics.wear.configure(crate::admin::wear::Limits {
+            write_budget: cfg.write_budget.0,
+            card_endurance: cfg.card_endurance.0,
+            max_bytes: cfg.max_bytes.0,
+            min_free: fs_space(store.path())
+                .map(|(_, total)| cfg.min_free.bytes(total))
+                .unwrap_or(0),
+        });
+        let budget = super::budget::Budget::new(
+            cfg.write_budget.0,
+            cfg.commit_max_wait.0,
+            cfg.budget_max_wait.0,
+            Instant::now(),
+        );
         Ok(CommitLoop {
             store,
             cfg,
@@ -265,6 +290,9 @@ impl CommitLoop {
             tick: Duration::from_secs(10),
             next_tick: Instant::now() + Duration::from_secs(10),
             last_status: Instant::now() - Duration::from_secs(10),
+            budget,
+            next_compact_check: Instant::now() + COMPACT_CHECK,
+            last_budget_warn: None,
             dlq_full_warned: 0,
             last_dlq_warn: None,
         })
@@ -457,6 +485,35 @@ impl CommitLoop {
         }
         self.rules.reload();
         self.metrics.heartbeat.store(now_ms(), Relaxed);
+        let now = Instant::now();
+        let window = self.budget.window(now);
+        self.metrics
+            .commit_window_us
+            .store(window.as_micros() as u64, Relaxed);
+        if window >= self.budget.max_wait()
+            && window > self.cfg.commit_max_wait.0
+            && self
+                .last_budget_warn
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(600))
+        {
+            self.last_budget_warn = Some(now);
+            warn!(
+                write_budget_bytes_per_day = self.cfg.write_budget.0,
+                budget_max_wait = %self.cfg.budget_max_wait,
+                "write budget spent: commits wait up to budget_max_wait for more events; a sender that keeps few messages in flight sends at most that many per wait (raise [buffer] write_budget, or \"0\", if it cannot wait; next report in 10 minutes at the earliest)"
+            );
+        }
+        if self.metrics.wear.due(now) {
+            let avail = fs_space(self.store.path()).map(|(a, _)| a);
+            self.metrics.wear.record(self.metrics.wear_sample(avail));
+            self.metrics
+                .store_file_bytes
+                .store(self.store.file_len(), Relaxed);
+        }
+        if now >= self.next_compact_check && self.input.is_empty() {
+            self.next_compact_check = now + COMPACT_CHECK;
+            self.maybe_compact();
+        }
         if self.last_status.elapsed() >= Duration::from_millis(250) {
             *self.metrics.rules_status.lock().unwrap() = self.rules.status();
             self.last_status = Instant::now();
@@ -498,8 +555,15 @@ impl CommitLoop {
             Wake::Control(None) => self.control = None,
             Wake::Idle => {}
         }
+        if plan.group.is_empty()
+            && (plan.acked.is_some() || !plan.upstream_dead.is_empty())
+            && !self.space_is_short()
+        {
+            self.hold_acks(&mut plan, open);
+        }
         if !plan.group.is_empty() {
-            self.fill_group(&mut plan, open);
+            let window = self.budget.window(Instant::now());
+            self.fill_group(&mut plan, open, window);
         }
         self.take_acks(&mut plan.acked, &mut plan.upstream_dead, open);
         if Instant::now() >= self.next_tick {
@@ -520,21 +584,106 @@ impl CommitLoop {
         Some(plan)
     }
 
-    /// Adds to the group what arrives within `commit_max_wait`, up to `commit_max_events` and
-    /// half of `ingest_max_bytes` (so sources can queue the next group meanwhile).
-    fn fill_group(&mut self, plan: &mut Plan, open: &mut Open) {
+    /// Compacts the file when it is mostly empty ([`worth_compacting`]): checked at most once
+    /// a minute, when no event is waiting; after a compaction (or a failed one), not again
+    /// for ten minutes.
+    pub(super) fn maybe_compact(&mut self) {
+        let file = self.store.file_len();
+        let live = self.stored_bytes + self.metrics.dlq_bytes.load(Relaxed);
+        if !worth_compacting(file, live) {
+            return;
+        }
+        self.next_compact_check = Instant::now() + COMPACT_AGAIN;
+        let started = Instant::now();
+        let written = self.store.written().bytes();
+        let r = self.store.compact();
+        let wrote = self.store.written().bytes() - written;
+        self.budget.charge(Instant::now(), wrote);
+        self.metrics
+            .store_bytes_written
+            .store(self.store.written().bytes(), Relaxed);
+        match r {
+            Ok((before, after)) => {
+                self.metrics.compactions.fetch_add(1, Relaxed);
+                self.metrics.store_file_bytes.store(after, Relaxed);
+                info!(
+                    file_before = before,
+                    file_after = after,
+                    live,
+                    wrote,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "store compacted: the file shrank after the backlog drained"
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "store: compaction failed; the file keeps its size (next try in 10 minutes)")
+            }
+        }
+    }
+
+    /// Whether deletions should not wait: the buffer is near `max_bytes` or the disk near
+    /// `min_free`, so the space acknowledged events hold is wanted now.
+    fn space_is_short(&self) -> bool {
+        self.stored_bytes >= self.cfg.max_bytes.0 / 10 * 9
+            || below_min_free(self.store.path(), self.cfg.min_free, 1 << 20)
+            || !self.metrics.store_healthy.load(Relaxed)
+    }
+
+    /// While the write budget is spent, upstream acknowledgements on their own wait for
+    /// company, as long as a group would: deleting what was delivered is not urgent (a crash
+    /// before it only resends those events, which carry their ids), and riding along with the
+    /// next group saves a commit. The first event to arrive ends the wait (its group then
+    /// waits its own window). With room in the budget they commit at once.
+    fn hold_acks(&mut self, plan: &mut Plan, open: &mut Open) {
+        let window = self.budget.window(Instant::now());
+        if window <= self.cfg.commit_max_wait.0 {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + window;
+        while open.input && open.acks {
+            let wake = self.rt.block_on(async {
+                tokio::select! {
+                    m = self.input.recv() => Some(Ok(m)),
+                    a = self.acks.recv() => Some(Err(a)),
+                    _ = tokio::time::sleep_until(deadline) => None,
+                }
+            });
+            match wake {
+                Some(Ok(Some(m))) => {
+                    plan.group.push(m);
+                    return;
+                }
+                Some(Ok(None)) => open.input = false,
+                Some(Err(Some(msg))) => note_forward(msg, &mut plan.acked, &mut plan.upstream_dead),
+                Some(Err(None)) => open.acks = false,
+                None => return,
+            }
+        }
+    }
+
+    /// Adds to the group what arrives within `window` (`commit_max_wait`, or longer while
+    /// the write budget is spent), up to `commit_max_events` and half of `ingest_max_bytes`
+    /// (so sources can queue the next group meanwhile).
+    fn fill_group(&mut self, plan: &mut Plan, open: &mut Open, window: Duration) {
         let max = self.cfg.commit_max_events;
         let max_bytes = (self.cfg.ingest_max_bytes.0 / 2).max(1) as usize;
         let mut bytes: usize = plan.group.iter().map(Queued::size).sum();
-        let deadline = tokio::time::Instant::now() + self.cfg.commit_max_wait.0;
+        let start = tokio::time::Instant::now();
+        let deadline = start + window;
+        let early = start + self.cfg.commit_max_wait.0;
         while plan.group.len() < max && bytes < max_bytes {
+            let until = if bytes >= super::budget::ENOUGH {
+                deadline.min(early)
+            } else {
+                deadline
+            };
             let next = match self.input.try_recv() {
                 Ok(m) => Some(m),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     match self
                         .rt
-                        .block_on(tokio::time::timeout_at(deadline, self.input.recv()))
+                        .block_on(tokio::time::timeout_at(until, self.input.recv()))
                     {
                         Ok(m) => m,
                         Err(_) => break,
@@ -730,8 +879,14 @@ impl CommitLoop {
                 p(m);
             }
         }
+        self.budget.charge(Instant::now(), w.bytes);
         let r = &w.report;
         let m = &self.metrics;
+        m.store_bytes_written
+            .store(self.store.written().bytes(), Relaxed);
+        if !w.committed {
+            return;
+        }
         m.observe_commit(w.took);
         m.fsyncs.fetch_add(1, Relaxed);
         m.committed.fetch_add(r.stored, Relaxed);
@@ -791,6 +946,7 @@ impl CommitLoop {
     /// arrival times, meta. Changes nothing in memory unless it commits.
     fn write(&mut self, plan: &Plan) -> Result<Written, StoreError> {
         let started = Instant::now();
+        let written_before = self.store.written().bytes();
         let db = self.store.db()?;
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)
@@ -826,6 +982,17 @@ impl CommitLoop {
         let retained = self.retained.as_ref().map(|l| (l.clone(), l.take()));
         let broker_acks = self.broker_acks.as_ref().map(|l| (l.clone(), l.take()));
         let mut refused = vec![false; plan.group.len()];
+        // A plan that may turn out to change nothing: only a tick, or only arrival upkeep.
+        let quiet = plan.group.is_empty()
+            && plan.acked.is_none()
+            && plan.upstream_dead.is_empty()
+            && plan.dlq_remove.is_empty()
+            && plan.reinsert.is_empty()
+            && plan.evict_bytes == 0
+            && !arrivals.needs_commit(wall)
+            && retained.as_ref().is_none_or(|(_, c)| c.is_empty())
+            && broker_acks.as_ref().is_none_or(|(_, w)| w.is_empty());
+        let mut state_written = false;
         let result = (|| -> Result<Vec<LocalPublish>, StoreError> {
             let mut events = txn.open_table(EVENTS)?;
             let mut meta = txn.open_table(META)?;
@@ -938,6 +1105,7 @@ impl CommitLoop {
                 dlq_after = Some((d.events, d.bytes));
             }
             let writes = self.rules.pending_state();
+            state_written = !writes.is_empty();
             if !writes.is_empty() {
                 let mut state = txn.open_table(RULE_STATE)?;
                 for ((rule, key), v) in writes {
@@ -995,7 +1163,11 @@ impl CommitLoop {
                 return Err(e);
             }
         };
-        if let Err(e) = txn.commit() {
+        let committed =
+            !(quiet && report == CommitReport::default() && !state_written && dlq_after.is_none());
+        if !committed {
+            drop(txn); // aborts: nothing to write
+        } else if let Err(e) = txn.commit() {
             give_back(retained, broker_acks);
             return Err(e.into());
         }
@@ -1011,6 +1183,8 @@ impl CommitLoop {
             dlq_after,
             last_stored: t.last_stored,
             took: started.elapsed(),
+            bytes: self.store.written().bytes() - written_before,
+            committed,
             refused,
         })
     }
@@ -1031,6 +1205,11 @@ fn stall_for_tests(metrics: &Metrics) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// How often the commit loop looks whether the file is worth compacting.
+const COMPACT_CHECK: Duration = Duration::from_secs(60);
+/// After a compaction (or a failed one), the next one no sooner than this.
+const COMPACT_AGAIN: Duration = Duration::from_secs(600);
 
 /// The `rule` of a dead letter upstream could not take.
 pub const UPSTREAM_RULE: &str = "upstream";

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use redb::Database;
 
+use super::wear::WriteCounter;
 use super::StoreError;
 
 /// A shared handle to the store file; cheap to clone.
@@ -22,17 +23,29 @@ pub struct Store {
     heartbeat: Arc<std::sync::Mutex<Option<Arc<AtomicI64>>>>,
     path: PathBuf,
     cache_size: u64,
+    written: Arc<WriteCounter>,
 }
 
 impl Store {
     /// Wraps an open database.
-    pub(super) fn new(db: Database, path: &Path, cache_size: u64) -> Store {
+    pub(super) fn new(
+        db: Database,
+        path: &Path,
+        cache_size: u64,
+        written: Arc<WriteCounter>,
+    ) -> Store {
         Store {
             slot: Arc::new(RwLock::new(Some(Arc::new(db)))),
             heartbeat: Arc::default(),
             path: path.to_path_buf(),
             cache_size,
+            written,
         }
+    }
+
+    /// What has been written to the file since it was first opened (across reopens).
+    pub fn written(&self) -> &Arc<WriteCounter> {
+        &self.written
     }
 
     /// The database for one read or write; [`StoreError::Reopening`] while it is being reopened.
@@ -54,41 +67,59 @@ impl Store {
         &self.path
     }
 
+    /// Takes the database out of the slot once every reader has let go of it (waiting up to
+    /// 5 s); readers get [`StoreError::Reopening`] meanwhile. `Ok(None)`: the slot was empty.
+    fn take(&self) -> Result<Option<Database>, StoreError> {
+        let hb = self.heartbeat.lock().unwrap().clone();
+        let old = self.slot.write().unwrap().take();
+        let Some(mut old) = old else { return Ok(None) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Arc::try_unwrap(old) {
+                Ok(db) => return Ok(Some(db)),
+                Err(still_shared) if Instant::now() < deadline => {
+                    if let Some(hb) = &hb {
+                        hb.store(crate::event::now_ms(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    old = still_shared;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(still_shared) => {
+                    // A reader is stuck: put it back rather than leak the file lock.
+                    *self.slot.write().unwrap() = Some(still_shared);
+                    return Err(StoreError::Busy);
+                }
+            }
+        }
+    }
+
     /// Closes and reopens the file (waiting up to 5 s for readers to let go of the old one).
     /// Until it returns `Ok`, readers get [`StoreError::Reopening`]; on error the slot stays
     /// empty and a later call tries again.
     pub fn reopen(&self) -> Result<(), StoreError> {
+        drop(self.take()?);
         let hb = self.heartbeat.lock().unwrap().clone();
-        let beat = || {
-            if let Some(hb) = &hb {
-                hb.store(crate::event::now_ms(), std::sync::atomic::Ordering::Relaxed);
-            }
-        };
-        let old = self.slot.write().unwrap().take();
-        if let Some(mut old) = old {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(db) => {
-                        drop(db);
-                        break;
-                    }
-                    Err(still_shared) if Instant::now() < deadline => {
-                        beat();
-                        old = still_shared;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(still_shared) => {
-                        // A reader is stuck: put it back rather than leak the file lock.
-                        *self.slot.write().unwrap() = Some(still_shared);
-                        return Err(StoreError::Busy);
-                    }
-                }
-            }
-        }
-        let db = super::schema::open_file_with(&self.path, self.cache_size, hb.clone())?;
+        let db = super::schema::open_file_with(&self.path, self.cache_size, hb, &self.written)?;
         *self.slot.write().unwrap() = Some(Arc::new(db));
         Ok(())
+    }
+
+    /// Compacts the file (redb moves live pages to the front and shortens the file), with
+    /// readers held off meanwhile. Returns the file's length before and after.
+    pub fn compact(&self) -> Result<(u64, u64), StoreError> {
+        let before = self.file_len();
+        let Some(mut db) = self.take()? else {
+            return Err(StoreError::Reopening);
+        };
+        let r = db.compact();
+        *self.slot.write().unwrap() = Some(Arc::new(db));
+        r.map_err(StoreError::Compact)?;
+        Ok((before, self.file_len()))
+    }
+
+    /// The file's length now.
+    pub fn file_len(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
 }
 

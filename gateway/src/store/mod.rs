@@ -86,6 +86,7 @@
 //! writer can reopen it.
 
 pub mod arrivals;
+pub mod budget;
 pub mod commit;
 pub mod dedup;
 pub mod dlq;
@@ -93,6 +94,7 @@ mod handle;
 pub mod retained;
 pub mod schema;
 pub mod space;
+pub mod wear;
 
 use std::path::Path;
 
@@ -146,6 +148,9 @@ pub enum StoreError {
     /// The commit failed (disk full, I/O error).
     #[error("store commit failed: {0}")]
     Commit(#[from] redb::CommitError),
+    /// Compaction failed (the file is left as it was).
+    #[error("store compaction failed: {0}")]
+    Compact(#[from] redb::CompactionError),
     /// The store is being reopened after an I/O error; try again shortly.
     #[error("the store is being reopened after an I/O error")]
     Reopening,
@@ -230,8 +235,9 @@ pub fn open(path: &Path, cache_size: u64) -> Result<Store, StoreError> {
             source,
         })?;
     }
-    let db = schema::open_file(path, cache_size)?;
-    Ok(Store::new(db, path, cache_size))
+    let written = std::sync::Arc::new(wear::WriteCounter::default());
+    let db = schema::open_file_with(path, cache_size, None, &written)?;
+    Ok(Store::new(db, path, cache_size, written))
 }
 
 /// A snapshot of what the store holds.

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
+use super::wear::{CountingBackend, WriteCounter};
 use super::{arrivals, dedup, StoreError, ARRIVALS, DEAD_LETTERS, EVENTS, META, RULE_STATE};
 use crate::event::now_ms;
 
@@ -25,25 +26,36 @@ pub const SCHEMA_VERSION: u64 = 2;
 
 /// Opens (creating if needed) the file, upgrading an older layout; refuses a newer one.
 pub fn open_file(path: &Path, cache_size: u64) -> Result<Database, StoreError> {
-    open_file_with(path, cache_size, None)
+    open_file_with(path, cache_size, None, &Arc::default())
 }
 
 /// [`open_file`], feeding `heartbeat` (the watchdog's) while redb repairs the file after an
-/// unclean stop, which can take long on a big store and a slow card.
+/// unclean stop, which can take long on a big store and a slow card, and counting what is
+/// written to the file in `counter`.
 pub fn open_file_with(
     path: &Path,
     cache_size: u64,
     heartbeat: Option<Arc<AtomicI64>>,
+    counter: &Arc<WriteCounter>,
 ) -> Result<Database, StoreError> {
+    let open_err = |source: redb::DatabaseError| StoreError::Open {
+        path: path.display().to_string(),
+        source,
+    };
     let mut builder = Database::builder();
     builder.set_cache_size(cache_size as usize);
     if let Some(hb) = heartbeat {
         builder.set_repair_callback(move |_| hb.store(now_ms(), Ordering::Relaxed));
     }
-    let db = builder.create(path).map_err(|source| StoreError::Open {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| open_err(e.into()))?;
+    let backend = CountingBackend::new(file, counter.clone()).map_err(open_err)?;
+    let db = builder.create_with_backend(backend).map_err(open_err)?;
     let found = version(&db)?;
     match found {
         Some(v) if v == SCHEMA_VERSION => {}

@@ -48,8 +48,42 @@ pub fn below_min_free(path: &Path, min_free: MinFree, incoming: u64) -> bool {
     }
 }
 
+/// Files smaller than this are never compacted: too little to win back.
+pub const COMPACT_MIN_FILE: u64 = 32 << 20;
+/// A file is compacted once it is this many times the size of what it holds...
+pub const COMPACT_RATIO: u64 = 4;
+/// ...counting, beyond the rows, this much for redb's own pages and the small tables.
+pub const COMPACT_SLACK: u64 = 4 << 20;
+
+/// Whether the store file is worth compacting: after a backlog drained, the file keeps its
+/// size (redb reuses freed pages but seldom shortens the file), so a card that held a day's
+/// outage would stay full. Compaction moves the live pages to the front and shortens the
+/// file; it writes about what is live, so it is worth it once the file is at least
+/// [`COMPACT_RATIO`] times that and at least [`COMPACT_MIN_FILE`].
+pub fn worth_compacting(file_len: u64, live: u64) -> bool {
+    file_len >= COMPACT_MIN_FILE
+        && file_len
+            >= live
+                .saturating_add(COMPACT_SLACK)
+                .saturating_mul(COMPACT_RATIO)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn compaction_waits_for_a_big_mostly_empty_file() {
+        use super::worth_compacting as w;
+        assert!(!w(16 << 20, 0), "small files stay");
+        assert!(w(512 << 20, 0), "a drained 512 MiB file shrinks");
+        assert!(w(512 << 20, 100 << 20), "512 MiB holding 100 MiB: over 4x");
+        assert!(
+            !w(512 << 20, 125 << 20),
+            "holding a quarter: not worth the writes"
+        );
+        assert!(!w(32 << 20, 5 << 20), "(5 + 4 MiB) x 4 > 32 MiB");
+        assert!(!w(1 << 40, u64::MAX), "no overflow");
+    }
+
     use super::*;
 
     #[test]

@@ -42,6 +42,48 @@ fn buffer_cfg(max_bytes: u64, when_full: WhenFull) -> BufferConfig {
         min_free: crate::config::MinFree::Bytes(0),
         ingest_max_bytes: ByteSize(1 << 20),
         dlq_max_bytes: ByteSize(16 << 20),
+        write_budget: ByteSize(0),
+        budget_max_wait: HumanDuration(Duration::from_secs(5)),
+        card_endurance: ByteSize(0),
+    }
+}
+
+/// A commit loop on `db` and the ends of its channels: ingest, upstream acks, committed ids.
+struct Wired {
+    lp: CommitLoop,
+    tx: crate::ingest::channel::IngestTx,
+    atx: mpsc::UnboundedSender<ForwardMsg>,
+    crx: watch::Receiver<u64>,
+    metrics: Arc<Metrics>,
+}
+
+fn wire(
+    db: &Store,
+    cfg: BufferConfig,
+    rules: Box<dyn crate::rules::RuleStage>,
+    rt: &tokio::runtime::Runtime,
+) -> Wired {
+    let (tx, rx) = crate::ingest::channel::channel(16, 1 << 20);
+    let (atx, arx) = mpsc::unbounded_channel();
+    let (ctx, crx) = watch::channel(0);
+    let metrics = Arc::new(Metrics::default());
+    let lp = CommitLoop::new(
+        db.clone(),
+        cfg,
+        metrics.clone(),
+        rules,
+        rx,
+        arx,
+        ctx,
+        rt.handle().clone(),
+    )
+    .unwrap();
+    Wired {
+        lp,
+        tx,
+        atx,
+        crx,
+        metrics,
     }
 }
 
@@ -51,22 +93,12 @@ fn harness_in(dir: tempfile::TempDir, max_bytes: u64, when_full: WhenFull) -> Ha
         .enable_all()
         .build()
         .unwrap();
-    let (_tx, rx) = crate::ingest::channel::channel(1, 1 << 20);
-    let (_atx, arx) = mpsc::unbounded_channel();
-    let (ctx, _crx) = watch::channel(0);
-    let cfg = buffer_cfg(max_bytes, when_full);
-    let metrics = Arc::new(Metrics::default());
-    let lp = CommitLoop::new(
-        db.clone(),
-        cfg,
-        metrics.clone(),
+    let Wired { lp, metrics, .. } = wire(
+        &db,
+        buffer_cfg(max_bytes, when_full),
         Box::new(PassThrough),
-        rx,
-        arx,
-        ctx,
-        rt.handle().clone(),
-    )
-    .unwrap();
+        &rt,
+    );
     Harness {
         _dir: dir,
         db,
@@ -622,4 +654,237 @@ fn a_lone_upstream_dead_letter_is_committed_by_the_run_loop() {
         ("upstream", "t/2")
     );
     assert_eq!(stats(&*d).unwrap().backlog_events, 0);
+}
+
+/// What a commit wrote, page by page: (page number, what the page holds), by the markers of
+/// the tables found in it.
+fn describe_pages(path: &std::path::Path, trace: &[(u64, usize)], page: u64) -> Vec<(u64, String)> {
+    let file = std::fs::read(path).unwrap();
+    let mut pages: Vec<u64> = trace
+        .iter()
+        .flat_map(|&(off, len)| off / page..=(off + len as u64 - 1) / page)
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+        .into_iter()
+        .map(|p| {
+            let start = (p * page) as usize;
+            let bytes = &file[start..(start + page as usize).min(file.len())];
+            let has = |m: &[u8]| bytes.windows(m.len()).any(|w| w == m);
+            let what = if p == 0 {
+                "header".to_string()
+            } else if has(b"pages_unreachable") || has(b"pages_allocated") {
+                "redb system table tree".to_string()
+            } else if has(b"mqtt_dedup") || has(b"dead_letters") {
+                "table tree".to_string()
+            } else if has(b"next_id") {
+                "meta".to_string()
+            } else if has(b"t/") {
+                format!("events ({})", if bytes[0] == 1 { "leaf" } else { "branch" })
+            } else {
+                format!("other (type {})", bytes[0])
+            };
+            (p, what)
+        })
+        .collect()
+}
+
+#[test]
+fn what_one_small_commit_writes() {
+    let mut h = harness(1 << 30, WhenFull::DropOldest);
+    for g in 0..100 {
+        h.lp.commit(
+            (0..100)
+                .map(|n| Incoming::plain(ev(g * 100 + n, 150)))
+                .collect(),
+            None,
+            None,
+        )
+        .unwrap();
+    }
+    let counter = h.db.written().clone();
+    let path = h.db.path().to_path_buf();
+    for (what, acked) in [
+        ("one event", None),
+        (
+            "one event + an ack",
+            Some(ForwardAck { up_to: 1, batch: 1 }),
+        ),
+    ] {
+        let before = counter.bytes();
+        counter.start_trace();
+        h.lp.commit(vec![Incoming::plain(ev(1, 150))], acked, None)
+            .unwrap();
+        let trace = counter.take_trace();
+        let pages = describe_pages(&path, &trace, 4096);
+        eprintln!(
+            "{what}: {} B, {} writes: {pages:?}",
+            counter.bytes() - before,
+            trace.len()
+        );
+    }
+}
+
+/// Passes events through and wants `on_tick`, which writes nothing.
+struct QuietTicks(Arc<std::sync::atomic::AtomicU64>);
+
+impl crate::rules::RuleStage for QuietTicks {
+    fn on_event(&mut self, event: Event, out: &mut crate::rules::StepOutput) {
+        out.events.push(event);
+    }
+    fn on_tick(&mut self, _now_ms: i64, _out: &mut crate::rules::StepOutput) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn wants_tick(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn an_idle_gateway_writes_nothing_over_a_paused_minute() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb"), 1 << 20).unwrap();
+    // A backlog that expires in an hour: nothing is due within the minute.
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = buffer_cfg(1 << 30, WhenFull::DropOldest);
+        let mut lp = wire(&db, cfg, Box::new(PassThrough), &rt).lp;
+        lp.commit(
+            (0..10).map(|n| Incoming::plain(ev(n, 50))).collect(),
+            None,
+            None,
+        )
+        .unwrap();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let Wired {
+        lp,
+        tx,
+        atx,
+        crx,
+        metrics,
+    } = wire(
+        &db,
+        buffer_cfg(1 << 30, WhenFull::DropOldest),
+        Box::new(QuietTicks(ticks.clone())),
+        &rt,
+    );
+    let lp = lp.with_tick(Duration::from_millis(10));
+    let written = db.written().clone();
+    let before = (written.bytes(), written.syncs());
+    let runner = std::thread::spawn(move || lp.run());
+    // A minute of the loop's (paused) clock, while ticks that write nothing come due.
+    rt.block_on(async {
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    assert!(ticks.load(Relaxed) > 0, "on_tick ran");
+    assert_eq!(metrics.commits(), 0, "no commit while idle");
+    assert_eq!(
+        (written.bytes(), written.syncs()),
+        before,
+        "no byte written and no fsync while idle"
+    );
+    // The loop is alive: an event still commits.
+    rt.block_on(async {
+        tx.send(Incoming::plain(ev(99, 10))).await.unwrap();
+        // Drive the paused clock in small steps, giving the loop's thread real time.
+        for _ in 0..2000 {
+            if *crx.borrow() == 11 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    assert_eq!(*crx.borrow(), 11, "the event commits");
+    assert!(written.syncs() > before.1);
+    drop(tx);
+    drop(atx);
+    rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+    runner.join().unwrap();
+}
+
+#[test]
+fn a_drained_file_is_compacted_and_keeps_every_buffered_event() {
+    let mut h = harness(1 << 30, WhenFull::DropOldest);
+    // ~50 MB of backlog, then upstream takes all but the newest 100 events.
+    for g in 0..25 {
+        h.lp.commit(
+            (0..1000)
+                .map(|n| Incoming::plain(ev(g * 1000 + n, 2000)))
+                .collect(),
+            None,
+            None,
+        )
+        .unwrap();
+    }
+    let full = h.db.file_len();
+    assert!(full > 48 << 20, "{full}");
+    h.lp.commit(
+        vec![],
+        Some(ForwardAck {
+            up_to: 24_900,
+            batch: 1,
+        }),
+        None,
+    )
+    .unwrap();
+    let kept: Vec<Event> = read_after(&h.db.db().unwrap(), 0, 1000, u64::MAX).unwrap();
+    assert_eq!(kept.len(), 100);
+    assert_eq!(
+        h.db.file_len(),
+        full,
+        "deleting rows does not shorten the file"
+    );
+
+    h.lp.maybe_compact();
+    let after = h.db.file_len();
+    assert!(after < full / 4, "compacted: {full} -> {after}");
+    assert_eq!(
+        h.metrics
+            .compactions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let d = h.db.db().unwrap();
+    let again = read_after(&d, 0, 1000, u64::MAX).unwrap();
+    assert_eq!(
+        again
+            .iter()
+            .map(|e| (e.id, &e.topic, &e.payload))
+            .collect::<Vec<_>>(),
+        kept.iter()
+            .map(|e| (e.id, &e.topic, &e.payload))
+            .collect::<Vec<_>>(),
+        "every buffered event survives compaction, unchanged"
+    );
+    let st = stats(&*d).unwrap();
+    assert_eq!((st.backlog_events, st.next_id), (100, 25_001));
+    drop(d);
+    // Not worth it again: nothing happens.
+    h.lp.maybe_compact();
+    assert_eq!(
+        h.metrics
+            .compactions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // And the store goes on.
+    let r =
+        h.lp.commit(vec![Incoming::plain(ev(1, 10))], None, None)
+            .unwrap();
+    assert_eq!(r.stored, 1);
 }

@@ -383,10 +383,13 @@ fn pi_bench() {
     );
 }
 
-/// SD-card wear at the default config, upstream online: fsyncs per second and bytes written
-/// (`/proc/PID/io` `write_bytes`) idle, at 10 and at 1,000 events/s.
+/// SD-card wear at the default config, upstream online, side by side in one run: idle and
+/// 10 / 100 / 1,000 events/s: fsyncs per second, bytes written (`/proc/PID/io`
+/// `write_bytes`) per event and per day, ingest → upstream latency and the sensors'
+/// PUBACK latency, and the commit window (what QoS 0 and serial without acks have at risk).
 fn wear_bench() {
     let up = Mosquitto::start("");
+    let counter = Counter::start(up.port);
     let gw = Gateway::start(&format!(
         "[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\n",
         up.port
@@ -399,33 +402,100 @@ fn wear_bench() {
             gw.metric("tidepool_fsyncs_total").unwrap_or(0.0),
             gw.metric("tidepool_events_committed_total").unwrap_or(0.0),
             Instant::now(),
+            gw.metric("tidepool_store_bytes_written_total"),
         )
     };
-    let report = |what: &str, a: (u64, f64, f64, Instant)| {
+    println!(
+        "wear      {:<14} {:>9} {:>11} {:>10} {:>22} {:>22} {:>22}",
+        "load",
+        "fsyncs/s",
+        "B/event",
+        "GB/day",
+        "upstream p50/p99",
+        "PUBACK p50/p99",
+        "window (QoS 0 risk)"
+    );
+    let a = sample();
+    std::thread::sleep(Duration::from_secs(30));
+    let b = sample();
+    let secs = b.3.duration_since(a.3).as_secs_f64();
+    println!(
+        "wear      {:<14} {:>9.3} {:>11} {:>10.4} {:>22} {:>22} {:>22}   ({} B in {secs:.0} s)",
+        "idle",
+        (b.1 - a.1) / secs,
+        "–",
+        (b.0 - a.0) as f64 / secs * 86_400.0 / 1e9,
+        "–",
+        "–",
+        "–",
+        b.0 - a.0,
+    );
+    // Long enough that the first and last commits of a run (edge effects) weigh little.
+    for (rate, warm, run) in [
+        (10.0, 20.0, 120.0),
+        (100.0, 10.0, 60.0),
+        (1_000.0, 5.0, 30.0),
+    ] {
+        // Warm up (the budget's burst is spent, the window has settled), then measure.
+        run_sim(
+            gw.mqtt_port,
+            (rate * warm) as u64,
+            rate,
+            &["--sensors", "10"],
+        );
+        counter.reset();
+        let a = sample();
+        let windows = Mutex::new(Vec::new());
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let sim = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Relaxed) {
+                    if let Some(w) = gw.metric("tidepool_commit_window_seconds") {
+                        windows.lock().unwrap().push((w * 1e6) as i64);
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+            let sim = run_sim(
+                gw.mqtt_port,
+                (rate * run) as u64,
+                rate,
+                &["--sensors", "10"],
+            );
+            done.store(true, Relaxed);
+            sim
+        });
+        // Let the last group and the held upstream acknowledgements commit.
+        let sent = (rate * run) as u64;
+        counter.wait(sent, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_secs(6));
         let b = sample();
         let secs = b.3.duration_since(a.3).as_secs_f64();
-        let bytes = (b.0 - a.0) as f64;
-        let events = b.2 - a.2;
-        let per_event = if events > 0.0 {
-            format!("{:.0} B/event", bytes / events)
-        } else {
-            "no events".to_string()
+        let events = (b.2 - a.2).max(1.0);
+        let per_event = (b.0 - a.0) as f64 / events;
+        let mut lat = counter.latencies.lock().unwrap().clone();
+        let mut w = windows.into_inner().unwrap();
+        let window = pct(&mut w, 0.5) as f64 / 1e6;
+        let own = match (a.4, b.4) {
+            (Some(x), Some(y)) => {
+                format!("; the gateway's own count {:.0} B/event", (y - x) / events)
+            }
+            _ => String::new(),
         };
         println!(
-            "wear      {what:<14} {:.2} fsyncs/s, {:.0} B/s written ({:.2} GB/day), {per_event} ({events} events in {secs:.0} s)",
+            "wear      {:<14} {:>9.2} {:>11.0} {:>10.3} {:>22} {:>22} {:>22}   ({events} events in {secs:.0} s{own})",
+            format!("{rate:.0} events/s"),
             (b.1 - a.1) / secs,
-            bytes / secs,
-            bytes / secs * 86_400.0 / 1e9,
+            per_event,
+            per_event * rate * 86_400.0 / 1e9,
+            format!("{} / {} ms", pct(&mut lat, 0.5), pct(&mut lat, 0.99)),
+            format!(
+                "{:.1} / {:.1} ms",
+                sim["ack_p50_ms"].as_f64().unwrap_or(f64::NAN),
+                sim["ack_p99_ms"].as_f64().unwrap_or(f64::NAN)
+            ),
+            format!("{:.3} s ({:.0} events)", window, window * rate),
         );
-    };
-    let a = sample();
-    std::thread::sleep(Duration::from_secs(20));
-    report("idle", a);
-    for (rate, count) in [(10.0, 300u64), (1_000.0, 20_000)] {
-        let a = sample();
-        run_sim(gw.mqtt_port, count, rate, &["--sensors", "10"]);
-        std::thread::sleep(Duration::from_secs(2));
-        report(&format!("{rate:.0} events/s"), a);
     }
 }
 
