@@ -128,7 +128,7 @@ fn wear_lines(o: &mut String, v: &Value) {
         }
         None => {}
     }
-    if window > 0.1 {
+    if v["budget_spent"].as_bool().unwrap_or(false) {
         let _ = writeln!(
             o,
             "          commits wait {window:.1} s for more events (the write budget is spent)"
@@ -242,6 +242,7 @@ mod tests {
             "ingested": 1, "committed": 1, "forwarded": 0,
             "dlq_events": 0, "dlq_bytes": 0, "rules": [],
             "commit_window_seconds": window,
+            "budget_spent": window > 0.005,
             "wear": wear,
         })
     }

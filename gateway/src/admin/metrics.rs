@@ -158,6 +158,8 @@ pub struct Metrics {
     pub store_file_bytes: AtomicU64,
     /// Compactions of the store file.
     pub compactions: AtomicU64,
+    /// True while the write budget is spent (commits wait longer than `commit_max_wait`).
+    pub budget_spent: AtomicBool,
 }
 
 /// The embedded broker: connections now, refusals, and messages local subscribers lost.
@@ -320,6 +322,7 @@ impl Default for Metrics {
             wear: super::wear::Wear::default(),
             store_file_bytes: AtomicU64::new(0),
             compactions: AtomicU64::new(0),
+            budget_spent: AtomicBool::new(false),
         }
     }
 }
@@ -586,7 +589,7 @@ impl Metrics {
             ),
             (
                 "tidepool_card_life_years",
-                "Years the card lasts at this rate, from [buffer] card_endurance (NaN: unknown).",
+                "Years the card lasts at this rate, from [buffer] card_endurance (NaN: endurance unknown, or nothing written).",
                 num(f.card_life_years),
             ),
             (
@@ -696,6 +699,7 @@ impl Metrics {
             "store_bytes_written": self.store_bytes_written.load(Relaxed),
             "store_file_bytes": self.store_file_bytes.load(Relaxed),
             "commit_window_seconds": self.commit_window_us.load(Relaxed) as f64 / 1e6,
+            "budget_spent": self.budget_spent.load(Relaxed),
             "wear": self.forecast(),
             "rules": rules,
         })

@@ -17,6 +17,8 @@ use serde::Serialize;
 pub const EVERY: Duration = Duration::from_secs(10);
 /// The span the rates are taken over.
 pub const RECENT: Duration = Duration::from_secs(600);
+/// Rates over less than this are not given (a start-up burst is not a day's rate).
+pub const MIN_SPAN: Duration = Duration::from_secs(60);
 /// Samples kept: an hour.
 const KEEP: usize = 360;
 
@@ -134,7 +136,7 @@ impl Wear {
 /// The forecast between two samples.
 pub fn forecast(from: &Sample, to: &Sample, limits: &Limits) -> Forecast {
     let span = to.at.saturating_duration_since(from.at).as_secs_f64();
-    if span < 1.0 {
+    if span < MIN_SPAN.as_secs_f64() {
         return Forecast {
             write_budget: limits.write_budget,
             ..Forecast::default()

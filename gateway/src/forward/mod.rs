@@ -458,6 +458,11 @@ impl Forwarder {
                     conn.next_read = committed;
                     break;
                 }
+                Err(crate::store::StoreError::Compacting) => {
+                    // The file is being compacted (briefly, after a drain): wait quietly.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
                 Err(e) => {
                     warn!(error = %e, "forwarder: store read failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -28,6 +28,28 @@ pub const BURST: Duration = Duration::from_secs(10);
 /// broker's default `receive_maximum` of 1,000 small events is ~240 KiB) would only wait.
 pub const ENOUGH: usize = 128 << 10;
 
+/// A group whose senders have stopped (no event for [`stalled`]'s gap) commits even while
+/// the budget is spent, once it (or the group before it: the tail of a burst) holds this
+/// much: its senders are waiting for this commit
+/// (their windows are in the group, or a burst is over), so waiting longer would only slow
+/// them. Smaller groups (a few one-message-in-flight sensors) wait their window: for them
+/// the budget wins.
+pub const STALL_MIN_BYTES: usize = 8 << 10;
+/// ...and at least this many events, for the gap to be measured.
+pub const STALL_MIN_EVENTS: usize = 8;
+
+/// When a group has stalled: `events` arrived between `first` and `last`; the gap after
+/// which no new one means its senders have stopped is eight mean gaps so far (at 10
+/// events/s from senders that still send, such a gap comes once in thousands), at least
+/// 20 ms. `None`: too small a group to tell.
+pub fn stalled(events: usize, bytes: usize, first: Instant, last: Instant) -> Option<Instant> {
+    if events < STALL_MIN_EVENTS || bytes < STALL_MIN_BYTES {
+        return None;
+    }
+    let mean = last.saturating_duration_since(first) / (events as u32 - 1);
+    Some(last + (mean * 8).max(Duration::from_millis(20)))
+}
+
 /// The bucket.
 #[derive(Debug, Clone)]
 pub struct Budget {
@@ -136,7 +158,7 @@ mod tests {
         let (mut b, t0) = budget(86_400_000);
         b.charge(t0, 30_000); // 20,000 B over
         assert_eq!(b.window(t0), 5000 * MS);
-        // 20 s without commits: back to zero and refilled, but never past the burst.
+        // A minute without commits: back to zero and refilled, but never past the burst.
         let later = t0 + 60_000 * MS;
         assert_eq!(b.window(later), 5 * MS);
         b.charge(later, 10_000);
@@ -187,6 +209,21 @@ mod tests {
             5 * MS,
             "the debt is one ceiling's worth"
         );
+    }
+
+    #[test]
+    fn a_group_whose_senders_stopped_is_told_apart_from_a_trickle() {
+        let t0 = Instant::now();
+        // Too small to tell: a few one-in-flight sensors wait for the budget.
+        assert_eq!(stalled(7, 1 << 20, t0, t0 + 70 * MS), None);
+        assert_eq!(stalled(100, 4 << 10, t0, t0 + 70 * MS), None);
+        // 25 events over 2.4 s (10 events/s): stalled only after 800 ms of silence.
+        assert_eq!(
+            stalled(25, 9 << 10, t0, t0 + 2400 * MS),
+            Some(t0 + 3200 * MS)
+        );
+        // A burst taken at once: 20 ms after it.
+        assert_eq!(stalled(500, 180 << 10, t0, t0), Some(t0 + 20 * MS));
     }
 
     #[test]

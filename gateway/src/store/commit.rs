@@ -72,8 +72,14 @@ pub struct CommitLoop {
     budget: super::budget::Budget,
     /// When to look next whether the file is worth compacting.
     next_compact_check: Instant,
-    /// When the log last said the write budget holds commits at the ceiling.
+    /// The file's length after the last compaction (tried).
+    compacted_to: Option<u64>,
+    /// When the log last said the write budget holds commits back.
     last_budget_warn: Option<Instant>,
+    /// Since when the write budget has been spent without a break.
+    spent_since: Option<Instant>,
+    /// Bytes of the last group gathered (the tail of a burst is judged with it).
+    last_group_bytes: usize,
     /// `dlq_full` drops not yet reported in the log, and when it last was.
     dlq_full_warned: u64,
     last_dlq_warn: Option<Instant>,
@@ -292,7 +298,10 @@ impl CommitLoop {
             last_status: Instant::now() - Duration::from_secs(10),
             budget,
             next_compact_check: Instant::now() + COMPACT_CHECK,
+            compacted_to: None,
             last_budget_warn: None,
+            spent_since: None,
+            last_group_bytes: 0,
             dlq_full_warned: 0,
             last_dlq_warn: None,
         })
@@ -485,22 +494,27 @@ impl CommitLoop {
         }
         self.rules.reload();
         self.metrics.heartbeat.store(now_ms(), Relaxed);
-        let now = Instant::now();
+        let now = (self.mono)();
         let window = self.budget.window(now);
         self.metrics
             .commit_window_us
             .store(window.as_micros() as u64, Relaxed);
-        if window >= self.budget.max_wait()
-            && window > self.cfg.commit_max_wait.0
+        let spent = window > self.cfg.commit_max_wait.0;
+        self.metrics.budget_spent.store(spent, Relaxed);
+        if !spent {
+            self.spent_since = None;
+        } else if now.saturating_duration_since(*self.spent_since.get_or_insert(now))
+            >= Duration::from_secs(60)
             && self
                 .last_budget_warn
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(600))
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(600))
         {
             self.last_budget_warn = Some(now);
             warn!(
                 write_budget_bytes_per_day = self.cfg.write_budget.0,
+                window_ms = window.as_millis() as u64,
                 budget_max_wait = %self.cfg.budget_max_wait,
-                "write budget spent: commits wait up to budget_max_wait for more events; a sender that keeps few messages in flight sends at most that many per wait (raise [buffer] write_budget, or \"0\", if it cannot wait; next report in 10 minutes at the earliest)"
+                "write budget spent for a minute: commits wait for more events (up to budget_max_wait); a sender that keeps few messages in flight sends at most that many per wait (raise [buffer] write_budget, or \"0\", if it cannot wait; next report in 10 minutes at the earliest)"
             );
         }
         if self.metrics.wear.due(now) {
@@ -522,7 +536,7 @@ impl CommitLoop {
         let wall = (self.wall)();
         let mut idle = Duration::from_secs(1);
         if self.rules.wants_tick() {
-            idle = idle.min(self.next_tick.saturating_duration_since(Instant::now()));
+            idle = idle.min(self.next_tick.saturating_duration_since(now));
         }
         if let Some(due) = self.arrivals.due_at() {
             idle = idle.min(Duration::from_millis(due.saturating_sub(wall).max(0) as u64));
@@ -562,12 +576,13 @@ impl CommitLoop {
             self.hold_acks(&mut plan, open);
         }
         if !plan.group.is_empty() {
-            let window = self.budget.window(Instant::now());
+            let window = self.budget.window((self.mono)());
             self.fill_group(&mut plan, open, window);
         }
         self.take_acks(&mut plan.acked, &mut plan.upstream_dead, open);
-        if Instant::now() >= self.next_tick {
-            self.next_tick = Instant::now() + self.tick;
+        let now = (self.mono)();
+        if now >= self.next_tick {
+            self.next_tick = now + self.tick;
             plan.tick = self.rules.wants_tick().then_some(wall);
         }
         let arrivals_due = self.arrivals.needs_commit((self.wall)());
@@ -586,24 +601,31 @@ impl CommitLoop {
 
     /// Compacts the file when it is mostly empty ([`worth_compacting`]): checked at most once
     /// a minute, when no event is waiting; after a compaction (or a failed one), not again
-    /// for ten minutes.
+    /// for ten minutes, nor before the file has grown by a quarter.
     pub(super) fn maybe_compact(&mut self) {
         let file = self.store.file_len();
-        let live = self.stored_bytes + self.metrics.dlq_bytes.load(Relaxed);
-        if !worth_compacting(file, live) {
+        if file < super::space::COMPACT_MIN_FILE {
             return;
         }
-        self.next_compact_check = Instant::now() + COMPACT_AGAIN;
+        let live = match self.store.allocated_bytes() {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        if !worth_compacting(file, live, self.compacted_to) {
+            return;
+        }
+        self.next_compact_check = (self.mono)() + COMPACT_AGAIN;
         let started = Instant::now();
         let written = self.store.written().bytes();
         let r = self.store.compact();
         let wrote = self.store.written().bytes() - written;
-        self.budget.charge(Instant::now(), wrote);
+        self.budget.charge((self.mono)(), wrote);
         self.metrics
             .store_bytes_written
             .store(self.store.written().bytes(), Relaxed);
         match r {
             Ok((before, after)) => {
+                self.compacted_to = Some(after);
                 self.metrics.compactions.fetch_add(1, Relaxed);
                 self.metrics.store_file_bytes.store(after, Relaxed);
                 info!(
@@ -616,7 +638,8 @@ impl CommitLoop {
                 );
             }
             Err(e) => {
-                warn!(error = %e, "store: compaction failed; the file keeps its size (next try in 10 minutes)")
+                self.compacted_to = Some(file);
+                warn!(error = %e, "store: compaction failed; the file keeps its size")
             }
         }
     }
@@ -635,28 +658,70 @@ impl CommitLoop {
     /// next group saves a commit. The first event to arrive ends the wait (its group then
     /// waits its own window). With room in the budget they commit at once.
     fn hold_acks(&mut self, plan: &mut Plan, open: &mut Open) {
-        let window = self.budget.window(Instant::now());
+        let window = self.budget.window((self.mono)());
         if window <= self.cfg.commit_max_wait.0 {
             return;
         }
         let deadline = tokio::time::Instant::now() + window;
         while open.input && open.acks {
+            let (input, acks, control) = (&mut self.input, &mut self.acks, &mut self.control);
+            let control_open = control.is_some();
             let wake = self.rt.block_on(async {
+                let admin = async {
+                    match control.as_mut() {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    m = self.input.recv() => Some(Ok(m)),
-                    a = self.acks.recv() => Some(Err(a)),
+                    m = input.recv() => Some(Ok(Ok(m))),
+                    a = acks.recv() => Some(Ok(Err(a))),
+                    c = admin, if control_open => Some(Err(c)),
                     _ = tokio::time::sleep_until(deadline) => None,
                 }
             });
             match wake {
-                Some(Ok(Some(m))) => {
+                Some(Ok(Ok(Some(m)))) => {
                     plan.group.push(m);
                     return;
                 }
-                Some(Ok(None)) => open.input = false,
-                Some(Err(Some(msg))) => note_forward(msg, &mut plan.acked, &mut plan.upstream_dead),
-                Some(Err(None)) => open.acks = false,
+                Some(Ok(Ok(None))) => open.input = false,
+                Some(Ok(Err(Some(msg)))) => {
+                    note_forward(msg, &mut plan.acked, &mut plan.upstream_dead)
+                }
+                Some(Ok(Err(None))) => open.acks = false,
+                Some(Err(Some(c))) => self.on_control(c),
+                Some(Err(None)) => self.control = None,
                 None => return,
+            }
+        }
+    }
+
+    /// Waits until `until` for the next event, answering admin requests meanwhile (a wide
+    /// commit window must not keep `tidepool dlq` waiting). `None`: the time ran out;
+    /// `Some(None)`: ingest has closed.
+    fn next_event(&mut self, until: tokio::time::Instant) -> Option<Option<Queued>> {
+        loop {
+            let (input, control) = (&mut self.input, &mut self.control);
+            let control_open = control.is_some();
+            let got = self.rt.block_on(async {
+                let admin = async {
+                    match control.as_mut() {
+                        Some(c) => c.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    m = input.recv() => Ok(m),
+                    c = admin, if control_open => Err(Some(c)),
+                    _ = tokio::time::sleep_until(until) => Err(None),
+                }
+            });
+            match got {
+                Ok(m) => return Some(m),
+                Err(None) => return None,
+                Err(Some(Some(c))) => self.on_control(c),
+                Err(Some(None)) => self.control = None,
             }
         }
     }
@@ -671,29 +736,36 @@ impl CommitLoop {
         let start = tokio::time::Instant::now();
         let deadline = start + window;
         let early = start + self.cfg.commit_max_wait.0;
+        let widened = window > self.cfg.commit_max_wait.0;
+        let (first, mut last) = (start.into_std(), start.into_std());
         while plan.group.len() < max && bytes < max_bytes {
-            let until = if bytes >= super::budget::ENOUGH {
+            let mut until = if bytes >= super::budget::ENOUGH {
                 deadline.min(early)
             } else {
                 deadline
             };
+            // While the budget holds the group back: its senders may have stopped (their
+            // windows are in it, or their burst is over), and then waiting only slows them.
+            if widened {
+                // The last group counts too: the tail of a burst is a small group.
+                let size = bytes.max(self.last_group_bytes);
+                if let Some(t) = super::budget::stalled(plan.group.len(), size, first, last) {
+                    until = until.min(tokio::time::Instant::from_std(t));
+                }
+            }
             let next = match self.input.try_recv() {
                 Ok(m) => Some(m),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match self
-                        .rt
-                        .block_on(tokio::time::timeout_at(until, self.input.recv()))
-                    {
-                        Ok(m) => m,
-                        Err(_) => break,
-                    }
-                }
+                Err(mpsc::error::TryRecvError::Empty) => match self.next_event(until) {
+                    Some(m) => m,
+                    None => break,
+                },
             };
             match next {
                 Some(m) => {
                     bytes += m.size();
                     plan.group.push(m);
+                    last = tokio::time::Instant::now().into_std();
                 }
                 None => {
                     open.input = false;
@@ -701,6 +773,7 @@ impl CommitLoop {
                 }
             }
         }
+        self.last_group_bytes = bytes;
     }
 
     /// Takes every waiting message of the forwarder: acknowledgements (the highest wins: they
@@ -740,7 +813,7 @@ impl CommitLoop {
             stall_for_tests(&self.metrics);
             match self.write(&plan) {
                 Ok(w) => {
-                    if !self.metrics.store_healthy.swap(true, Relaxed) {
+                    if w.committed && !self.metrics.store_healthy.swap(true, Relaxed) {
                         info!(failures, "store: commits succeed again; ingest resumes");
                     }
                     self.after_commit(plan, w);
@@ -879,7 +952,7 @@ impl CommitLoop {
                 p(m);
             }
         }
-        self.budget.charge(Instant::now(), w.bytes);
+        self.budget.charge((self.mono)(), w.bytes);
         let r = &w.report;
         let m = &self.metrics;
         m.store_bytes_written
@@ -1166,7 +1239,7 @@ impl CommitLoop {
         let committed =
             !(quiet && report == CommitReport::default() && !state_written && dlq_after.is_none());
         if !committed {
-            drop(txn); // aborts: nothing to write
+            txn.abort()?; // nothing to write: no fsync
         } else if let Err(e) = txn.commit() {
             give_back(retained, broker_acks);
             return Err(e.into());

@@ -24,6 +24,8 @@ pub struct Store {
     path: PathBuf,
     cache_size: u64,
     written: Arc<WriteCounter>,
+    /// Set while the file is compacted: readers get [`StoreError::Compacting`].
+    compacting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -40,6 +42,7 @@ impl Store {
             path: path.to_path_buf(),
             cache_size,
             written,
+            compacting: Arc::default(),
         }
     }
 
@@ -50,11 +53,13 @@ impl Store {
 
     /// The database for one read or write; [`StoreError::Reopening`] while it is being reopened.
     pub fn db(&self) -> Result<Arc<Database>, StoreError> {
-        self.slot
-            .read()
-            .unwrap()
-            .clone()
-            .ok_or(StoreError::Reopening)
+        self.slot.read().unwrap().clone().ok_or_else(|| {
+            if self.compacting.load(std::sync::atomic::Ordering::Relaxed) {
+                StoreError::Compacting
+            } else {
+                StoreError::Reopening
+            }
+        })
     }
 
     /// The watchdog's heartbeat, fed while a reopen waits or repairs.
@@ -105,16 +110,57 @@ impl Store {
     }
 
     /// Compacts the file (redb moves live pages to the front and shortens the file), with
-    /// readers held off meanwhile. Returns the file's length before and after.
+    /// readers held off meanwhile ([`StoreError::Compacting`]) and the watchdog's heartbeat
+    /// fed. Returns the file's length before and after. After a failure the file is reopened
+    /// (redb refuses every call after an I/O error).
     pub fn compact(&self) -> Result<(u64, u64), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let before = self.file_len();
-        let Some(mut db) = self.take()? else {
-            return Err(StoreError::Reopening);
+        self.compacting.store(true, Relaxed);
+        let taken = self.take();
+        let mut db = match taken {
+            Ok(Some(db)) => db,
+            Ok(None) => {
+                self.compacting.store(false, Relaxed);
+                return Err(StoreError::Reopening);
+            }
+            Err(e) => {
+                self.compacting.store(false, Relaxed);
+                return Err(e);
+            }
         };
-        let r = db.compact();
+        let hb = self.heartbeat.lock().unwrap().clone();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let r = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(Relaxed) {
+                    if let Some(hb) = &hb {
+                        hb.store(crate::event::now_ms(), Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+            let r = db.compact();
+            done.store(true, Relaxed);
+            r
+        });
         *self.slot.write().unwrap() = Some(Arc::new(db));
-        r.map_err(StoreError::Compact)?;
+        self.compacting.store(false, Relaxed);
+        if let Err(e) = r {
+            let _ = self.reopen();
+            return Err(StoreError::Compact(e));
+        }
         Ok((before, self.file_len()))
+    }
+
+    /// Bytes of the file's pages in use (what compaction can shrink it to, about).
+    pub fn allocated_bytes(&self) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_write()?;
+        let st = txn.stats()?;
+        let bytes = st.allocated_pages() * st.page_size() as u64;
+        txn.abort()?;
+        Ok(bytes)
     }
 
     /// The file's length now.

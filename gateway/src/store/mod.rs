@@ -151,6 +151,9 @@ pub enum StoreError {
     /// Compaction failed (the file is left as it was).
     #[error("store compaction failed: {0}")]
     Compact(#[from] redb::CompactionError),
+    /// The file is being compacted; try again shortly.
+    #[error("the store is being compacted")]
+    Compacting,
     /// The store is being reopened after an I/O error; try again shortly.
     #[error("the store is being reopened after an I/O error")]
     Reopening,

@@ -50,22 +50,25 @@ pub fn below_min_free(path: &Path, min_free: MinFree, incoming: u64) -> bool {
 
 /// Files smaller than this are never compacted: too little to win back.
 pub const COMPACT_MIN_FILE: u64 = 32 << 20;
-/// A file is compacted once it is this many times the size of what it holds...
+/// A file is compacted once it is this many times the size of its pages in use...
 pub const COMPACT_RATIO: u64 = 4;
-/// ...counting, beyond the rows, this much for redb's own pages and the small tables.
-pub const COMPACT_SLACK: u64 = 4 << 20;
+/// ...and those are at most this much, so a compaction writes little and is over quickly
+/// (it holds the commit loop): it waits for the backlog to drain.
+pub const COMPACT_MAX_LIVE: u64 = 16 << 20;
 
 /// Whether the store file is worth compacting: after a backlog drained, the file keeps its
 /// size (redb reuses freed pages but seldom shortens the file), so a card that held a day's
-/// outage would stay full. Compaction moves the live pages to the front and shortens the
-/// file; it writes about what is live, so it is worth it once the file is at least
-/// [`COMPACT_RATIO`] times that and at least [`COMPACT_MIN_FILE`].
-pub fn worth_compacting(file_len: u64, live: u64) -> bool {
+/// outage would stay full. Compaction moves the pages in use (`live`, redb's allocated
+/// pages) to the front and shortens the file; it writes about what is live, so it is worth
+/// it once the file is at least [`COMPACT_RATIO`] times that, at least [`COMPACT_MIN_FILE`],
+/// and what is live is at most [`COMPACT_MAX_LIVE`]. `last_after`: the file's length after
+/// the last compaction; a file that has not grown by a quarter since is left alone (it
+/// could not shrink further then).
+pub fn worth_compacting(file_len: u64, live: u64, last_after: Option<u64>) -> bool {
     file_len >= COMPACT_MIN_FILE
-        && file_len
-            >= live
-                .saturating_add(COMPACT_SLACK)
-                .saturating_mul(COMPACT_RATIO)
+        && live <= COMPACT_MAX_LIVE
+        && file_len >= live.saturating_mul(COMPACT_RATIO)
+        && last_after.is_none_or(|a| file_len > a.saturating_add(a / 4))
 }
 
 #[cfg(test)]
@@ -73,15 +76,29 @@ mod tests {
     #[test]
     fn compaction_waits_for_a_big_mostly_empty_file() {
         use super::worth_compacting as w;
-        assert!(!w(16 << 20, 0), "small files stay");
-        assert!(w(512 << 20, 0), "a drained 512 MiB file shrinks");
-        assert!(w(512 << 20, 100 << 20), "512 MiB holding 100 MiB: over 4x");
+        assert!(!w(16 << 20, 0, None), "small files stay");
         assert!(
-            !w(512 << 20, 125 << 20),
-            "holding a quarter: not worth the writes"
+            w(512 << 20, 1 << 20, None),
+            "a drained 512 MiB file shrinks"
         );
-        assert!(!w(32 << 20, 5 << 20), "(5 + 4 MiB) x 4 > 32 MiB");
-        assert!(!w(1 << 40, u64::MAX), "no overflow");
+        assert!(
+            !w(512 << 20, 100 << 20, None),
+            "100 MiB live: wait for the drain"
+        );
+        assert!(w(64 << 20, 16 << 20, None), "64 MiB holding 16 MiB: 4x");
+        assert!(
+            !w(60 << 20, 16 << 20, None),
+            "under 4x: not worth the writes"
+        );
+        assert!(
+            !w(40 << 20, 1 << 20, Some(36 << 20)),
+            "it could not shrink further"
+        );
+        assert!(
+            w(50 << 20, 1 << 20, Some(36 << 20)),
+            "it grew by a quarter since"
+        );
+        assert!(!w(1 << 40, u64::MAX, None), "no overflow");
     }
 
     use super::*;

@@ -718,11 +718,23 @@ fn what_one_small_commit_writes() {
             .unwrap();
         let trace = counter.take_trace();
         let pages = describe_pages(&path, &trace, 4096);
-        eprintln!(
-            "{what}: {} B, {} writes: {pages:?}",
-            counter.bytes() - before,
-            trace.len()
+        let bytes = counter.bytes() - before;
+        eprintln!("{what}: {bytes} B, {} writes: {pages:?}", trace.len());
+        // What the README's table says; a change to the commit path that writes more fails.
+        assert_eq!(
+            bytes,
+            pages.len() as u64 * 4096,
+            "every page written once, at the fsync"
         );
+        let most = if acked.is_some() { 11 } else { 9 };
+        assert!(
+            pages.len() <= most,
+            "{what}: {} pages, at most {most}: {pages:?}",
+            pages.len()
+        );
+        assert_eq!(pages[0], (0, "header".to_string()));
+        assert!(pages.iter().any(|(_, w)| w == "events (leaf)"), "{pages:?}");
+        assert!(pages.iter().any(|(_, w)| w == "meta"), "{pages:?}");
     }
 }
 
@@ -779,9 +791,25 @@ fn an_idle_gateway_writes_nothing_over_a_paused_minute() {
         Box::new(QuietTicks(ticks.clone())),
         &rt,
     );
-    let lp = lp.with_tick(Duration::from_millis(10));
+    // The loop's clocks follow the paused one, so the minute is a minute to it too.
+    static T0: std::sync::OnceLock<(tokio::time::Instant, i64)> = std::sync::OnceLock::new();
+    {
+        let _guard = rt.enter();
+        T0.get_or_init(|| (tokio::time::Instant::now(), crate::event::now_ms()));
+    }
+    fn wall() -> i64 {
+        let (t0, w0) = T0.get().unwrap();
+        w0 + t0.elapsed().as_millis() as i64
+    }
+    fn mono() -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+    let lp = lp
+        .with_tick(Duration::from_secs(10))
+        .with_clocks(wall, mono);
     let written = db.written().clone();
     let before = (written.bytes(), written.syncs());
+    written.start_trace();
     let runner = std::thread::spawn(move || lp.run());
     // A minute of the loop's (paused) clock, while ticks that write nothing come due.
     rt.block_on(async {
@@ -790,8 +818,15 @@ fn an_idle_gateway_writes_nothing_over_a_paused_minute() {
             std::thread::sleep(Duration::from_millis(5));
         }
     });
-    assert!(ticks.load(Relaxed) > 0, "on_tick ran");
+    assert!(
+        ticks.load(Relaxed) >= 4,
+        "on_tick ran every 10 s of the minute"
+    );
     assert_eq!(metrics.commits(), 0, "no commit while idle");
+    assert!(
+        written.take_trace().is_empty(),
+        "not a byte written, synced or not"
+    );
     assert_eq!(
         (written.bytes(), written.syncs()),
         before,

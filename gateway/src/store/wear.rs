@@ -29,10 +29,11 @@ pub struct WriteCounter {
 }
 
 impl Default for WriteCounter {
+    /// Counts in 4 KiB: redb's page and the filesystem's block (ext4 on a card), which is
+    /// what writeback sends to the device, also under a kernel with 16 KiB memory pages
+    /// (the Pi 5's). The card's controller may write more inside (its erase units).
     fn default() -> Self {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        WriteCounter::with_page(if page > 0 { page as u64 } else { 4096 })
+        WriteCounter::with_page(4096)
     }
 }
 
