@@ -124,14 +124,60 @@ enum RulesCmd {
 }
 
 fn tracing_init(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(log_filter(default))
         .init();
+}
+
+/// The log filter: `TIDEPOOL_LOG`, else `RUST_LOG`, else `default` (unset or empty variables
+/// are skipped; one that does not parse is said on stderr and skipped).
+fn log_filter(default: &str) -> tracing_subscriber::filter::Targets {
+    for var in ["TIDEPOOL_LOG", "RUST_LOG"] {
+        let Ok(value) = std::env::var(var) else {
+            continue;
+        };
+        match parse_log_filter(&value) {
+            Ok(Some(filter)) => return filter,
+            Ok(None) => {}
+            Err(e) => eprintln!(
+                "warning: {var}={value:?} ignored: {e}; expected LEVEL or TARGET=LEVEL, \
+                 comma-separated (e.g. debug,rumqttc=warn)"
+            ),
+        }
+    }
+    parse_log_filter(default)
+        .ok()
+        .flatten()
+        .expect("built-in log filter")
+}
+
+/// `LEVEL` and `TARGET=LEVEL` directives, comma-separated, blanks around them ignored; `None`
+/// when there are none. Span and field filters (`target[span{field}]=level`) are refused: they
+/// would bring in a regex engine for a feature the gateway's logs do not need.
+fn parse_log_filter(s: &str) -> Result<Option<tracing_subscriber::filter::Targets>, String> {
+    let directives: Vec<&str> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Ok(None);
+    }
+    if let Some(d) = directives.iter().find(|d| d.contains(['[', '{'])) {
+        return Err(format!("`{d}`: span and field filters are not supported"));
+    }
+    directives
+        .join(",")
+        .parse()
+        .map(Some)
+        .map_err(|e: tracing_subscriber::filter::ParseError| e.to_string())
 }
 
 fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
@@ -302,5 +348,30 @@ async fn wait_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_filter_takes_levels_per_target_and_a_default() {
+        let f = parse_log_filter(" debug , rumqttc=warn,").unwrap().unwrap();
+        assert!(f.would_enable("tidepool::store", &Level::DEBUG));
+        assert!(!f.would_enable("tidepool::store", &Level::TRACE));
+        assert!(f.would_enable("rumqttc::state", &Level::WARN));
+        assert!(!f.would_enable("rumqttc::state", &Level::INFO));
+        let f = parse_log_filter("warn,rumqttc=off").unwrap().unwrap();
+        assert!(!f.would_enable("rumqttc", &Level::ERROR));
+        assert!(f.would_enable("tidepool", &Level::WARN));
+    }
+
+    #[test]
+    fn log_filter_refuses_a_bad_level_and_skips_an_empty_one() {
+        assert!(parse_log_filter("tidepool=loud").is_err());
+        assert!(parse_log_filter("tidepool[run]=debug").is_err());
+        assert!(parse_log_filter(" , ").unwrap().is_none());
     }
 }
