@@ -327,26 +327,54 @@ impl Gateway {
         }
     }
 
-    /// Starts (or restarts) the daemon.
+    /// Starts (or restarts) the daemon. A port taken meanwhile by another test (the ports
+    /// are picked free, then bound by the daemon: a race with tests running in parallel) is
+    /// replaced by a fresh one, up to three times.
     pub fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = command("tidepool")
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("TIDEPOOL_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start tidepool");
-        self.proc.child = Some(child);
-        if !wait_port(self.admin_port, Duration::from_secs(20)) {
-            panic!("gateway did not start; log:\n{}", self.log());
+        for attempt in 0..3 {
+            let from = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0) as usize;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .unwrap();
+            let child = command("tidepool")
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .env("TIDEPOOL_LOG", "info")
+                .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("start tidepool");
+            self.proc.child = Some(child);
+            if wait_port(self.admin_port, Duration::from_secs(20)) {
+                return;
+            }
+            let this_run = self.log().get(from..).unwrap_or("").to_string();
+            if attempt < 2 && this_run.contains("Address already in use") {
+                if let Some(mut c) = self.proc.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                let (mqtt, admin) = (free_port(), free_port());
+                let text = std::fs::read_to_string(&self.config)
+                    .unwrap()
+                    .replace(
+                        &format!("127.0.0.1:{}\"", self.mqtt_port),
+                        &format!("127.0.0.1:{mqtt}\""),
+                    )
+                    .replace(
+                        &format!("127.0.0.1:{}\"", self.admin_port),
+                        &format!("127.0.0.1:{admin}\""),
+                    );
+                std::fs::write(&self.config, text).unwrap();
+                (self.mqtt_port, self.admin_port) = (mqtt, admin);
+                continue;
+            }
+            break;
         }
+        panic!("gateway did not start; log:\n{}", self.log());
     }
 
     /// The log so far.
