@@ -690,19 +690,20 @@ fn describe_pages(path: &std::path::Path, trace: &[(u64, usize)], page: u64) -> 
         .collect()
 }
 
+/// Commits `groups` groups of `each` events with `pad` bytes of payload padding.
+fn fill_backlog(h: &mut Harness, groups: u64, each: u64, pad: usize) {
+    for g in 0..groups {
+        let group = (0..each)
+            .map(|n| Incoming::plain(ev(g * each + n, pad)))
+            .collect();
+        h.lp.commit(group, None, None).unwrap();
+    }
+}
+
 #[test]
 fn what_one_small_commit_writes() {
     let mut h = harness(1 << 30, WhenFull::DropOldest);
-    for g in 0..100 {
-        h.lp.commit(
-            (0..100)
-                .map(|n| Incoming::plain(ev(g * 100 + n, 150)))
-                .collect(),
-            None,
-            None,
-        )
-        .unwrap();
-    }
+    fill_backlog(&mut h, 100, 100, 150);
     let counter = h.db.written().clone();
     let path = h.db.path().to_path_buf();
     for (what, acked) in [
@@ -856,16 +857,7 @@ fn an_idle_gateway_writes_nothing_over_a_paused_minute() {
 fn a_drained_file_is_compacted_and_keeps_every_buffered_event() {
     let mut h = harness(1 << 30, WhenFull::DropOldest);
     // ~50 MB of backlog, then upstream takes all but the newest 100 events.
-    for g in 0..25 {
-        h.lp.commit(
-            (0..1000)
-                .map(|n| Incoming::plain(ev(g * 1000 + n, 2000)))
-                .collect(),
-            None,
-            None,
-        )
-        .unwrap();
-    }
+    fill_backlog(&mut h, 25, 1000, 2000);
     let full = h.db.file_len();
     assert!(full > 48 << 20, "{full}");
     h.lp.commit(
