@@ -26,7 +26,13 @@ pub struct Store {
     written: Arc<WriteCounter>,
     /// Set while the file is compacted: readers get [`StoreError::Compacting`].
     compacting: Arc<std::sync::atomic::AtomicBool>,
+    /// Opens the database again (a reopen); `None`: the file at `path`.
+    opener: Option<Opener>,
 }
+
+/// Opens a store's database on storage other than its file (the tests' simulated disk),
+/// feeding the heartbeat it is given while redb repairs.
+pub type Opener = Arc<dyn Fn(Option<Arc<AtomicI64>>) -> Result<Database, StoreError> + Send + Sync>;
 
 impl Store {
     /// Wraps an open database.
@@ -43,7 +49,17 @@ impl Store {
             cache_size,
             written,
             compacting: Arc::default(),
+            opener: None,
         }
+    }
+
+    /// A store on other storage than a file: `opener` opens its database (now and at every
+    /// reopen); `dir` stands for the file's folder (free space is read there).
+    pub fn with_opener(opener: Opener, dir: &Path, cache_size: u64) -> Result<Store, StoreError> {
+        let db = opener(None)?;
+        let mut s = Store::new(db, &dir.join("tidepool.redb"), cache_size, Arc::default());
+        s.opener = Some(opener);
+        Ok(s)
     }
 
     /// What has been written to the file since it was first opened (across reopens).
@@ -104,7 +120,10 @@ impl Store {
     pub fn reopen(&self) -> Result<(), StoreError> {
         drop(self.take()?);
         let hb = self.heartbeat.lock().unwrap().clone();
-        let db = super::schema::open_file_with(&self.path, self.cache_size, hb, &self.written)?;
+        let db = match &self.opener {
+            Some(open) => open(hb)?,
+            None => super::schema::open_file_with(&self.path, self.cache_size, hb, &self.written)?,
+        };
         *self.slot.write().unwrap() = Some(Arc::new(db));
         Ok(())
     }

@@ -93,6 +93,8 @@ pub mod dlq;
 mod handle;
 pub mod retained;
 pub mod schema;
+#[cfg(test)]
+pub mod simdisk;
 pub mod space;
 pub mod wear;
 
@@ -104,7 +106,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::{Event, Payload};
 
 pub use commit::{CommitLoop, ForwardAck, ForwardMsg, Incoming, Plan};
-pub use handle::Store;
+pub use handle::{Opener, Store};
 
 /// Buffered events, by id.
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -336,5 +338,9 @@ pub fn read_after(
     Ok(out)
 }
 
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod power;
 #[cfg(test)]
 mod tests;

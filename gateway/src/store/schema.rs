@@ -42,11 +42,6 @@ pub fn open_file_with(
         path: path.display().to_string(),
         source,
     };
-    let mut builder = Database::builder();
-    builder.set_cache_size(cache_size as usize);
-    if let Some(hb) = heartbeat {
-        builder.set_repair_callback(move |_| hb.store(now_ms(), Ordering::Relaxed));
-    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -55,13 +50,33 @@ pub fn open_file_with(
         .open(path)
         .map_err(|e| open_err(e.into()))?;
     let backend = CountingBackend::new(file, counter.clone()).map_err(open_err)?;
+    open_backend(backend, &path.display().to_string(), cache_size, heartbeat)
+}
+
+/// [`open_file_with`] on any storage (`name` for messages): the store's tests run it on a
+/// simulated disk.
+pub fn open_backend(
+    backend: impl redb::StorageBackend,
+    name: &str,
+    cache_size: u64,
+    heartbeat: Option<Arc<AtomicI64>>,
+) -> Result<Database, StoreError> {
+    let open_err = |source: redb::DatabaseError| StoreError::Open {
+        path: name.to_string(),
+        source,
+    };
+    let mut builder = Database::builder();
+    builder.set_cache_size(cache_size as usize);
+    if let Some(hb) = heartbeat {
+        builder.set_repair_callback(move |_| hb.store(now_ms(), Ordering::Relaxed));
+    }
     let db = builder.create_with_backend(backend).map_err(open_err)?;
     let found = version(&db)?;
     match found {
         Some(v) if v == SCHEMA_VERSION => {}
         Some(v) if v > SCHEMA_VERSION => {
             return Err(StoreError::Newer {
-                path: path.display().to_string(),
+                path: name.to_string(),
                 found: v,
                 known: SCHEMA_VERSION,
             })

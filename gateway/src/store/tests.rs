@@ -1,6 +1,6 @@
-//! Model test: the store against an in-memory FIFO, over random operation sequences.
+//! The store's tests by example (the model-based test is in `model.rs`, power cuts in
+//! `power.rs`).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,129 +116,6 @@ fn ev(n: u64, pad: usize) -> Event {
         topic: format!("t/{n}"),
         payload: Payload::Json(format!("{{\"n\":{n},\"p\":\"{}\"}}", "x".repeat(pad))),
         properties: Vec::new(),
-    }
-}
-
-/// The model: (id, n, stored size), oldest first.
-#[derive(Default)]
-struct Model {
-    rows: VecDeque<(u64, u64, u64)>,
-    next_id: u64,
-    dropped_full: u64,
-}
-
-impl Model {
-    fn bytes(&self) -> u64 {
-        self.rows.iter().map(|r| r.2).sum()
-    }
-}
-
-fn run_model(seed: u64, max_bytes: u64, when_full: WhenFull) {
-    let mut h = harness(max_bytes, when_full);
-    let mut m = Model {
-        next_id: 1,
-        ..Default::default()
-    };
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let mut n = 0u64;
-    for _step in 0..200 {
-        match rng.u8(0..10) {
-            0..=6 => {
-                let k = rng.usize(1..40);
-                let mut group = Vec::new();
-                for _ in 0..k {
-                    let e = ev(n, rng.usize(0..300));
-                    let size = row_size(encode(&e).len());
-                    // Model of the cap policy.
-                    if m.bytes() + size > max_bytes {
-                        match when_full {
-                            WhenFull::RejectNew => {
-                                m.dropped_full += 1;
-                                n += 1;
-                                group.push(Incoming::plain(e));
-                                continue;
-                            }
-                            WhenFull::DropOldest => {
-                                while m.bytes() + size > max_bytes && !m.rows.is_empty() {
-                                    m.rows.pop_front();
-                                    m.dropped_full += 1;
-                                }
-                            }
-                        }
-                    }
-                    m.rows.push_back((m.next_id, n, size));
-                    m.next_id += 1;
-                    n += 1;
-                    group.push(Incoming::plain(e));
-                }
-                h.lp.commit(group, None, None).unwrap();
-            }
-            7..=8 => {
-                if let Some(&(id, _, _)) = m.rows.get(
-                    rng.usize(0..m.rows.len().max(1))
-                        .min(m.rows.len().saturating_sub(1)),
-                ) {
-                    h.lp.commit(
-                        vec![],
-                        Some(ForwardAck {
-                            up_to: id,
-                            batch: 1,
-                        }),
-                        None,
-                    )
-                    .unwrap();
-                    while m.rows.front().is_some_and(|r| r.0 <= id) {
-                        m.rows.pop_front();
-                    }
-                }
-            }
-            _ => {
-                // Reopen: everything survives, ids continue.
-                let Harness {
-                    _dir, db, lp, _rt, ..
-                } = h;
-                drop(lp);
-                drop(db);
-                drop(_rt);
-                h = harness_in(_dir, max_bytes, when_full);
-            }
-        }
-        // The store agrees with the model.
-        let st = stats(&*h.db.db().unwrap()).unwrap();
-        assert_eq!(st.backlog_events, m.rows.len() as u64, "seed {seed}");
-        assert_eq!(st.backlog_bytes, m.bytes(), "seed {seed}");
-        assert_eq!(st.next_id, m.next_id, "seed {seed}");
-        assert!(st.backlog_bytes <= max_bytes);
-        assert_eq!(
-            st.dropped.iter().find(|d| d.0 == "buffer_full").unwrap().1,
-            m.dropped_full,
-            "seed {seed}"
-        );
-        let all = read_after(&h.db.db().unwrap(), 0, usize::MAX, u64::MAX).unwrap();
-        let got: Vec<(u64, String)> = all.iter().map(|e| (e.id, e.topic.clone())).collect();
-        let want: Vec<(u64, String)> = m.rows.iter().map(|r| (r.0, format!("t/{}", r.1))).collect();
-        assert_eq!(got, want, "seed {seed}");
-    }
-}
-
-#[test]
-fn model_drop_oldest() {
-    for seed in 0..6 {
-        run_model(seed, 16 * 1024, WhenFull::DropOldest);
-    }
-}
-
-#[test]
-fn model_reject_new() {
-    for seed in 100..106 {
-        run_model(seed, 16 * 1024, WhenFull::RejectNew);
-    }
-}
-
-#[test]
-fn model_unbounded() {
-    for seed in 200..203 {
-        run_model(seed, u64::MAX / 2, WhenFull::DropOldest);
     }
 }
 
