@@ -47,12 +47,22 @@ pub struct Running {
 /// Starts the gateway; it stops when `shutdown` fires. Errors in the config or in binding
 /// ports are returned before anything runs.
 pub async fn start(cfg: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
+    let db = store::open(&cfg.store_path(), cfg.buffer.cache_size.0)?;
+    start_on(cfg, db, shutdown).await
+}
+
+/// [`start`] on a store that is already open (the store's tests run the gateway on a
+/// simulated disk).
+pub async fn start_on(
+    cfg: Config,
+    db: store::Store,
+    shutdown: Shutdown,
+) -> anyhow::Result<Running> {
     for w in &cfg.warnings {
         warn!("config: {w}");
     }
     let metrics = Arc::new(Metrics::default());
-    let path = cfg.store_path();
-    let db = store::open(&path, cfg.buffer.cache_size.0)?;
+    let path = db.path().to_path_buf();
 
     let (in_tx, in_rx) = ingest::channel::channel(
         cfg.buffer.commit_max_events * 4,

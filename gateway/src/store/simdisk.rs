@@ -105,6 +105,11 @@ impl SimDisk {
         d.cut_at = Some(d.ops + n.max(1));
     }
 
+    /// Cuts the power now: every call fails until [`restore`](Self::restore).
+    pub fn cut_now(&self) {
+        self.0.lock().unwrap().down = true;
+    }
+
     /// Disarms a cut that has not happened.
     pub fn disarm(&self) {
         self.0.lock().unwrap().cut_at = None;
