@@ -261,82 +261,114 @@ fn bad_credentials_are_reported_and_nothing_is_lost() {
     assert_eq!(counter.load(std::sync::atomic::Ordering::SeqCst), 500);
 }
 
-/// A CA, a server certificate for 127.0.0.1 signed by it, and a client certificate.
-fn make_pki(dir: &std::path::Path, name: &str) {
-    let sh = format!(
-        r#"set -e
-cd "{d}"
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN={name}-ca" -keyout {name}-ca.key -out {name}-ca.pem 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout {name}-server.key -out {name}-server.csr 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1\n' > {name}-ext.cnf
-openssl x509 -req -in {name}-server.csr -CA {name}-ca.pem -CAkey {name}-ca.key -CAcreateserial -days 2 -extfile {name}-ext.cnf -out {name}-server.pem 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -subj "/CN=gateway" -keyout {name}-client.key -out {name}-client.csr 2>/dev/null
-printf 'extendedKeyUsage=clientAuth\n' > {name}-client-ext.cnf
-openssl x509 -req -in {name}-client.csr -CA {name}-ca.pem -CAkey {name}-ca.key -CAcreateserial -days 2 -extfile {name}-client-ext.cnf -out {name}-client.pem 2>/dev/null
-"#,
-        d = dir.display()
-    );
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(sh)
-        .status()
-        .expect("openssl");
-    assert!(
-        st.success(),
-        "making test certificates failed (is openssl installed?)"
-    );
+/// Replaces the `[upstream]` section of the gateway's config (the last section the harness
+/// writes) with `upstream`.
+fn set_upstream(gw: &Gateway, upstream: &str) {
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let head = text.split("[upstream]").next().unwrap();
+    std::fs::write(&gw.config, format!("{head}[upstream]\n{upstream}")).unwrap();
 }
 
+/// Waits up to 10 s for `/status` to show an upstream error; returns the status.
+fn wait_upstream_error(gw: &Gateway) -> serde_json::Value {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = gw.status();
+        let err = v["upstream"]["last_error"].as_str().unwrap_or("");
+        if !err.is_empty() || std::time::Instant::now() >= until {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Upstream TLS against one Mosquitto with a listener per server certificate: a CA that did
+/// not sign the broker's certificate, an expired certificate, a certificate for another host,
+/// and (against a listener that requires one) no client certificate are each refused while
+/// the events stay buffered, and `/status` and `tidepool status` say which it was; with the
+/// right CA and the client certificate (mTLS) everything buffered arrives.
 #[test]
-fn tls_wrong_ca_is_reported_then_mtls_delivers() {
-    let pki = tempfile::tempdir().unwrap();
-    make_pki(pki.path(), "good");
-    make_pki(pki.path(), "other");
-    let p = |f: &str| pki.path().join(f).display().to_string();
-    let port = free_port();
-    let plain = free_port();
+fn upstream_tls_refusals_are_reported_while_buffering_then_mtls_delivers() {
+    let pki = pki::Pki::new();
+    let (mtls, expired, wrong_host, plain) = (free_port(), free_port(), free_port(), free_port());
+    let listener = |port: u16, server: &pki::CertFiles, extra: &str| {
+        format!(
+            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n{extra}",
+            pki.ca, server.cert, server.key
+        )
+    };
     let _up = Mosquitto::start_on(
-        port,
+        mtls,
         &format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nlistener {plain} 127.0.0.1\n",
-            p("good-ca.pem"),
-            p("good-server.pem"),
-            p("good-server.key")
+            "allow_anonymous true\n{}{}{}listener {plain} 127.0.0.1\n",
+            listener(mtls, &pki.server, "require_certificate true\n"),
+            listener(expired, &pki.expired, ""),
+            listener(wrong_host, &pki.wrong_host, ""),
         ),
     );
-    let sub = Subscriber::start(plain, &[TOPIC]);
-    // Wrong CA: a clear message, events stay buffered.
-    let mut gw = Gateway::start(&format!(
-        "[upstream]\nurl = \"mqtts://127.0.0.1:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max = \"1s\"\nbatch_max_wait = \"100ms\"\n",
-        p("other-ca.pem"),
-        p("good-client.pem"),
-        p("good-client.key")
-    ));
-    run_sim(gw.mqtt_port, 300, 0.0, &[]);
-    std::thread::sleep(Duration::from_secs(2));
-    let v = gw.status();
-    let err = v["upstream"]["last_error"].as_str().unwrap().to_string();
     assert!(
-        err.contains("TLS handshake failed") && err.contains("ca_file"),
-        "{v}"
+        wait_port(expired, Duration::from_secs(5)) && wait_port(wrong_host, Duration::from_secs(5))
     );
-    assert_eq!(v["backlog_events"], 300);
-    assert!(sub.snapshot().is_empty());
+    let sub = Subscriber::start(plain, &[TOPIC]);
+    let client = format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.client.cert, pki.client.key
+    );
+    let upstream = |port: u16, ca: &str, client: &str| {
+        format!("url = \"mqtts://127.0.0.1:{port}\"\nca_file = \"{ca}\"\n{client}reconnect_max = \"1s\"\nbatch_max_wait = \"100ms\"\n")
+    };
+    let cases = [
+        (
+            "wrong CA",
+            upstream(mtls, &pki.other_ca, &client),
+            "unknown CA: the broker's certificate is not signed by a CA in upstream.ca_file",
+        ),
+        (
+            "expired",
+            upstream(expired, &pki.ca, &client),
+            "the broker's certificate expired ",
+        ),
+        (
+            "wrong host",
+            upstream(wrong_host, &pki.ca, &client),
+            "the broker's certificate is not valid for host 127.0.0.1: it names elsewhere.invalid",
+        ),
+        (
+            "no client certificate",
+            upstream(mtls, &pki.ca, ""),
+            "the broker requires a client certificate: set upstream.cert_file and key_file",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::configure(dir.path().to_path_buf(), "[upstream]\n");
+    for (i, (case, up, names)) in cases.iter().enumerate() {
+        set_upstream(&gw, up);
+        gw.launch();
+        run_sim(gw.mqtt_port, 100, 0.0, &[]);
+        let v = wait_upstream_error(&gw);
+        let err = v["upstream"]["last_error"].as_str().unwrap_or("");
+        assert!(err.contains(names), "{case}: {v}");
+        assert_eq!(v["upstream"]["state"], "offline", "{case}: {v}");
+        assert_eq!(v["backlog_events"], 100 * (i + 1) as u64, "{case}: {v}");
+        let human = String::from_utf8(gw.cli(&["status"]).stdout).unwrap();
+        assert!(human.contains(err), "{case}: {human}");
+        assert!(sub.snapshot().is_empty(), "{case}: something arrived");
+        assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
+    }
 
-    // The right CA, with the client certificate (mTLS): everything arrives.
-    assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
-    let text = std::fs::read_to_string(&gw.config)
-        .unwrap()
-        .replace(&p("other-ca.pem"), &p("good-ca.pem"));
-    std::fs::write(&gw.config, text).unwrap();
+    // The right CA, with the client certificate (mTLS): everything buffered arrives.
+    set_upstream(&gw, &upstream(mtls, &pki.ca, &client));
     gw.launch();
+    let total = 100 * cases.len();
     assert!(
-        sub.wait_for(Duration::from_secs(20), |g| g.len() >= 300),
+        sub.wait_for(Duration::from_secs(20), |g| g.len() >= total),
         "got {}; log:\n{}",
         sub.snapshot().len(),
         gw.log()
     );
-    check_complete(&sub.snapshot(), 300);
+    let ids: std::collections::BTreeSet<u64> = sub.snapshot().iter().map(|g| g.id).collect();
+    assert_eq!(ids.len(), total);
+    assert!(gw.wait_metric("tidepool_backlog_events", 0.0, Duration::from_secs(10)));
 }
 
 #[test]

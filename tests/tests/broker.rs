@@ -735,51 +735,13 @@ fn users_refuse_wrong_credentials_and_accept_right_ones() {
     );
 }
 
-/// Makes a self-signed certificate for localhost and 127.0.0.1 in `dir`: (cert, key).
-fn self_signed(dir: &std::path::Path, name: &str) -> (String, String) {
-    let (cert, key) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    let out =
-        std::process::Command::new(which("openssl").expect("openssl (scripts/test installs it)"))
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=localhost",
-            ])
-            .args([
-                "-addext",
-                "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                "-days",
-                "2",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert.display().to_string(), key.display().to_string())
-}
-
 /// The TLS listener serves MQTT 3.1.1 and 5 with the configured certificate (verified against
-/// it, host 127.0.0.1 in its SAN) into the same broker as the plain port; a client trusting
-/// another certificate, or speaking plain MQTT to it, is not served.
+/// its CA, host 127.0.0.1 in its SAN) into the same broker as the plain port; a client trusting
+/// another CA, or speaking plain MQTT to it, is not served.
 #[test]
 fn tls_listener_serves_the_same_broker() {
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(certs.path(), "broker");
-    let (other_ca, _) = self_signed(certs.path(), "other");
+    let pki = pki::Pki::new();
+    let (cert, key, ca) = (&pki.server.cert, &pki.server.key, &pki.ca);
     let tls_port = free_port();
     let gw = gateway(&format!(
         "[ingest.mqtt]\ntopics = [\"sensors/#\"]\ntls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"
@@ -791,16 +753,7 @@ fn tls_listener_serves_the_same_broker() {
     );
     let tls_sub = MosqSub::start(
         tls_port,
-        &[
-            "--cafile",
-            &cert,
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-t",
-            "sensors/#",
-        ],
+        &["--cafile", ca, "-V", "mqttv5", "-q", "1", "-t", "sensors/#"],
     );
     let plain_sub = MosqSub::start(
         gw.mqtt_port,
@@ -810,7 +763,7 @@ fn tls_listener_serves_the_same_broker() {
         tls_port,
         &[
             "--cafile",
-            &cert,
+            ca,
             "-V",
             "mqttv311",
             "-q",
@@ -825,7 +778,7 @@ fn tls_listener_serves_the_same_broker() {
         tls_port,
         &[
             "--cafile",
-            &cert,
+            ca,
             "-V",
             "mqttv5",
             "-q",
@@ -855,7 +808,7 @@ fn tls_listener_serves_the_same_broker() {
     );
     assert_eq!(committed(&gw, 3.0), Some(3.0));
     for (what, args) in [
-        ("another CA", vec!["--cafile", other_ca.as_str()]),
+        ("another CA", vec!["--cafile", pki.other_ca.as_str()]),
         ("plain MQTT", vec![]),
     ] {
         let mut a = args.clone();
