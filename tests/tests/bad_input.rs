@@ -182,17 +182,23 @@ fn non_json_and_oversize_payloads() {
     assert_eq!(code, Some(true));
 }
 
-#[test]
-fn bad_credentials_are_reported_and_nothing_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("passwd");
+/// A Mosquitto `password_file` in `dir` with one user.
+fn password_file(dir: &std::path::Path, user: &str, password: &str) -> std::path::PathBuf {
+    let pw = dir.join("passwd");
     let st = Command::new(which("mosquitto_passwd").expect("mosquitto_passwd (package mosquitto)"))
         .args(["-b", "-c"])
         .arg(&pw)
-        .args(["gw", "right"])
+        .args([user, password])
         .status()
         .unwrap();
     assert!(st.success());
+    pw
+}
+
+#[test]
+fn bad_credentials_are_reported_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = password_file(dir.path(), "gw", "right");
     let port = free_port();
     let up = Mosquitto::start_on(
         port,
@@ -419,4 +425,164 @@ fn demo_accounts_for_every_event() {
         text.contains("upstream offline"),
         "the outage shows: {text}"
     );
+}
+
+/// No secret shows anywhere a person or a log shipper reads: with distinctive values for the
+/// upstream password (wrong, so the refusal is logged), an embedded-broker user's password
+/// (and a sensor's wrong one), the admin token, and TLS private keys (the upstream client
+/// key, the TLS listener's key), a run at `trace` through those failures leaves none of them
+/// in the log, `/status`, `/metrics`, `tidepool status` or `tidepool check`; nor does `check`
+/// of a config with a password in the upstream URL, or one whose password line is broken.
+#[test]
+fn no_secret_in_logs_status_or_check() {
+    const UPSTREAM_PW: &str = "s3cr3t-upstream-7f2a";
+    const USER_PW: &str = "s3cr3t-sensor-91c4";
+    const WRONG_PW: &str = "s3cr3t-typo-3b8e";
+    const INGEST_PW: &str = "s3cr3t-ingest-c2d9";
+    const TOKEN: &str = "s3cr3t-admin-5d0e";
+    let pki = pki::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = password_file(dir.path(), "gw", "the-right-one");
+    let port = free_port();
+    let _up = Mosquitto::start_on(
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            pw.display(),
+            pki.ca,
+            pki.server.cert,
+            pki.server.key
+        ),
+    );
+    let tls_port = free_port();
+    std::fs::create_dir(dir.path().join("gw")).unwrap();
+    let mut gw = Gateway::configure(
+        dir.path().join("gw"),
+        &format!(
+            "[ingest.mqtt]\ntopics = [\"sensors/#\"]\nusers = [{{ username = \"sensor\", password = \"{USER_PW}\" }}]\n\
+             tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n\
+             [upstream]\nurl = \"mqtts://127.0.0.1:{port}\"\nusername = \"gw\"\npassword = \"{UPSTREAM_PW}\"\n\
+             ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max = \"1s\"\n",
+            pki.server.cert, pki.server.key, pki.ca, pki.client.cert, pki.client.key
+        ),
+    );
+    let text = std::fs::read_to_string(&gw.config).unwrap().replacen(
+        "[admin]\n",
+        &format!("[admin]\ntoken = \"{TOKEN}\"\n"),
+        1,
+    );
+    std::fs::write(&gw.config, text).unwrap();
+    gw.set_env("TIDEPOOL_LOG", "trace");
+    gw.launch();
+
+    // A sensor with the right password, one with a wrong one.
+    let publish = |password: &str| {
+        Command::new(which("mosquitto_pub").expect("mosquitto_pub (package mosquitto-clients)"))
+            .args(["-h", "127.0.0.1", "-p", &gw.mqtt_port.to_string()])
+            .args([
+                "-u",
+                "sensor",
+                "-P",
+                password,
+                "-q",
+                "1",
+                "-t",
+                "sensors/a",
+                "-m",
+                "{}",
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(publish(USER_PW).status.success());
+    assert!(!publish(WRONG_PW).status.success());
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.status()["upstream"]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("username and password"))
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut seen = vec![
+        (
+            "/status".to_string(),
+            http_get(gw.admin_port, "/status").unwrap(),
+        ),
+        (
+            "/metrics".to_string(),
+            http_get(gw.admin_port, "/metrics").unwrap(),
+        ),
+    ];
+    assert!(seen[0].1.contains("username and password"), "{}", seen[0].1);
+    assert_eq!(gw.status()["backlog_events"], 1, "{}", seen[0].1);
+    let output = |what: &str, out: std::process::Output| {
+        (
+            what.to_string(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    seen.push(output("tidepool status", gw.cli(&["status"])));
+    seen.push(output("tidepool check", gw.cli(&["check"])));
+    assert!(seen[2].1.contains("username and password"), "{}", seen[2].1);
+    assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
+    seen.push(output("tidepool status (stopped)", gw.cli(&["status"])));
+    seen.push(("log".into(), gw.log()));
+    assert!(seen[5].1.contains("TRACE"), "the log is at trace level");
+
+    // `check` of configs that go wrong where the secrets are.
+    let original = std::fs::read_to_string(&gw.config).unwrap();
+    let broken = [
+        (
+            "password in the URL",
+            original.replace(
+                &format!("url = \"mqtts://127.0.0.1:{port}\""),
+                &format!("url = \"mqtts://gw:{UPSTREAM_PW}@127.0.0.1:{port}\""),
+            ),
+        ),
+        (
+            "unterminated password",
+            original.replace(&format!("\"{UPSTREAM_PW}\""), &format!("\"{UPSTREAM_PW}")),
+        ),
+        (
+            "client-mode ingest password of a wrong type",
+            original.replacen(
+                "[ingest.mqtt]\n",
+                &format!("[ingest.mqtt]\nmode = \"client\"\nusername = \"i\"\npassword = [\"{INGEST_PW}\"]\n"),
+                1,
+            ),
+        ),
+    ];
+    for (what, text) in broken {
+        std::fs::write(&gw.config, text).unwrap();
+        let out = gw.cli(&["check"]);
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        seen.push(output(&format!("tidepool check ({what})"), out));
+    }
+
+    let key_lines = |path: &str| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut secrets: Vec<String> = [UPSTREAM_PW, USER_PW, WRONG_PW, INGEST_PW, TOKEN]
+        .map(String::from)
+        .to_vec();
+    secrets.extend(key_lines(&pki.client.key));
+    secrets.extend(key_lines(&pki.server.key));
+    for (what, text) in &seen {
+        for s in &secrets {
+            assert!(
+                !text.contains(s.as_str()),
+                "{what} shows the secret {s}:\n{text}"
+            );
+        }
+    }
 }
