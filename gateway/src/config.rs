@@ -352,6 +352,13 @@ impl AdminConfig {
     }
 }
 
+/// Whether a config line or key path is about a password or token (whose value no message
+/// may show).
+fn holds_secret(line_or_key: &str) -> bool {
+    let l = line_or_key.to_ascii_lowercase();
+    l.contains("password") || l.contains("token")
+}
+
 /// A token must fit in an HTTP header unchanged: visible ASCII, no spaces.
 fn check_token(t: &str) -> Result<(), String> {
     if t.is_empty() {
@@ -573,9 +580,24 @@ impl Config {
         renames: &[renamed::Renamed],
     ) -> Result<Config, ConfigError> {
         let mut merged: toml::Table = DEFAULTS.parse().expect("built-in defaults parse");
-        let user: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
-            origin: name.to_string(),
-            what: format!("not valid TOML: {}", e.to_string().trim_end()),
+        let user: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            // The parser's message quotes the offending line; not one that holds a secret.
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            match line.filter(|&l| text.lines().nth(l - 1).is_some_and(holds_secret)) {
+                Some(l) => ConfigError {
+                    origin: format!("{name}:{l}"),
+                    what: format!(
+                        "not valid TOML: {} (the line is not shown: it holds a password or token)",
+                        e.message()
+                    ),
+                },
+                None => ConfigError {
+                    origin: name.to_string(),
+                    what: format!("not valid TOML: {}", e.to_string().trim_end()),
+                },
+            }
         })?;
         let mut user = user;
         let warnings = renamed::apply(&mut user, renames, name, text);
@@ -589,7 +611,12 @@ impl Config {
                         Some(l) => format!("{name}:{l}"),
                         None => name.to_string(),
                     },
-                    what: format!("key `{key}`: {}", e.inner()),
+                    what: if holds_secret(&key) {
+                        // serde's message quotes the value.
+                        format!("key `{key}`: must be a string (the value is not shown)")
+                    } else {
+                        format!("key `{key}`: {}", e.inner())
+                    },
                 }
             })?;
         cfg.expand(name)?;
@@ -741,8 +768,13 @@ pub struct MqttUrl {
     pub port: u16,
 }
 
-/// Parses an MQTT URL; the error says what would be right.
+/// Parses an MQTT URL; the error says what would be right. A URL is shown in logs, `status`
+/// and messages, so credentials in it (`user:password@`) are refused, and that message does
+/// not repeat the URL.
 pub fn parse_mqtt_url(url: &str) -> Result<MqttUrl, String> {
+    if url.contains('@') {
+        return Err("holds credentials (`user:password@`); set `username` and `password` beside it instead: a URL is logged, they are not".into());
+    }
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("mqtt://") {
@@ -1032,6 +1064,32 @@ mod tests {
     }
 
     #[test]
+    fn no_message_shows_a_password_or_token() {
+        let secret = "hunter2-x9";
+        for text in [
+            // Unterminated string: the parser would quote the line.
+            "[upstream]\nurl = \"mqtt://h:1\"\npassword = \"hunter2-x9\n",
+            "[ingest.mqtt]\nusers = [{ username = \"u\", password = hunter2-x9 }]\n",
+            "[admin]\ntoken = \"hunter2-x9\" x\n",
+            // A wrong type: serde would quote the value.
+            "[upstream]\nusername = \"u\"\npassword = [\"hunter2-x9\"]\n",
+            "[ingest.mqtt]\nusers = [{ username = \"u\", password = { v = \"hunter2-x9\" } }]\n",
+            "[upstream]\nurl = \"mqtts://u:hunter2-x9@h:8883\"\n",
+        ] {
+            let e = Config::from_str_named("FILE", text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("FILE"), "{e}");
+            assert!(!e.contains(secret), "{text}: {e}");
+        }
+        // Other lines are still quoted.
+        let e = Config::from_str_named("FILE", "[upstream]\nurl = \"mqtt://h:1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("url = \"mqtt://h:1"), "{e}");
+    }
+
+    #[test]
     fn urls() {
         let u = parse_mqtt_url("mqtts://broker.example.com").unwrap();
         assert!(u.tls && u.port == 8883 && u.host == "broker.example.com");
@@ -1039,6 +1097,17 @@ mod tests {
         assert!(!u.tls && u.port == 1999);
         assert!(parse_mqtt_url("tcp://x:1").is_err());
         assert!(parse_mqtt_url("mqtt://x:notaport").is_err());
+        for with_password in [
+            "mqtts://gw:hunter2@h:8883",
+            "mqtt://gw:hunter2@h",
+            "gw:hunter2@h",
+        ] {
+            let e = parse_mqtt_url(with_password).unwrap_err();
+            assert!(
+                e.contains("`username` and `password`") && !e.contains("hunter2"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod ingest;
 pub mod kill_storm;
 pub mod mqtt_clients;
+pub mod pki;
 pub mod upstream_limits;
 
 /// The workspace root.

@@ -182,17 +182,23 @@ fn non_json_and_oversize_payloads() {
     assert_eq!(code, Some(true));
 }
 
-#[test]
-fn bad_credentials_are_reported_and_nothing_is_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let pw = dir.path().join("passwd");
+/// A Mosquitto `password_file` in `dir` with one user.
+fn password_file(dir: &std::path::Path, user: &str, password: &str) -> std::path::PathBuf {
+    let pw = dir.join("passwd");
     let st = Command::new(which("mosquitto_passwd").expect("mosquitto_passwd (package mosquitto)"))
         .args(["-b", "-c"])
         .arg(&pw)
-        .args(["gw", "right"])
+        .args([user, password])
         .status()
         .unwrap();
     assert!(st.success());
+    pw
+}
+
+#[test]
+fn bad_credentials_are_reported_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = password_file(dir.path(), "gw", "right");
     let port = free_port();
     let up = Mosquitto::start_on(
         port,
@@ -261,82 +267,114 @@ fn bad_credentials_are_reported_and_nothing_is_lost() {
     assert_eq!(counter.load(std::sync::atomic::Ordering::SeqCst), 500);
 }
 
-/// A CA, a server certificate for 127.0.0.1 signed by it, and a client certificate.
-fn make_pki(dir: &std::path::Path, name: &str) {
-    let sh = format!(
-        r#"set -e
-cd "{d}"
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN={name}-ca" -keyout {name}-ca.key -out {name}-ca.pem 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout {name}-server.key -out {name}-server.csr 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1\n' > {name}-ext.cnf
-openssl x509 -req -in {name}-server.csr -CA {name}-ca.pem -CAkey {name}-ca.key -CAcreateserial -days 2 -extfile {name}-ext.cnf -out {name}-server.pem 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -subj "/CN=gateway" -keyout {name}-client.key -out {name}-client.csr 2>/dev/null
-printf 'extendedKeyUsage=clientAuth\n' > {name}-client-ext.cnf
-openssl x509 -req -in {name}-client.csr -CA {name}-ca.pem -CAkey {name}-ca.key -CAcreateserial -days 2 -extfile {name}-client-ext.cnf -out {name}-client.pem 2>/dev/null
-"#,
-        d = dir.display()
-    );
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(sh)
-        .status()
-        .expect("openssl");
-    assert!(
-        st.success(),
-        "making test certificates failed (is openssl installed?)"
-    );
+/// Replaces the `[upstream]` section of the gateway's config (the last section the harness
+/// writes) with `upstream`.
+fn set_upstream(gw: &Gateway, upstream: &str) {
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    let head = text.split("[upstream]").next().unwrap();
+    std::fs::write(&gw.config, format!("{head}[upstream]\n{upstream}")).unwrap();
 }
 
+/// Waits up to 10 s for `/status` to show an upstream error; returns the status.
+fn wait_upstream_error(gw: &Gateway) -> serde_json::Value {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = gw.status();
+        let err = v["upstream"]["last_error"].as_str().unwrap_or("");
+        if !err.is_empty() || std::time::Instant::now() >= until {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Upstream TLS against one Mosquitto with a listener per server certificate: a CA that did
+/// not sign the broker's certificate, an expired certificate, a certificate for another host,
+/// and (against a listener that requires one) no client certificate are each refused while
+/// the events stay buffered, and `/status` and `tidepool status` say which it was; with the
+/// right CA and the client certificate (mTLS) everything buffered arrives.
 #[test]
-fn tls_wrong_ca_is_reported_then_mtls_delivers() {
-    let pki = tempfile::tempdir().unwrap();
-    make_pki(pki.path(), "good");
-    make_pki(pki.path(), "other");
-    let p = |f: &str| pki.path().join(f).display().to_string();
-    let port = free_port();
-    let plain = free_port();
+fn upstream_tls_refusals_are_reported_while_buffering_then_mtls_delivers() {
+    let pki = pki::Pki::new();
+    let (mtls, expired, wrong_host, plain) = (free_port(), free_port(), free_port(), free_port());
+    let listener = |port: u16, server: &pki::CertFiles, extra: &str| {
+        format!(
+            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n{extra}",
+            pki.ca, server.cert, server.key
+        )
+    };
     let _up = Mosquitto::start_on(
-        port,
+        mtls,
         &format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nlistener {plain} 127.0.0.1\n",
-            p("good-ca.pem"),
-            p("good-server.pem"),
-            p("good-server.key")
+            "allow_anonymous true\n{}{}{}listener {plain} 127.0.0.1\n",
+            listener(mtls, &pki.server, "require_certificate true\n"),
+            listener(expired, &pki.expired, ""),
+            listener(wrong_host, &pki.wrong_host, ""),
         ),
     );
-    let sub = Subscriber::start(plain, &[TOPIC]);
-    // Wrong CA: a clear message, events stay buffered.
-    let mut gw = Gateway::start(&format!(
-        "[upstream]\nurl = \"mqtts://127.0.0.1:{port}\"\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max = \"1s\"\nbatch_max_wait = \"100ms\"\n",
-        p("other-ca.pem"),
-        p("good-client.pem"),
-        p("good-client.key")
-    ));
-    run_sim(gw.mqtt_port, 300, 0.0, &[]);
-    std::thread::sleep(Duration::from_secs(2));
-    let v = gw.status();
-    let err = v["upstream"]["last_error"].as_str().unwrap().to_string();
     assert!(
-        err.contains("TLS handshake failed") && err.contains("ca_file"),
-        "{v}"
+        wait_port(expired, Duration::from_secs(5)) && wait_port(wrong_host, Duration::from_secs(5))
     );
-    assert_eq!(v["backlog_events"], 300);
-    assert!(sub.snapshot().is_empty());
+    let sub = Subscriber::start(plain, &[TOPIC]);
+    let client = format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        pki.client.cert, pki.client.key
+    );
+    let upstream = |port: u16, ca: &str, client: &str| {
+        format!("url = \"mqtts://127.0.0.1:{port}\"\nca_file = \"{ca}\"\n{client}reconnect_max = \"1s\"\nbatch_max_wait = \"100ms\"\n")
+    };
+    let cases = [
+        (
+            "wrong CA",
+            upstream(mtls, &pki.other_ca, &client),
+            "unknown CA: the broker's certificate is not signed by a CA in upstream.ca_file",
+        ),
+        (
+            "expired",
+            upstream(expired, &pki.ca, &client),
+            "the broker's certificate expired ",
+        ),
+        (
+            "wrong host",
+            upstream(wrong_host, &pki.ca, &client),
+            "the broker's certificate is not valid for host 127.0.0.1: it names elsewhere.invalid",
+        ),
+        (
+            "no client certificate",
+            upstream(mtls, &pki.ca, ""),
+            "the broker requires a client certificate: set upstream.cert_file and key_file",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::configure(dir.path().to_path_buf(), "[upstream]\n");
+    for (i, (case, up, names)) in cases.iter().enumerate() {
+        set_upstream(&gw, up);
+        gw.launch();
+        run_sim(gw.mqtt_port, 100, 0.0, &[]);
+        let v = wait_upstream_error(&gw);
+        let err = v["upstream"]["last_error"].as_str().unwrap_or("");
+        assert!(err.contains(names), "{case}: {v}");
+        assert_eq!(v["upstream"]["state"], "offline", "{case}: {v}");
+        assert_eq!(v["backlog_events"], 100 * (i + 1) as u64, "{case}: {v}");
+        let human = String::from_utf8(gw.cli(&["status"]).stdout).unwrap();
+        assert!(human.contains(err), "{case}: {human}");
+        assert!(sub.snapshot().is_empty(), "{case}: something arrived");
+        assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
+    }
 
-    // The right CA, with the client certificate (mTLS): everything arrives.
-    assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
-    let text = std::fs::read_to_string(&gw.config)
-        .unwrap()
-        .replace(&p("other-ca.pem"), &p("good-ca.pem"));
-    std::fs::write(&gw.config, text).unwrap();
+    // The right CA, with the client certificate (mTLS): everything buffered arrives.
+    set_upstream(&gw, &upstream(mtls, &pki.ca, &client));
     gw.launch();
+    let total = 100 * cases.len();
     assert!(
-        sub.wait_for(Duration::from_secs(20), |g| g.len() >= 300),
+        sub.wait_for(Duration::from_secs(20), |g| g.len() >= total),
         "got {}; log:\n{}",
         sub.snapshot().len(),
         gw.log()
     );
-    check_complete(&sub.snapshot(), 300);
+    let ids: std::collections::BTreeSet<u64> = sub.snapshot().iter().map(|g| g.id).collect();
+    assert_eq!(ids.len(), total);
+    assert!(gw.wait_metric("tidepool_backlog_events", 0.0, Duration::from_secs(10)));
 }
 
 #[test]
@@ -387,4 +425,164 @@ fn demo_accounts_for_every_event() {
         text.contains("upstream offline"),
         "the outage shows: {text}"
     );
+}
+
+/// No secret shows anywhere a person or a log shipper reads: with distinctive values for the
+/// upstream password (wrong, so the refusal is logged), an embedded-broker user's password
+/// (and a sensor's wrong one), the admin token, and TLS private keys (the upstream client
+/// key, the TLS listener's key), a run at `trace` through those failures leaves none of them
+/// in the log, `/status`, `/metrics`, `tidepool status` or `tidepool check`; nor does `check`
+/// of a config with a password in the upstream URL, or one whose password line is broken.
+#[test]
+fn no_secret_in_logs_status_or_check() {
+    const UPSTREAM_PW: &str = "s3cr3t-upstream-7f2a";
+    const USER_PW: &str = "s3cr3t-sensor-91c4";
+    const WRONG_PW: &str = "s3cr3t-typo-3b8e";
+    const INGEST_PW: &str = "s3cr3t-ingest-c2d9";
+    const TOKEN: &str = "s3cr3t-admin-5d0e";
+    let pki = pki::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = password_file(dir.path(), "gw", "the-right-one");
+    let port = free_port();
+    let _up = Mosquitto::start_on(
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            pw.display(),
+            pki.ca,
+            pki.server.cert,
+            pki.server.key
+        ),
+    );
+    let tls_port = free_port();
+    std::fs::create_dir(dir.path().join("gw")).unwrap();
+    let mut gw = Gateway::configure(
+        dir.path().join("gw"),
+        &format!(
+            "[ingest.mqtt]\ntopics = [\"sensors/#\"]\nusers = [{{ username = \"sensor\", password = \"{USER_PW}\" }}]\n\
+             tls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\n\
+             [upstream]\nurl = \"mqtts://127.0.0.1:{port}\"\nusername = \"gw\"\npassword = \"{UPSTREAM_PW}\"\n\
+             ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nreconnect_max = \"1s\"\n",
+            pki.server.cert, pki.server.key, pki.ca, pki.client.cert, pki.client.key
+        ),
+    );
+    let text = std::fs::read_to_string(&gw.config).unwrap().replacen(
+        "[admin]\n",
+        &format!("[admin]\ntoken = \"{TOKEN}\"\n"),
+        1,
+    );
+    std::fs::write(&gw.config, text).unwrap();
+    gw.set_env("TIDEPOOL_LOG", "trace");
+    gw.launch();
+
+    // A sensor with the right password, one with a wrong one.
+    let publish = |password: &str| {
+        Command::new(which("mosquitto_pub").expect("mosquitto_pub (package mosquitto-clients)"))
+            .args(["-h", "127.0.0.1", "-p", &gw.mqtt_port.to_string()])
+            .args([
+                "-u",
+                "sensor",
+                "-P",
+                password,
+                "-q",
+                "1",
+                "-t",
+                "sensors/a",
+                "-m",
+                "{}",
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(publish(USER_PW).status.success());
+    assert!(!publish(WRONG_PW).status.success());
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.status()["upstream"]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("username and password"))
+        && std::time::Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut seen = vec![
+        (
+            "/status".to_string(),
+            http_get(gw.admin_port, "/status").unwrap(),
+        ),
+        (
+            "/metrics".to_string(),
+            http_get(gw.admin_port, "/metrics").unwrap(),
+        ),
+    ];
+    assert!(seen[0].1.contains("username and password"), "{}", seen[0].1);
+    assert_eq!(gw.status()["backlog_events"], 1, "{}", seen[0].1);
+    let output = |what: &str, out: std::process::Output| {
+        (
+            what.to_string(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    seen.push(output("tidepool status", gw.cli(&["status"])));
+    seen.push(output("tidepool check", gw.cli(&["check"])));
+    assert!(seen[2].1.contains("username and password"), "{}", seen[2].1);
+    assert_eq!(gw.proc.terminate(Duration::from_secs(15)), Some(0));
+    seen.push(output("tidepool status (stopped)", gw.cli(&["status"])));
+    seen.push(("log".into(), gw.log()));
+    assert!(seen[5].1.contains("TRACE"), "the log is at trace level");
+
+    // `check` of configs that go wrong where the secrets are.
+    let original = std::fs::read_to_string(&gw.config).unwrap();
+    let broken = [
+        (
+            "password in the URL",
+            original.replace(
+                &format!("url = \"mqtts://127.0.0.1:{port}\""),
+                &format!("url = \"mqtts://gw:{UPSTREAM_PW}@127.0.0.1:{port}\""),
+            ),
+        ),
+        (
+            "unterminated password",
+            original.replace(&format!("\"{UPSTREAM_PW}\""), &format!("\"{UPSTREAM_PW}")),
+        ),
+        (
+            "client-mode ingest password of a wrong type",
+            original.replacen(
+                "[ingest.mqtt]\n",
+                &format!("[ingest.mqtt]\nmode = \"client\"\nusername = \"i\"\npassword = [\"{INGEST_PW}\"]\n"),
+                1,
+            ),
+        ),
+    ];
+    for (what, text) in broken {
+        std::fs::write(&gw.config, text).unwrap();
+        let out = gw.cli(&["check"]);
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        seen.push(output(&format!("tidepool check ({what})"), out));
+    }
+
+    let key_lines = |path: &str| -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(str::to_string)
+            .collect()
+    };
+    let mut secrets: Vec<String> = [UPSTREAM_PW, USER_PW, WRONG_PW, INGEST_PW, TOKEN]
+        .map(String::from)
+        .to_vec();
+    secrets.extend(key_lines(&pki.client.key));
+    secrets.extend(key_lines(&pki.server.key));
+    for (what, text) in &seen {
+        for s in &secrets {
+            assert!(
+                !text.contains(s.as_str()),
+                "{what} shows the secret {s}:\n{text}"
+            );
+        }
+    }
 }

@@ -735,51 +735,98 @@ fn users_refuse_wrong_credentials_and_accept_right_ones() {
     );
 }
 
-/// Makes a self-signed certificate for localhost and 127.0.0.1 in `dir`: (cert, key).
-fn self_signed(dir: &std::path::Path, name: &str) -> (String, String) {
-    let (cert, key) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    let out =
-        std::process::Command::new(which("openssl").expect("openssl (scripts/test installs it)"))
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                "/CN=localhost",
-            ])
-            .args([
-                "-addext",
-                "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                "-days",
-                "2",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .unwrap();
+/// Without `listen`, the embedded broker takes the shipped default, 127.0.0.1:1883: loopback
+/// only. `check --print-defaults` says so, and a daemon started without `listen` binds exactly
+/// that address (with it held, here by the test, the daemon refuses to start, naming it).
+#[test]
+fn default_listener_is_loopback() {
+    let out = command("tidepool")
+        .args(["check", "--print-defaults"])
+        .output()
+        .unwrap();
+    let defaults = String::from_utf8(out.stdout).unwrap();
+    let section: Vec<&str> = defaults
+        .split("[ingest.mqtt]")
+        .nth(1)
+        .expect("an [ingest.mqtt] section")
+        .lines()
+        .take_while(|l| !l.starts_with('['))
+        .filter(|l| l.starts_with("listen"))
+        .collect();
+    assert_eq!(section, ["listen = \"127.0.0.1:1883\""], "{defaults}");
+
+    // Held by this test, or already by a broker on this machine: either way the daemon's
+    // bind to 127.0.0.1:1883 fails, and its message shows which address it took.
+    let _held = std::net::TcpListener::bind("127.0.0.1:1883");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tidepool.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nid = \"test-gw\"\ndata_dir = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
+            dir.path().join("data").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut run = command("tidepool");
+    run.args(["run", "--config"]).arg(&config);
+    let out = run_within(run, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("key `ingest.mqtt.listen`: cannot listen on 127.0.0.1:1883"),
+        "{err}"
     );
-    (cert.display().to_string(), key.display().to_string())
+}
+
+/// The broker warns when it listens beyond loopback with no `users` (anyone on the network
+/// may publish and subscribe), and only then: not on loopback, not with `users`.
+#[test]
+fn beyond_loopback_without_users_warns() {
+    const WARNING: &str =
+        "the embedded broker listens beyond loopback and `ingest.mqtt.users` is empty";
+    let users = "users = [{ username = \"u\", password = \"p\" }]\n";
+    let cases = [
+        ("0.0.0.0, no users", "0.0.0.0", "", true),
+        ("0.0.0.0, users", "0.0.0.0", users, false),
+        ("127.0.0.1, no users", "127.0.0.1", "", false),
+    ];
+    for (case, host, users, warns) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gw =
+            Gateway::configure(dir.path().to_path_buf(), &format!("[ingest.mqtt]\n{users}"));
+        let text = std::fs::read_to_string(&gw.config).unwrap().replace(
+            &format!("listen = \"127.0.0.1:{}\"", gw.mqtt_port),
+            &format!("listen = \"{host}:{}\"", gw.mqtt_port),
+        );
+        std::fs::write(&gw.config, text).unwrap();
+        gw.launch();
+        // Served on loopback either way.
+        assert!(wait_port(gw.mqtt_port, SHORT), "{case}: {}", gw.log());
+        assert_eq!(gw.proc.terminate(SHORT), Some(0), "{case}");
+        let log = gw.log();
+        let warned: Vec<&str> = log.lines().filter(|l| l.contains(WARNING)).collect();
+        if warns {
+            assert_eq!(warned.len(), 1, "{case}: {log}");
+            assert!(
+                warned[0].contains("WARN")
+                    && warned[0].contains(&format!("0.0.0.0:{}", gw.mqtt_port)),
+                "{case}: {log}"
+            );
+        } else {
+            assert!(warned.is_empty(), "{case}: {log}");
+        }
+    }
 }
 
 /// The TLS listener serves MQTT 3.1.1 and 5 with the configured certificate (verified against
-/// it, host 127.0.0.1 in its SAN) into the same broker as the plain port; a client trusting
-/// another certificate, or speaking plain MQTT to it, is not served.
+/// its CA, host 127.0.0.1 in its SAN) into the same broker as the plain port; a client trusting
+/// another CA, or speaking plain MQTT to it, is not served.
 #[test]
 fn tls_listener_serves_the_same_broker() {
-    let certs = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(certs.path(), "broker");
-    let (other_ca, _) = self_signed(certs.path(), "other");
+    let pki = pki::Pki::new();
+    let (cert, key, ca) = (&pki.server.cert, &pki.server.key, &pki.ca);
     let tls_port = free_port();
     let gw = gateway(&format!(
         "[ingest.mqtt]\ntopics = [\"sensors/#\"]\ntls_listen = \"127.0.0.1:{tls_port}\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"
@@ -791,16 +838,7 @@ fn tls_listener_serves_the_same_broker() {
     );
     let tls_sub = MosqSub::start(
         tls_port,
-        &[
-            "--cafile",
-            &cert,
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-t",
-            "sensors/#",
-        ],
+        &["--cafile", ca, "-V", "mqttv5", "-q", "1", "-t", "sensors/#"],
     );
     let plain_sub = MosqSub::start(
         gw.mqtt_port,
@@ -810,7 +848,7 @@ fn tls_listener_serves_the_same_broker() {
         tls_port,
         &[
             "--cafile",
-            &cert,
+            ca,
             "-V",
             "mqttv311",
             "-q",
@@ -825,7 +863,7 @@ fn tls_listener_serves_the_same_broker() {
         tls_port,
         &[
             "--cafile",
-            &cert,
+            ca,
             "-V",
             "mqttv5",
             "-q",
@@ -855,7 +893,7 @@ fn tls_listener_serves_the_same_broker() {
     );
     assert_eq!(committed(&gw, 3.0), Some(3.0));
     for (what, args) in [
-        ("another CA", vec!["--cafile", other_ca.as_str()]),
+        ("another CA", vec!["--cafile", pki.other_ca.as_str()]),
         ("plain MQTT", vec![]),
     ] {
         let mut a = args.clone();

@@ -751,10 +751,13 @@ fn refused(code: ConnectReturnCode) -> String {
 }
 
 fn describe(e: &ConnectionError) -> String {
+    if let Some(why) = tls::explain(e) {
+        return why;
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => refused(*code),
         ConnectionError::Tls(t) => format!(
-            "TLS handshake failed: {t} (check [upstream] ca_file, cert_file, key_file and the broker's host name)"
+            "TLS handshake failed: {t} (check upstream.ca_file, cert_file, key_file and the host in upstream.url)"
         ),
         ConnectionError::Io(io) => format!("connection failed: {io}"),
         other => format!("connection lost: {other}"),
