@@ -621,7 +621,12 @@ impl Conn {
         }
         let seq = match self.inbound.accept(&p) {
             Ok(Accepted::New(seq)) => seq,
-            Ok(Accepted::Duplicate) => return Ok(()),
+            Ok(Accepted::Duplicate) => {
+                // Its PUBREC may be due now (the original's went already).
+                let outs = self.inbound.ready();
+                self.acknowledge(outs);
+                return Ok(());
+            }
             Err(reason) => {
                 self.disconnect(reason);
                 return Err(End::Server("receive maximum exceeded".into()));
