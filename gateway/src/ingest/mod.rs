@@ -215,8 +215,8 @@ mod tests {
             Just("\u{FEFF}"),
         ];
         prop_oneof![
-            4 => proptest::collection::vec(level, 0..6).prop_map(|ls| ls.join("/").into_bytes()),
-            2 => proptest::collection::vec(any::<u8>(), 0..40),
+            8 => proptest::collection::vec(level, 0..6).prop_map(|ls| ls.join("/").into_bytes()),
+            4 => proptest::collection::vec(any::<u8>(), 0..40),
             1 => (1usize..=65_535, prop_oneof![Just(b'a'), Just(b'/'), Just(b'#')])
                 .prop_map(|(n, c)| vec![c; n]),
             1 => Just(vec![b'a'; 65_535]),
