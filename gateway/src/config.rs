@@ -902,6 +902,7 @@ pub fn summary(cfg: &Config) -> BTreeMap<&'static str, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn defaults_parse_and_expand() {
@@ -1119,5 +1120,212 @@ mod tests {
         .unwrap();
         assert_eq!(c.ingest.serial[0].baud, 115200);
         assert_eq!(c.ingest.serial[0].framing, Framing::Lines);
+    }
+
+    // -- hostile input -----------------------------------------------------------------------
+
+    /// Every (table, key) of the built-in defaults, and a serial port's keys.
+    fn known_keys() -> Vec<(String, String)> {
+        fn walk(t: &toml::Table, at: &str, out: &mut Vec<(String, String)>) {
+            for (k, v) in t {
+                match v {
+                    toml::Value::Table(sub) => walk(
+                        sub,
+                        &if at.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{at}.{k}")
+                        },
+                        out,
+                    ),
+                    _ => out.push((at.to_string(), k.clone())),
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&DEFAULTS.parse().unwrap(), "", &mut out);
+        for k in [
+            "name",
+            "path",
+            "baud",
+            "framing",
+            "topic",
+            "max_frame",
+            "ack",
+            "bogus",
+        ] {
+            out.push(("ingest.serial[]".into(), k.into()));
+        }
+        out
+    }
+
+    /// A TOML value of any type, leaning to what config values look like.
+    fn any_toml() -> impl Strategy<Value = toml::Value> {
+        let leaf = prop_oneof![
+            prop_oneof![
+                Just(""),
+                Just("1s"),
+                Just("0s"),
+                Just("64KiB"),
+                Just("0"),
+                Just("-1"),
+                Just("1e3"),
+                Just("18446744073709551616B"),
+                Just("9999999999d"),
+                Just("mqtt://h:1"),
+                Just("mqtts://"),
+                Just("127.0.0.1:1"),
+                Just("[::1]:99999"),
+                Just("{gateway}"),
+                Just("{hostname}/x"),
+                Just("#"),
+                Just("embedded"),
+                Just("client"),
+                Just("cobs"),
+                Just("reject_new"),
+                Just("\0"),
+                Just("é"),
+            ]
+            .prop_map(|s| toml::Value::String(s.into())),
+            "\\PC{0,20}".prop_map(toml::Value::String),
+            any::<i64>().prop_map(toml::Value::Integer),
+            prop_oneof![
+                Just(0i64),
+                Just(1),
+                Just(-1),
+                Just(65_536),
+                Just(u32::MAX as i64 + 1)
+            ]
+            .prop_map(toml::Value::Integer),
+            prop_oneof![
+                any::<f64>(),
+                Just(f64::NAN),
+                Just(f64::INFINITY),
+                Just(-0.0)
+            ]
+            .prop_map(toml::Value::Float),
+            any::<bool>().prop_map(toml::Value::Boolean),
+        ];
+        leaf.prop_recursive(2, 12, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(toml::Value::Array),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| toml::Value::Table(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Puts `v` at `table.key` of `doc` (`x[]` tables: into the first of an array of tables),
+    /// unless something that is not a table is in the way.
+    fn put(doc: &mut toml::Table, table: &str, key: &str, v: toml::Value) {
+        let mut t = doc;
+        for part in table.split('.').filter(|p| !p.is_empty()) {
+            let (name, array) = match part.strip_suffix("[]") {
+                Some(n) => (n, true),
+                None => (part, false),
+            };
+            let slot = t.entry(name.to_string()).or_insert_with(|| {
+                if array {
+                    toml::Value::Array(vec![toml::Value::Table(toml::Table::new())])
+                } else {
+                    toml::Value::Table(toml::Table::new())
+                }
+            });
+            t = match slot {
+                toml::Value::Table(sub) => sub,
+                toml::Value::Array(a) => match a.first_mut() {
+                    Some(toml::Value::Table(sub)) => sub,
+                    _ => return,
+                },
+                _ => return,
+            };
+        }
+        t.insert(key.to_string(), v);
+    }
+
+    /// A config error must say where (the file, maybe a line of it) and name the key.
+    fn check_error(e: &ConfigError, name: &str, text: &str) -> Result<(), TestCaseError> {
+        prop_assert!(e.origin.starts_with(name), "origin {:?}", e.origin);
+        if let Some(line) = e.origin.strip_prefix(&format!("{name}:")) {
+            let line: usize = line
+                .parse()
+                .map_err(|_| TestCaseError::fail(format!("origin {:?}", e.origin)))?;
+            prop_assert!(
+                line >= 1 && line <= text.lines().count(),
+                "line {} of {}",
+                line,
+                e.origin
+            );
+        }
+        prop_assert!(!e.what.is_empty());
+        prop_assert!(!e.to_string().is_empty());
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::cases(1000))]
+
+        /// Valid TOML with random keys (known ones, unknown ones, tables where values go and
+        /// values where tables go) holding values of random types: loading never panics, and a
+        /// refusal names the file (with a line when it has one) and the key.
+        #[test]
+        fn fuzz_random_toml_documents_load_or_name_the_key(
+            entries in proptest::collection::vec(
+                (any::<prop::sample::Index>(), "[a-z_]{1,8}", any::<bool>(), any_toml()),
+                0..12,
+            ),
+        ) {
+            let keys = known_keys();
+            let mut doc = toml::Table::new();
+            for (i, unknown, use_unknown, v) in entries {
+                let (table, key) = &keys[i.index(keys.len())];
+                if use_unknown {
+                    // An unknown key in a known table, or a known table's key as a table.
+                    put(&mut doc, table, &unknown, v);
+                } else {
+                    put(&mut doc, table, key, v);
+                }
+            }
+            let text = toml::to_string(&doc).unwrap();
+            match Config::from_str_named("fuzz.toml", &text) {
+                Ok(_) => {}
+                Err(e) => {
+                    check_error(&e, "fuzz.toml", &text)?;
+                    prop_assert!(e.what.starts_with("key `"), "{}\n--\n{}", e, text);
+                }
+            }
+        }
+
+        /// Random bytes, and the built-in defaults with random bytes changed: never a panic;
+        /// a refusal names the file.
+        #[test]
+        fn fuzz_random_and_mutated_config_text_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+            changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(e) = Config::from_str_named("fuzz.toml", &text) {
+                check_error(&e, "fuzz.toml", &text)?;
+            }
+            let mut defaults = DEFAULTS.as_bytes().to_vec();
+            for (i, b) in &changes {
+                let i = i.index(defaults.len());
+                defaults[i] = *b;
+            }
+            let text = String::from_utf8_lossy(&defaults);
+            if let Err(e) = Config::from_str_named("fuzz.toml", &text) {
+                check_error(&e, "fuzz.toml", &text)?;
+            }
+        }
+    }
+
+    #[test]
+    fn a_config_file_that_is_not_utf8_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, b"[gateway]\nid = \"\xff\"\n").unwrap();
+        let e = Config::load(Some(&path)).unwrap_err();
+        assert_eq!(e.origin, path.display().to_string());
+        assert!(e.what.contains("cannot read"), "{e}");
     }
 }

@@ -20,10 +20,15 @@ pub enum Payload {
 }
 
 impl Payload {
-    /// JSON when `raw` is a valid UTF-8 JSON document, bytes otherwise.
+    /// JSON when `raw` is a UTF-8 JSON document that rules can read, bytes otherwise.
+    ///
+    /// "Can read" is what `serde_json` parses into a value: JSON text nested deeper than 128
+    /// levels, or with a number beyond an f64 (`1e400`), is valid JSON but not that, and kept
+    /// as bytes (rules see it as a string) rather than reaching a rule as `()` and leaving it
+    /// as `null`.
     pub fn from_raw(raw: &[u8]) -> Payload {
         match std::str::from_utf8(raw) {
-            Ok(s) if serde_json::from_str::<&serde_json::value::RawValue>(s).is_ok() => {
+            Ok(s) if serde_json::from_str::<Readable>(s).is_ok() => {
                 Payload::Json(s.trim().to_string())
             }
             _ => Payload::Bytes(raw.to_vec()),
@@ -41,6 +46,50 @@ impl Payload {
     /// Whether the payload is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// A JSON document `serde_json` can parse into a value, checked without building one (its
+/// `IgnoredAny` and `RawValue` skip the depth limit and the number range).
+struct Readable;
+
+impl<'de> Deserialize<'de> for Readable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Readable, D::Error> {
+        d.deserialize_any(Readable)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Readable {
+    type Value = Readable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_unit<E>(self) -> Result<Readable, E> {
+        Ok(Readable)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Readable, A::Error> {
+        while a.next_element::<Readable>()?.is_some() {}
+        Ok(Readable)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Readable, A::Error> {
+        while a.next_entry::<Readable, Readable>()?.is_some() {}
+        Ok(Readable)
     }
 }
 

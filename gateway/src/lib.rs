@@ -16,6 +16,8 @@ pub mod demo;
 pub mod dlq;
 pub mod event;
 pub mod forward;
+#[cfg(test)]
+mod fuzz;
 pub mod ingest;
 pub mod pem;
 pub mod rules;

@@ -216,7 +216,7 @@ enum ReadError {
 }
 
 /// Reads one request: the head, then `Content-Length` bytes of body.
-async fn read_request(sock: &mut TcpStream) -> Result<Request, ReadError> {
+async fn read_request<R: tokio::io::AsyncRead + Unpin>(sock: &mut R) -> Result<Request, ReadError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     let head_end = loop {
@@ -585,6 +585,9 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
 
     #[test]
     fn accept_backoff_grows_to_a_second_and_never_spins() {
@@ -592,5 +595,270 @@ mod tests {
         let waits: Vec<u64> = (0..10).map(|_| b.next().as_millis() as u64).collect();
         assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
         assert!(waits.iter().all(|w| *w >= 10 && *w <= 1000));
+    }
+
+    // -- hostile input -----------------------------------------------------------------------
+
+    /// A client that sends `bytes` in pieces of the given sizes (cycled), then closes.
+    struct Pieces {
+        bytes: Vec<u8>,
+        at: usize,
+        sizes: Vec<usize>,
+        n: usize,
+    }
+
+    impl tokio::io::AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let size = self.sizes[self.n % self.sizes.len()];
+            self.n += 1;
+            let k = size.min(buf.remaining()).min(self.bytes.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.bytes[at..at + k]);
+            self.at += k;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn read(bytes: Vec<u8>, sizes: Vec<usize>) -> Result<Request, ReadError> {
+        let mut client = Pieces {
+            bytes,
+            at: 0,
+            sizes,
+            n: 0,
+        };
+        crate::fuzz::block_on(read_request(&mut client))
+    }
+
+    /// What the endpoint answers a request it read, up to the handlers: the access decision
+    /// under a loopback policy with or without a token, or under one beyond loopback.
+    fn decision(req: &Request, policy: u8) -> Result<(), guard::Refusal> {
+        let (path, _) = req.target.split_once('?').unwrap_or((&req.target, ""));
+        let policy = match policy {
+            0 => Policy::new("127.0.0.1:9464".parse().unwrap(), None),
+            1 => Policy::new(
+                "127.0.0.1:9464".parse().unwrap(),
+                Some("s3cret-t0ken".into()),
+            ),
+            _ => Policy::new("0.0.0.0:9464".parse().unwrap(), None),
+        };
+        let facts = Facts {
+            method: &req.method,
+            origin: req.header("origin"),
+            host: req.header("host"),
+            content_type: req.header("content-type"),
+            authorization: req.header("authorization"),
+            body: &req.body,
+        };
+        policy.decide(Access::of(&req.method, path), &facts)
+    }
+
+    /// An error status the endpoint may answer before any handler runs, as a well-formed
+    /// reply.
+    fn check_refusal(code: &str, msg: &str) -> Result<(), TestCaseError> {
+        prop_assert!(
+            ["400 ", "401 ", "403 ", "405 ", "411 ", "413 ", "415 ", "431 "]
+                .iter()
+                .any(|c| code.starts_with(c)),
+            "status {}",
+            code
+        );
+        prop_assert!(!msg.is_empty());
+        let reply = reply_bytes(code, "text/plain", "", msg);
+        let text = String::from_utf8(reply).unwrap();
+        let (start, length, end) = (
+            format!("HTTP/1.1 {code}\r\n"),
+            format!("Content-Length: {}\r\n", msg.len()),
+            format!("\r\n\r\n{msg}"),
+        );
+        prop_assert!(text.starts_with(&start), "{}", text);
+        prop_assert!(text.contains(&length), "{}", text);
+        prop_assert!(text.ends_with(&end), "{}", text);
+        Ok(())
+    }
+
+    /// One header line of a hostile request.
+    fn header() -> impl Strategy<Value = Vec<u8>> {
+        let cl = prop_oneof![
+            Just("0"),
+            Just("2"),
+            Just("-1"),
+            Just("+2"),
+            Just(" 2 "),
+            Just(""),
+            Just("2, 2"),
+            Just("0x10"),
+            Just("99999999999999999999999"),
+            Just("65536"),
+            Just("65537"),
+            Just("1000000"),
+            Just("18446744073709551615"),
+        ];
+        prop_oneof![
+            3 => cl.prop_map(|v| format!("Content-Length: {v}").into_bytes()),
+            1 => Just(b"Transfer-Encoding: chunked".to_vec()),
+            1 => Just(b"content-length:5".to_vec()),
+            2 => prop_oneof![
+                Just("Host: localhost:9464"), Just("Host: evil.example"), Just("Host: [::1"),
+                Just("Origin: http://127.0.0.1:9464"), Just("Origin: null"), Just("Origin: \u{7f}"),
+                Just("Content-Type: application/json"), Just("Content-Type: ;;;"),
+                Just("Authorization: Bearer s3cret-t0ken"), Just("Authorization: Bearer"),
+                Just("Authorization: "), Just("no colon here"), Just(": empty name"), Just(":"),
+            ]
+            .prop_map(|h| h.as_bytes().to_vec()),
+            1 => (1usize..20_000).prop_map(|n| [b"X-Big: ".to_vec(), vec![b'a'; n]].concat()),
+            2 => proptest::collection::vec(any::<u8>(), 0..40),
+        ]
+    }
+
+    /// A request line.
+    fn request_line() -> impl Strategy<Value = Vec<u8>> {
+        let method = prop_oneof![
+            Just("GET"),
+            Just("POST"),
+            Just("HEAD"),
+            Just("PUT"),
+            Just(""),
+            Just("G\0T"),
+            Just("get"),
+            Just("GETT"),
+        ];
+        let target = prop_oneof![
+            Just("/metrics"),
+            Just("/healthz"),
+            Just("/status"),
+            Just("/dlq"),
+            Just("/dlq?ids=1,x,"),
+            Just("/dlq?limit=99999999999999999999&after=-1"),
+            Just("/dlq/retry"),
+            Just("/dlq/drop?ids="),
+            Just("/dlq/"),
+            Just("/%00"),
+            Just("*"),
+            Just(""),
+            Just("/?"),
+            Just("/dlq?&&=&"),
+        ];
+        let version = prop_oneof![
+            Just(" HTTP/1.1"),
+            Just(" HTTP/1.0"),
+            Just(""),
+            Just(" HTTP/9 x y")
+        ];
+        (method, target, version).prop_map(|(m, t, v)| format!("{m} {t}{v}").into_bytes())
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::cases(1000))]
+
+        /// Random bytes from a client, arriving in random pieces: the endpoint never panics; it
+        /// reads a request (only when the head ends within the limit), or answers an error
+        /// status, or sees the client gone.
+        #[test]
+        fn fuzz_random_bytes_are_a_request_an_error_status_or_gone(
+            bytes in proptest::collection::vec(any::<u8>(), 0..3000),
+            sizes in proptest::collection::vec(1usize..3000, 1..4),
+            policy in 0u8..3,
+        ) {
+            match read(bytes.clone(), sizes) {
+                Ok(req) => {
+                    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").expect("a head");
+                    prop_assert!(end < MAX_HEAD + 2048 + 4);
+                    if let Err(r) = decision(&req, policy) {
+                        check_refusal(r.status, &r.message)?;
+                    }
+                }
+                Err(ReadError::Bad(code, msg)) => check_refusal(code, msg)?,
+                Err(ReadError::Gone) => {}
+            }
+        }
+
+        /// Hostile requests: odd request lines; bad, huge, negative, doubled and lying
+        /// Content-Lengths; Transfer-Encoding; heads over the limit; lines without a colon;
+        /// bytes that are not UTF-8; cut off anywhere: never a panic; a head that never ends
+        /// is 431 once over the limit; chunked is 411; a Content-Length that is not a number
+        /// 400, over the body limit 413; a body shorter than it says is the client gone; else
+        /// the request with exactly Content-Length bytes of body, and the access decision
+        /// answers it or refuses it with a status.
+        #[test]
+        fn fuzz_hostile_requests(
+            line in request_line(),
+            headers in proptest::collection::vec(header(), 0..6),
+            body in proptest::collection::vec(any::<u8>(), 0..16),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+            sizes in proptest::collection::vec(1usize..3000, 1..4),
+            policy in 0u8..3,
+        ) {
+            let mut bytes = line;
+            for h in &headers {
+                bytes.extend_from_slice(b"\r\n");
+                bytes.extend(h);
+            }
+            bytes.extend_from_slice(b"\r\n\r\n");
+            bytes.extend(&body);
+            if let Some(c) = cut {
+                let n = c.index(bytes.len());
+                bytes.truncate(n);
+            }
+            match read(bytes.clone(), sizes) {
+                Ok(req) => {
+                    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    prop_assert!(req.header("transfer-encoding").is_none());
+                    let len = req.header("content-length").map_or(Ok(0), |v| v.parse::<usize>());
+                    prop_assert_eq!(len.as_ref().ok(), Some(&req.body.len()));
+                    prop_assert_eq!(&req.body[..], &bytes[head_end..head_end + req.body.len()]);
+                    if let Err(r) = decision(&req, policy) {
+                        check_refusal(r.status, &r.message)?;
+                    }
+                }
+                Err(ReadError::Bad(code, msg)) => check_refusal(code, msg)?,
+                Err(ReadError::Gone) => {
+                    // Only a client that closed before a whole head, or before the body its
+                    // Content-Length announced.
+                    let head = bytes.windows(4).any(|w| w == b"\r\n\r\n");
+                    let has_len = headers
+                        .iter()
+                        .any(|h| h.to_ascii_lowercase().starts_with(b"content-length"));
+                    prop_assert!(!head || has_len, "a whole request taken for gone");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn requests_over_the_limits_get_their_status() {
+        let status = |bytes: &[u8]| match read(bytes.to_vec(), vec![700]) {
+            Ok(_) => "ok",
+            Err(ReadError::Gone) => "gone",
+            Err(ReadError::Bad(code, _)) => code,
+        };
+        let big = [
+            b"GET / HTTP/1.1\r\nX: ".to_vec(),
+            vec![b'a'; 20_000],
+            b"\r\n\r\n".to_vec(),
+        ]
+        .concat();
+        assert_eq!(status(&big), "431 Request Header Fields Too Large");
+        assert_eq!(
+            status(b"POST /dlq/drop HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            "400 Bad Request"
+        );
+        assert_eq!(
+            status(b"POST /dlq/drop HTTP/1.1\r\nContent-Length: 65537\r\n\r\n"),
+            "413 Content Too Large"
+        );
+        assert_eq!(
+            status(b"POST /dlq/drop HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            "411 Length Required"
+        );
+        assert_eq!(
+            status(b"POST /dlq/drop HTTP/1.1\r\nContent-Length: 5\r\n\r\n{}"),
+            "gone"
+        );
+        assert_eq!(status(b"GET /status HTTP/1.1\r\nHost: x"), "gone");
+        assert_eq!(status(b"GET /status HTTP/1.1\r\n\r\n"), "ok");
     }
 }

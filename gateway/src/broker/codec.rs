@@ -1046,7 +1046,7 @@ fn connack_props(p: &ConnAckProps) -> Result<v5::ConnAckProperties, EncodeError>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -1054,7 +1054,7 @@ mod tests {
     const MAX: usize = 1 << 20;
 
     /// A packet: `byte1`, the remaining length of `body`, `body`.
-    fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+    pub(crate) fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
         let mut out = vec![byte1];
         let mut len = body.len();
         loop {
@@ -1070,7 +1070,7 @@ mod tests {
     }
 
     /// A length-prefixed string or binary field.
-    fn s(x: &[u8]) -> Vec<u8> {
+    pub(crate) fn s(x: &[u8]) -> Vec<u8> {
         let mut out = (x.len() as u16).to_be_bytes().to_vec();
         out.extend_from_slice(x);
         out
@@ -2410,6 +2410,245 @@ mod tests {
                 None => decode_connect(&mut buf, MAX).map(|_| ()),
                 Some(v) => decode(&mut buf, v, MAX).map(|_| ()),
             };
+        }
+    }
+
+    // -- hostile input -----------------------------------------------------------------------
+
+    fn any_version() -> impl Strategy<Value = Version> {
+        prop_oneof![Just(Version::V31), Just(Version::V311), Just(Version::V5)]
+    }
+
+    /// A CONNECT of `v`, as a client sends it.
+    fn connect_bytes(v: Version) -> Vec<u8> {
+        match v {
+            Version::V31 => CONNECT_31.to_vec(),
+            Version::V311 => CONNECT_311.to_vec(),
+            Version::V5 => connect_v5(),
+        }
+    }
+
+    /// A valid packet a client of `v` may send after its CONNECT.
+    fn client_packet(v: Version) -> impl Strategy<Value = Vec<u8>> {
+        let v5 = v == Version::V5;
+        let filters = proptest::collection::vec(("[a-z0-9/+#$é]{1,12}", 0u8..3), 1..4);
+        prop_oneof![
+            4 => publish(v).prop_map(move |p| enc(&Out::Publish(p), v)),
+            1 => (1u16.., any::<bool>()).prop_map(move |(pkid, rec)| {
+                let ack = if rec {
+                    Out::PubRec { pkid, reason: 0 }
+                } else {
+                    Out::PubAck { pkid, reason: 0 }
+                };
+                enc(&ack, v)
+            }),
+            1 => (1u16.., any::<bool>()).prop_map(move |(pkid, rel)| {
+                enc(&if rel { Out::PubRel(pkid) } else { Out::PubComp(pkid) }, v)
+            }),
+            1 => (1u16.., filters.clone()).prop_map(move |(pkid, fs)| {
+                let mut body = pkid.to_be_bytes().to_vec();
+                if v5 {
+                    body.push(0); // no properties
+                }
+                for (f, q) in fs {
+                    body.extend(s(f.as_bytes()));
+                    body.push(q);
+                }
+                frame(0x82, &body)
+            }),
+            1 => (1u16.., filters).prop_map(move |(pkid, fs)| {
+                let mut body = pkid.to_be_bytes().to_vec();
+                if v5 {
+                    body.push(0);
+                }
+                for (f, _) in fs {
+                    body.extend(s(f.as_bytes()));
+                }
+                frame(0xA2, &body)
+            }),
+            1 => Just(vec![0xC0, 0x00]),
+        ]
+    }
+
+    /// A version, and a valid connection stream of it: CONNECT, then packets.
+    fn valid_stream() -> impl Strategy<Value = (Version, Vec<Vec<u8>>)> {
+        any_version().prop_flat_map(|v| {
+            proptest::collection::vec(client_packet(v), 0..8).prop_map(move |mut ps| {
+                ps.insert(0, connect_bytes(v));
+                (v, ps)
+            })
+        })
+    }
+
+    /// What a connection makes of `bytes` (a CONNECT first when `connect`, else packets of
+    /// `v`): decoding until the decoder waits or refuses, as `conn` does. Checks on the way
+    /// that a packet consumes bytes, a wait consumes none, and a refusal says why. Returns
+    /// how many packets decoded and whether it ended refused.
+    fn decode_stream(
+        bytes: &[u8],
+        connect: bool,
+        mut v: Version,
+        max: usize,
+    ) -> Result<(usize, bool), TestCaseError> {
+        let mut buf = BytesMut::from(bytes);
+        let mut n = 0;
+        let refused = |e: DecodeError| -> Result<(usize, bool), TestCaseError> {
+            match &e {
+                DecodeError::Malformed(why) => prop_assert!(!why.is_empty()),
+                DecodeError::TooLarge { size, max: m } => prop_assert!(size > m),
+                DecodeError::UnsupportedProtocol { .. } | DecodeError::NotConnect => {}
+            }
+            prop_assert!(!e.to_string().is_empty());
+            Ok((0, true))
+        };
+        if connect {
+            match decode_connect(&mut buf, max) {
+                Ok(None) => {
+                    prop_assert_eq!(&buf[..], bytes, "a wait consumed bytes");
+                    return Ok((0, false));
+                }
+                Ok(Some(c)) => {
+                    v = c.version;
+                    n += 1;
+                }
+                Err(e) => return refused(e),
+            }
+        }
+        loop {
+            let before = buf.len();
+            match decode(&mut buf, v, max) {
+                Ok(None) => {
+                    prop_assert_eq!(buf.len(), before, "a wait consumed bytes");
+                    return Ok((n, false));
+                }
+                Ok(Some(_)) => {
+                    prop_assert!(buf.len() < before, "a packet consumed nothing");
+                    n += 1;
+                }
+                Err(e) => return refused(e).map(|(_, r)| (n, r)),
+            }
+        }
+    }
+
+    /// One change to a byte string.
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Set(prop::sample::Index, u8),
+        Flip(prop::sample::Index, u8),
+        Insert(prop::sample::Index, u8),
+        Remove(prop::sample::Index),
+        Truncate(prop::sample::Index),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::Set(i, b)),
+            (any::<prop::sample::Index>(), 0u8..8).prop_map(|(i, b)| Mutation::Flip(i, b)),
+            (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+            any::<prop::sample::Index>().prop_map(Mutation::Remove),
+            any::<prop::sample::Index>().prop_map(Mutation::Truncate),
+        ]
+    }
+
+    fn mutate(bytes: &mut Vec<u8>, m: &Mutation) {
+        if bytes.is_empty() {
+            return;
+        }
+        match m {
+            Mutation::Set(i, b) => {
+                let i = i.index(bytes.len());
+                bytes[i] = *b;
+            }
+            Mutation::Flip(i, bit) => {
+                let i = i.index(bytes.len());
+                bytes[i] ^= 1 << bit;
+            }
+            Mutation::Insert(i, b) => bytes.insert(i.index(bytes.len() + 1), *b),
+            Mutation::Remove(i) => {
+                bytes.remove(i.index(bytes.len()));
+            }
+            Mutation::Truncate(i) => bytes.truncate(i.index(bytes.len())),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::cases(10_000))]
+
+        /// Random bytes, as a first packet or as a later one of any protocol, under a small or
+        /// an ample limit: no panic, and the decoder makes progress, waits or says why not.
+        #[test]
+        fn fuzz_random_bytes_decode_wait_or_say_why(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            connect in any::<bool>(),
+            v in any_version(),
+            max in prop_oneof![Just(64usize), Just(MAX)],
+        ) {
+            decode_stream(&bytes, connect, v, max)?;
+        }
+
+        /// Random bytes behind a valid fixed header (so the per-packet readers, not the
+        /// framing, see them), for every packet type and protocol.
+        #[test]
+        fn fuzz_random_bodies_of_every_packet_type(
+            byte1 in any::<u8>(),
+            body in proptest::collection::vec(any::<u8>(), 0..200),
+            v in any_version(),
+        ) {
+            let packet = frame(byte1, &body);
+            let (n, refused) = decode_stream(&packet, false, v, MAX)?;
+            prop_assert!(n == 1 || refused, "a whole frame is a packet or refused");
+            let (n, refused) = decode_stream(&packet, true, v, MAX)?;
+            prop_assert!(n == 1 || refused);
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::cases(2000))]
+
+        /// A valid connection stream cut anywhere: every whole packet decodes, the cut one
+        /// waits for its missing bytes without consuming any.
+        #[test]
+        fn fuzz_truncated_valid_streams_wait_for_the_rest(
+            (v, packets) in valid_stream(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let stream = packets.concat();
+            let cut = cut.index(stream.len() + 1);
+            let whole = packets
+                .iter()
+                .scan(0, |end, p| {
+                    *end += p.len();
+                    Some(*end)
+                })
+                .take_while(|end| *end <= cut)
+                .count();
+            let (n, refused) = decode_stream(&stream[..cut], true, v, MAX)?;
+            prop_assert!(!refused, "a valid stream was refused");
+            prop_assert_eq!(n, whole);
+        }
+
+        /// A valid stream with up to eight random changes (bytes set, flipped, inserted,
+        /// removed, the end cut off): no panic, and every refusal says why.
+        #[test]
+        fn fuzz_mutated_valid_streams(
+            (v, packets) in valid_stream(),
+            mutations in proptest::collection::vec(mutation(), 1..8),
+            as_v in any_version(),
+        ) {
+            let mut stream = packets.concat();
+            for m in &mutations {
+                mutate(&mut stream, m);
+            }
+            decode_stream(&stream, true, v, MAX)?;
+            // The packets after the CONNECT, read as any protocol (a 3.1.1 packet on a v5
+            // connection and the other way round).
+            let mut rest = packets[1..].concat();
+            for m in &mutations {
+                mutate(&mut rest, m);
+            }
+            decode_stream(&rest, false, as_v, MAX)?;
+            decode_stream(&rest, false, as_v, 64)?;
         }
     }
 }

@@ -528,7 +528,17 @@ impl Conn {
                 }
             };
             *last = Instant::now();
-            self.handle(p).await?;
+            let handled = self.handle(p).await;
+            if let Err(End::Server(_)) = &handled {
+                // A protocol error the codec could not see (a bad topic or topic alias, a
+                // second CONNECT, the window overrun): counted like the ones it sees.
+                self.shared
+                    .metrics
+                    .broker
+                    .protocol_errors
+                    .fetch_add(1, Relaxed);
+            }
+            handled?;
         }
         Ok(())
     }
@@ -621,7 +631,12 @@ impl Conn {
         }
         let seq = match self.inbound.accept(&p) {
             Ok(Accepted::New(seq)) => seq,
-            Ok(Accepted::Duplicate) => return Ok(()),
+            Ok(Accepted::Duplicate) => {
+                // Its PUBREC may be due now (the original's went already).
+                let outs = self.inbound.ready();
+                self.acknowledge(outs);
+                return Ok(());
+            }
             Err(reason) => {
                 self.disconnect(reason);
                 return Err(End::Server("receive maximum exceeded".into()));

@@ -645,6 +645,7 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const Q0: Qos = Qos::AtMostOnce;
     const Q1: Qos = Qos::AtLeastOnce;
@@ -1246,5 +1247,245 @@ mod tests {
         let topics: Vec<&str> = r.retained().map(|m| &*m.topic).collect();
         assert_eq!(topics, vec!["a", "c"]);
         assert_eq!(r.stats().retained_refused, 1);
+    }
+
+    // -- hostile sequences -------------------------------------------------------------------
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Connect {
+            c: usize,
+            clean: bool,
+            expiry: u32,
+            receive_max: Option<u16>,
+        },
+        Disconnect {
+            c: usize,
+            stale: bool,
+        },
+        SetExpiry(usize, u32),
+        Subscribe {
+            c: usize,
+            f: &'static str,
+            qos: Qos,
+            no_local: bool,
+            rap: bool,
+            rh: u8,
+            id: Option<usize>,
+        },
+        Unsubscribe(usize, &'static str),
+        Publish {
+            t: &'static str,
+            qos: Qos,
+            retain: bool,
+            empty: bool,
+            from: Option<usize>,
+            expiry: Option<u32>,
+        },
+        Drain(usize),
+        Ack(usize, prop::sample::Index, bool),
+        Resume(usize),
+        Wait(u64),
+    }
+
+    const CLIENTS: [&str; 3] = ["c0", "c1", "c2"];
+    const FILTERS: [&str; 14] = [
+        "#",
+        "+",
+        "a/#",
+        "a/+",
+        "+/b",
+        "a/b",
+        "$SYS/#",
+        "",
+        "a/#/b",
+        "a+",
+        "$share/g/a",
+        "a\0",
+        "/",
+        "+/+",
+    ];
+    const TOPICS: [&str; 7] = ["a", "a/b", "a/c", "b/b", "$SYS/x", "/", "a/b/c"];
+
+    fn op() -> impl Strategy<Value = Op> {
+        let c = 0..CLIENTS.len();
+        let qos = prop_oneof![Just(Q0), Just(Q1), Just(Q2)];
+        let expiry = prop_oneof![Just(0u32), Just(2), Just(u32::MAX)];
+        prop_oneof![
+            2 => (c.clone(), any::<bool>(), expiry.clone(), prop_oneof![Just(None), Just(Some(0u16)), Just(Some(1)), Just(Some(3))])
+                .prop_map(|(c, clean, expiry, receive_max)| Op::Connect { c, clean, expiry, receive_max }),
+            1 => (c.clone(), any::<bool>()).prop_map(|(c, stale)| Op::Disconnect { c, stale }),
+            1 => (c.clone(), expiry).prop_map(|(c, e)| Op::SetExpiry(c, e)),
+            2 => (c.clone(), prop::sample::select(&FILTERS[..]), qos.clone(), any::<bool>(), any::<bool>(), 0u8..4, proptest::option::of(1usize..4))
+                .prop_map(|(c, f, qos, no_local, rap, rh, id)| Op::Subscribe { c, f, qos, no_local, rap, rh, id }),
+            1 => (c.clone(), prop::sample::select(&FILTERS[..])).prop_map(|(c, f)| Op::Unsubscribe(c, f)),
+            4 => (prop::sample::select(&TOPICS[..]), qos, any::<bool>(), any::<bool>(), proptest::option::of(0..CLIENTS.len()), proptest::option::of(0u32..3))
+                .prop_map(|(t, qos, retain, empty, from, expiry)| Op::Publish { t, qos, retain, empty, from, expiry }),
+            3 => c.clone().prop_map(Op::Drain),
+            3 => (c.clone(), any::<prop::sample::Index>(), any::<bool>()).prop_map(|(c, i, known)| Op::Ack(c, i, known)),
+            1 => c.prop_map(Op::Resume),
+            1 => (0u64..3).prop_map(Op::Wait),
+        ]
+    }
+
+    /// The model of one session: what the router promises about it.
+    #[derive(Debug, Default)]
+    struct Model {
+        online: Option<u64>,
+        expiry: u32,
+        ends_at: Option<Instant>,
+        window: usize,
+        inflight: Vec<u16>,
+        /// Every filter it subscribed to (queued messages outlive an unsubscribe).
+        filters: Vec<&'static str>,
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::cases(500))]
+
+        /// Random connects (clean or not, any session expiry and receive maximum), stale and
+        /// current disconnects, valid and invalid subscriptions, publishes (any QoS, retained,
+        /// empty, expiring, from a subscriber), drains, PUBACKs for ids in flight or not,
+        /// resumes and time passing, against a model of sessions: no panic; session present
+        /// exactly when the session outlived its connection; invalid and shared filters
+        /// refused; nothing leaves at QoS 2; a QoS 1 message leaves only inside the window,
+        /// with an id not in flight; only to a filter the session subscribed; a PUBACK frees
+        /// exactly an id in flight; resume resends the in-flight ids in the order first sent;
+        /// queues stay within their bound.
+        #[test]
+        fn fuzz_router_sessions_windows_and_acks(ops in proptest::collection::vec(op(), 0..60)) {
+            let l = Limits { max_queued: 4, max_retained: 3, default_inflight: 2 };
+            let mut r = Router::new(l.clone());
+            let mut now = Instant::now();
+            let mut next_conn = 0u64;
+            let mut m: Vec<Option<Model>> = (0..CLIENTS.len()).map(|_| None).collect();
+            for op in ops {
+                match op {
+                    Op::Connect { c, clean, expiry, receive_max } => {
+                        next_conn += 1;
+                        let outlived = m[c].as_ref().is_some_and(|s| {
+                            !(s.online.is_none() && s.ends_at.is_some_and(|at| now >= at))
+                        });
+                        let present = r.connect(CLIENTS[c], next_conn, clean, expiry, receive_max, now);
+                        prop_assert_eq!(present, outlived && !clean);
+                        let window = usize::from(receive_max.unwrap_or(l.default_inflight).max(1));
+                        if present {
+                            let s = m[c].as_mut().unwrap();
+                            s.online = Some(next_conn);
+                            s.expiry = expiry;
+                            s.ends_at = None;
+                            s.window = window;
+                        } else {
+                            m[c] = Some(Model { online: Some(next_conn), expiry, window, ..Model::default() });
+                        }
+                    }
+                    Op::Disconnect { c, stale } => {
+                        let Some(s) = m[c].as_mut() else { continue };
+                        let conn = if stale { 0 } else { s.online.unwrap_or(0) };
+                        r.disconnect(CLIENTS[c], conn, now);
+                        if s.online == Some(conn) {
+                            if s.expiry == 0 {
+                                m[c] = None;
+                            } else {
+                                s.online = None;
+                                s.ends_at = (s.expiry != u32::MAX).then(|| now + Duration::from_secs(u64::from(s.expiry)));
+                            }
+                        }
+                    }
+                    Op::SetExpiry(c, e) => {
+                        r.set_expiry(CLIENTS[c], e);
+                        if let Some(s) = m[c].as_mut() {
+                            s.expiry = e;
+                        }
+                    }
+                    Op::Subscribe { c, f, qos, no_local, rap, rh, id } => {
+                        let opts = SubOpts { qos, no_local, retain_as_published: rap, retain_handling: rh };
+                        let got = r.subscribe(CLIENTS[c], f, opts, id, now);
+                        if f.starts_with("$share/") {
+                            prop_assert_eq!(got, Err(SubError::SharedUnsupported));
+                        } else if !valid_filter(f) {
+                            prop_assert_eq!(got, Err(SubError::InvalidFilter));
+                        } else if let Some(s) = m[c].as_mut() {
+                            prop_assert_eq!(got, Ok(qos.min(Q1)));
+                            s.filters.push(f);
+                        } else {
+                            prop_assert_eq!(got, Err(SubError::NoSession));
+                        }
+                    }
+                    Op::Unsubscribe(c, f) => {
+                        r.unsubscribe(CLIENTS[c], f);
+                    }
+                    Op::Publish { t, qos, retain, empty, from, expiry } => {
+                        let p = Publish {
+                            topic: t.into(),
+                            payload: if empty { Bytes::new() } else { Bytes::from_static(b"x") },
+                            qos,
+                            retain,
+                            dup: false,
+                            pkid: 0,
+                            props: PubProps { message_expiry: expiry, ..PubProps::default() },
+                        };
+                        let routed = r.publish(Message::from_publish(&p, from.map(|c| CLIENTS[c]), now), now);
+                        prop_assert!(routed.matched <= CLIENTS.len());
+                        prop_assert!(routed.woken.len() <= routed.matched);
+                    }
+                    Op::Drain(c) => {
+                        while let Some(p) = r.next_out(CLIENTS[c], now) {
+                            let s = m[c].as_mut().expect("only a session gets messages");
+                            prop_assert!(s.online.is_some(), "sent to an offline session");
+                            prop_assert!(p.qos != Q2, "QoS 2 is never granted");
+                            prop_assert!(s.filters.iter().any(|f| matches(f, &p.topic)), "{} to {:?}", p.topic, s.filters);
+                            if p.qos == Q1 {
+                                prop_assert!(s.inflight.len() < s.window, "window {} exceeded", s.window);
+                                prop_assert!(p.pkid != 0 && !s.inflight.contains(&p.pkid), "id {} in flight", p.pkid);
+                                s.inflight.push(p.pkid);
+                            } else {
+                                prop_assert_eq!(p.pkid, 0);
+                            }
+                        }
+                    }
+                    Op::Ack(c, i, known) => {
+                        let inflight = m[c].as_ref().map(|s| s.inflight.clone()).unwrap_or_default();
+                        let pkid = if known && !inflight.is_empty() {
+                            inflight[i.index(inflight.len())]
+                        } else {
+                            (i.index(65_535) + 1) as u16
+                        };
+                        let was = inflight.contains(&pkid);
+                        prop_assert_eq!(r.acked(CLIENTS[c], pkid), was);
+                        if was {
+                            m[c].as_mut().unwrap().inflight.retain(|p| *p != pkid);
+                        }
+                    }
+                    Op::Resume(c) => {
+                        let again: Vec<u16> = r.resume(CLIENTS[c], now).iter().map(|p| {
+                            assert!(p.dup);
+                            p.pkid
+                        }).collect();
+                        let want = m[c].as_ref().map(|s| s.inflight.clone()).unwrap_or_default();
+                        prop_assert_eq!(again, want);
+                    }
+                    Op::Wait(secs) => {
+                        now += Duration::from_secs(secs);
+                        let gone = r.expire(now);
+                        let mut want = 0;
+                        for s in m.iter_mut() {
+                            if s.as_ref().is_some_and(|s| s.online.is_none() && s.ends_at.is_some_and(|at| now >= at)) {
+                                *s = None;
+                                want += 1;
+                            }
+                        }
+                        prop_assert_eq!(gone, want);
+                        r.expire_retained(now);
+                    }
+                }
+                let st = r.stats();
+                prop_assert_eq!(st.sessions, m.iter().flatten().count());
+                prop_assert_eq!(st.online, m.iter().flatten().filter(|s| s.online.is_some()).count());
+                prop_assert_eq!(st.inflight, m.iter().flatten().map(|s| s.inflight.len()).sum::<usize>());
+                prop_assert!(st.queued <= st.sessions * l.max_queued);
+                prop_assert!(st.retained <= l.max_retained);
+            }
+        }
     }
 }

@@ -41,7 +41,7 @@ pub enum Accepted {
     /// no number is needed, nothing is acknowledged).
     New(u64),
     /// A QoS 2 resend of a publish already taken (PUBREC sent or coming): not stored again;
-    /// answered when its turn comes.
+    /// answered when its turn comes, which may be now: send what [`Inbound::ready`] returns.
     Duplicate,
 }
 
@@ -138,6 +138,13 @@ impl Inbound {
         if let Some(w) = self.waiting.iter_mut().find(|w| w.seq == seq) {
             w.done.get_or_insert(reason);
         }
+        self.ready()
+    }
+
+    /// The acknowledgements that may go now, in arrival order: those of the decided publishes
+    /// at the front of the queue (after [`Accepted::Duplicate`]: the resend's PUBREC, when
+    /// nothing older waits).
+    pub fn ready(&mut self) -> Vec<Out> {
         let mut out = Vec::new();
         while let Some(w) = self.waiting.front() {
             let Some(reason) = w.done else { break };
@@ -179,6 +186,7 @@ pub fn keep_alive_deadline(keep_alive: u16, last_packet: Instant) -> Option<Inst
 mod tests {
     use super::*;
     use crate::broker::packet::PubProps;
+    use proptest::prelude::*;
 
     fn publish(pkid: u16, qos: Qos) -> Publish {
         Publish {
@@ -270,6 +278,24 @@ mod tests {
     }
 
     #[test]
+    fn a_qos2_resend_after_its_pubrec_is_answered_at_once() {
+        let mut s = Inbound::new(2, 0);
+        let a = seq(s.accept(&publish(7, Qos::ExactlyOnce)));
+        assert_eq!(s.done(a, 0), vec![Out::PubRec { pkid: 7, reason: 0 }]);
+        // The PUBREC went, the sender resends before its PUBREL: nothing older waits, so the
+        // resend's PUBREC is ready now (else it waits for some other commit, and the resends
+        // fill the window).
+        for _ in 0..3 {
+            assert_eq!(
+                s.accept(&publish(7, Qos::ExactlyOnce)),
+                Ok(Accepted::Duplicate)
+            );
+            assert_eq!(s.ready(), vec![Out::PubRec { pkid: 7, reason: 0 }]);
+            assert!(!s.full());
+        }
+    }
+
+    #[test]
     fn a_refused_qos2_publish_frees_its_id() {
         let mut s = Inbound::new(10, 0);
         let a = seq(s.accept(&publish(5, Qos::ExactlyOnce)));
@@ -319,5 +345,153 @@ mod tests {
             keep_alive_deadline(10, now),
             Some(now + Duration::from_secs(15))
         );
+    }
+
+    // -- hostile sequences -------------------------------------------------------------------
+
+    /// What a connection does to its inbound state: what the sensor sends, and the commits
+    /// reporting back.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A PUBLISH (packet ids from a small range, so duplicates and reuse are common).
+        Publish {
+            qos: Qos,
+            pkid: u16,
+            alias: Option<u16>,
+            topic: bool,
+        },
+        /// The commit of the `k`-th publish still waiting (any one, not only the oldest),
+        /// with this reason.
+        Commit(prop::sample::Index, u8),
+        /// A commit report for a number that is not waiting (late, doubled or made up).
+        StrayCommit(u64, u8),
+        /// A PUBREL, for an id in use or not.
+        Release(u16),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let qos = prop_oneof![
+            Just(Qos::AtMostOnce),
+            Just(Qos::AtLeastOnce),
+            Just(Qos::ExactlyOnce)
+        ];
+        let reason = prop_oneof![Just(0u8), Just(QUOTA_EXCEEDED), any::<u8>()];
+        prop_oneof![
+            5 => (qos, 1u16..6, proptest::option::of(0u16..6), any::<bool>())
+                .prop_map(|(qos, pkid, alias, topic)| Step::Publish { qos, pkid, alias, topic }),
+            4 => (any::<prop::sample::Index>(), reason.clone()).prop_map(|(i, r)| Step::Commit(i, r)),
+            1 => (any::<u64>(), reason).prop_map(|(n, r)| Step::StrayCommit(n, r)),
+            2 => (0u16..8).prop_map(Step::Release),
+        ]
+    }
+
+    /// The acknowledgement a publish is owed.
+    fn ack(qos: Qos, pkid: u16, reason: u8) -> Out {
+        match qos {
+            Qos::ExactlyOnce => Out::PubRec { pkid, reason },
+            _ => Out::PubAck { pkid, reason },
+        }
+    }
+
+    /// Model of one owed acknowledgement: (seq or None for a duplicate, qos, pkid, reason).
+    type Owed = (Option<u64>, Qos, u16, Option<u8>);
+
+    proptest! {
+        #![proptest_config(crate::fuzz::cases(1000))]
+
+        /// Random sequences of publishes (QoS 0/1/2, reused and duplicate ids, topic aliases
+        /// set, used, unknown and out of range), commits in any order, stray commit reports and
+        /// PUBRELs for ids in use or unknown, against a plain model: no panic, the window is
+        /// never exceeded (the publish that would is refused with Receive Maximum exceeded),
+        /// acknowledgements leave exactly in arrival order, each once, with its commit's
+        /// reason; QoS 2 resends before the release are duplicates, never stored twice.
+        #[test]
+        fn fuzz_inbound_keeps_order_window_and_qos2_exactly_once(
+            window in 1u16..6,
+            alias_max in 0u16..4,
+            steps in proptest::collection::vec(step(), 0..80),
+        ) {
+            let mut s = Inbound::new(window, alias_max);
+            let mut owed: VecDeque<Owed> = VecDeque::new();
+            let mut unreleased: HashSet<u16> = HashSet::new();
+            let mut aliases: HashMap<u16, String> = HashMap::new();
+            let mut seqs = HashSet::new();
+            let mut topic_n = 0;
+            for st in steps {
+                let mut sent = Vec::new();
+                match st {
+                    Step::Publish { qos, pkid, alias, topic } => {
+                        let mut p = publish(pkid, qos);
+                        topic_n += 1;
+                        p.topic = if topic { format!("t/{topic_n}") } else { String::new() };
+                        p.props.topic_alias = alias;
+                        let want_topic = match alias {
+                            Some(a) if a == 0 || a > alias_max => Err(TOPIC_ALIAS_INVALID),
+                            Some(a) if !topic => aliases.get(&a).cloned().ok_or(PROTOCOL_ERROR),
+                            Some(a) => {
+                                aliases.insert(a, p.topic.clone());
+                                Ok(p.topic.clone())
+                            }
+                            None if !topic => Err(PROTOCOL_ERROR),
+                            None => Ok(p.topic.clone()),
+                        };
+                        let got = s.resolve_topic(&mut p).map(|()| p.topic.clone());
+                        prop_assert_eq!(&got, &want_topic);
+                        prop_assert_eq!(p.props.topic_alias, None, "an alias is never passed on");
+                        if got.is_err() {
+                            continue; // the connection ends with DISCONNECT
+                        }
+                        let accepted = s.accept(&p);
+                        if qos == Qos::AtMostOnce {
+                            prop_assert_eq!(accepted, Ok(Accepted::New(0)));
+                        } else if owed.len() >= usize::from(window) {
+                            prop_assert_eq!(accepted, Err(RECEIVE_MAX_EXCEEDED));
+                        } else if qos == Qos::ExactlyOnce && !unreleased.insert(pkid) {
+                            prop_assert_eq!(accepted, Ok(Accepted::Duplicate));
+                            owed.push_back((None, qos, pkid, Some(0)));
+                            sent = s.ready(); // as the connection does
+                        } else {
+                            let Ok(Accepted::New(seq)) = accepted else {
+                                return Err(TestCaseError::fail(format!("{accepted:?}")));
+                            };
+                            prop_assert!(seq > 0 && seqs.insert(seq), "seq {} not new", seq);
+                            owed.push_back((Some(seq), qos, pkid, None));
+                        }
+                    }
+                    Step::Commit(i, reason) => {
+                        let committable: Vec<usize> = (0..owed.len()).filter(|&k| owed[k].0.is_some() && owed[k].3.is_none()).collect();
+                        if committable.is_empty() {
+                            continue;
+                        }
+                        let k = committable[i.index(committable.len())];
+                        owed[k].3 = Some(reason);
+                        sent = s.done(owed[k].0.unwrap(), reason);
+                    }
+                    Step::StrayCommit(n, reason) => {
+                        if owed.iter().any(|o| o.0 == Some(n)) {
+                            continue;
+                        }
+                        sent = s.done(n, reason);
+                    }
+                    Step::Release(pkid) => {
+                        prop_assert_eq!(s.release(pkid), Out::PubComp(pkid));
+                        unreleased.remove(&pkid);
+                    }
+                }
+                // What may leave now: the done ones at the front, in arrival order.
+                let mut want = Vec::new();
+                while let Some(&(_, qos, pkid, Some(reason))) = owed.front() {
+                    want.push(ack(qos, pkid, reason));
+                    if qos == Qos::ExactlyOnce && reason >= 0x80 {
+                        unreleased.remove(&pkid);
+                    }
+                    owed.pop_front();
+                }
+                prop_assert_eq!(sent, want);
+                prop_assert_eq!(s.waiting(), owed.len());
+                prop_assert!(s.waiting() <= usize::from(window));
+                prop_assert_eq!(s.full(), owed.len() >= usize::from(window));
+            }
+        }
     }
 }

@@ -15,20 +15,93 @@ pub struct DryRun {
     pub actual: Vec<Value>,
 }
 
-/// Reads a JSON-lines file: (line number, value) for each non-blank line.
-fn read_jsonl(path: &Path) -> anyhow::Result<Vec<(usize, Value)>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+/// Reads a JSON-lines file, one object a line, through `each` (line number, object).
+fn read_jsonl<T>(
+    path: &Path,
+    each: impl FnMut(usize, Value) -> anyhow::Result<T>,
+) -> anyhow::Result<Vec<T>> {
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    parse_jsonl(&path.display().to_string(), &bytes, each)
+}
+
+/// `bytes` as JSON lines, one object a line (`name` is the file in messages), each through
+/// `each` in order: blank lines and `//` comments are skipped; the first line that is not a
+/// UTF-8 JSON object, or that `each` refuses, is an error naming it.
+fn parse_jsonl<T>(
+    name: &str,
+    bytes: &[u8],
+    mut each: impl FnMut(usize, Value) -> anyhow::Result<T>,
+) -> anyhow::Result<Vec<T>> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let n = i + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line =
+            std::str::from_utf8(line).map_err(|e| anyhow::anyhow!("{name}:{n}: not UTF-8: {e}"))?;
         if line.trim().is_empty() || line.trim_start().starts_with("//") {
             continue;
         }
         let v: Value = serde_json::from_str(line)
-            .map_err(|e| anyhow::anyhow!("{}:{}: not a JSON object: {e}", path.display(), i + 1))?;
-        out.push((i + 1, v));
+            .map_err(|e| anyhow::anyhow!("{name}:{n}: not a JSON object: {e}"))?;
+        if !v.is_object() {
+            anyhow::bail!("{name}:{n}: not a JSON object: {}", brief(&v));
+        }
+        out.push(each(n, v)?);
     }
     Ok(out)
+}
+
+/// A value for a message: at most 60 characters of it.
+fn brief(v: &Value) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
+/// Line `line` of an events file (`name`) as a rule's input: `topic` a non-empty string,
+/// `payload` anything (absent: null), `source` a string and `ts` an integer (ms) if given.
+fn input_event(name: &str, line: usize, v: &Value) -> anyhow::Result<RuleEvent> {
+    let bad = |what: &str| anyhow::anyhow!("{name}:{line}: {what}");
+    let topic = match v.get("topic") {
+        Some(Value::String(t)) if !t.is_empty() => t.clone(),
+        Some(other) => {
+            return Err(bad(&format!(
+                "\"topic\" must be a non-empty string, not {}",
+                brief(other)
+            )))
+        }
+        None => return Err(bad("an event needs \"topic\"")),
+    };
+    let ts = match v.get("ts") {
+        None | Some(Value::Null) => 1_763_785_000_000 + line as i64 * 1000,
+        Some(t) => t.as_i64().ok_or_else(|| {
+            bad(&format!(
+                "\"ts\" must be an integer (ms since the epoch), not {}",
+                brief(t)
+            ))
+        })?,
+    };
+    let source = match v.get("source") {
+        None | Some(Value::Null) => "mqtt".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(bad(&format!(
+                "\"source\" must be a string, not {}",
+                brief(other)
+            )))
+        }
+    };
+    Ok(RuleEvent {
+        id: line as u64,
+        ts,
+        source,
+        topic,
+        payload: v.get("payload").cloned().unwrap_or(Value::Null),
+        properties: Vec::new(),
+    })
 }
 
 /// Describes how `after` differs from `before`, key by key for objects.
@@ -103,20 +176,11 @@ pub fn run(rules: &Path, events: &Path, limits: Limits) -> anyhow::Result<DryRun
         }
     );
     let mut actual = Vec::new();
-    for (line, v) in read_jsonl(events)? {
-        let topic = v["topic"].as_str().ok_or_else(|| {
-            anyhow::anyhow!("{}:{line}: an event needs \"topic\"", events.display())
-        })?;
-        let input = RuleEvent {
-            id: line as u64,
-            ts: v["ts"]
-                .as_i64()
-                .unwrap_or(1_763_785_000_000 + line as i64 * 1000),
-            source: v["source"].as_str().unwrap_or("mqtt").to_string(),
-            topic: topic.to_string(),
-            payload: v.get("payload").cloned().unwrap_or(Value::Null),
-            properties: Vec::new(),
-        };
+    let name = events.display().to_string();
+    let inputs = read_jsonl(events, |line, v| {
+        input_event(&name, line, &v).map(|e| (line, e))
+    })?;
+    for (line, input) in inputs {
         let r = set.on_event(input.clone());
         set.commit_state();
         let _ = writeln!(report, "#{line} {} {}", input.topic, input.payload);
@@ -158,7 +222,7 @@ pub fn run(rules: &Path, events: &Path, limits: Limits) -> anyhow::Result<DryRun
 
 /// Compares with an expect file; `None` when they match, else a readable diff.
 pub fn compare(actual: &[Value], expect: &Path) -> anyhow::Result<Option<String>> {
-    let want: Vec<Value> = read_jsonl(expect)?.into_iter().map(|(_, v)| v).collect();
+    let want: Vec<Value> = read_jsonl(expect, |_, v| Ok(v))?;
     let norm = |v: &Value| -> Value {
         // Compare what the contract compares: topic (or publish / dead_letter) and payload.
         let mut m = serde_json::Map::new();
@@ -193,4 +257,158 @@ pub fn compare(actual: &[Value], expect: &Path) -> anyhow::Result<Option<String>
         }
     }
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One line of an events file, and whether it is a good event.
+    fn line() -> impl Strategy<Value = (Vec<u8>, bool)> {
+        let good = (
+            "[a-z/$é]{1,12}",
+            any::<i32>(),
+            proptest::option::of(any::<i64>()),
+        )
+            .prop_map(|(topic, n, ts)| {
+                let mut v = json!({"topic": topic, "payload": {"n": n}});
+                if let Some(ts) = ts {
+                    v["ts"] = ts.into();
+                }
+                (v.to_string().into_bytes(), true)
+            });
+        let skipped = prop_oneof![Just(""), Just("   "), Just("\r"), Just("// a comment")]
+            .prop_map(|s| (s.as_bytes().to_vec(), true));
+        let bad = prop_oneof![
+            // Not UTF-8.
+            proptest::collection::vec(any::<u8>(), 0..20).prop_map(|mut b| {
+                b.insert(0, 0xFF);
+                b
+            }),
+            // JSON, but not an object, or not an event.
+            prop_oneof![
+                Just("5"),
+                Just("[1]"),
+                Just("\"x\""),
+                Just("null"),
+                Just("{}"),
+                Just("{\"topic\":\"\"}"),
+                Just("{\"topic\":5}"),
+                Just("{\"payload\":1}"),
+                Just("{\"topic\":\"t\",\"ts\":\"now\"}"),
+                Just("{\"topic\":\"t\",\"ts\":1.5}"),
+                Just("{\"topic\":\"t\",\"source\":[]}"),
+                Just("{\"topic\":\"t\""),
+                Just("{\"topic\":\"t\"} x"),
+                Just("{'topic':'t'}"),
+            ]
+            .prop_map(|s| s.as_bytes().to_vec()),
+            // A good line cut short.
+            "[a-z]{1,8}".prop_map(|t| {
+                let s = json!({"topic": t, "payload": [1, 2]}).to_string();
+                s.as_bytes()[..s.len() - 1].to_vec()
+            }),
+        ]
+        .prop_map(|b| {
+            let b = b.into_iter().filter(|c| *c != b'\n').collect();
+            (b, false)
+        });
+        prop_oneof![4 => good, 1 => skipped, 1 => bad]
+    }
+
+    /// What the reader makes of a file: the events, or the error.
+    fn read(bytes: &[u8]) -> anyhow::Result<Vec<(usize, RuleEvent)>> {
+        parse_jsonl("ev.jsonl", bytes, |line, v| {
+            input_event("ev.jsonl", line, &v).map(|e| (line, e))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::cases(1000))]
+
+        /// An events file of good events, blank lines, comments and bad lines (not UTF-8, not
+        /// JSON, not an object, no or a bad topic, a bad ts or source, cut short), with `\n`
+        /// or `\r\n` line ends: no panic; with a bad line, the error names the file and the
+        /// first bad line; without, every event, with its line number and topic, in order.
+        #[test]
+        fn fuzz_events_file_reads_or_names_the_first_bad_line(
+            lines in proptest::collection::vec(line(), 0..20),
+            crlf in any::<bool>(),
+        ) {
+            let end: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+            let bytes = lines.iter().map(|(l, _)| l.clone()).collect::<Vec<_>>().join(end);
+            match (read(&bytes), lines.iter().position(|(_, good)| !good)) {
+                (Err(e), Some(i)) => {
+                    let msg = e.to_string();
+                    prop_assert!(msg.starts_with(&format!("ev.jsonl:{}: ", i + 1)), "{}", msg);
+                }
+                (Ok(events), None) => {
+                    let want: Vec<usize> = lines
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (l, _))| {
+                            let t = String::from_utf8_lossy(l);
+                            !t.trim().is_empty() && !t.trim_start().starts_with("//")
+                        })
+                        .map(|(i, _)| i + 1)
+                        .collect();
+                    let got: Vec<usize> = events.iter().map(|(n, _)| *n).collect();
+                    prop_assert_eq!(got, want);
+                    for (n, e) in &events {
+                        let v: Value = serde_json::from_slice(&lines[n - 1].0).unwrap();
+                        prop_assert_eq!(Some(e.topic.as_str()), v["topic"].as_str());
+                    }
+                }
+                (got, first_bad) => {
+                    return Err(TestCaseError::fail(format!(
+                        "{:?} with the first bad line at {:?}",
+                        got.map(|e| e.len()),
+                        first_bad.map(|i| i + 1)
+                    )))
+                }
+            }
+        }
+
+        /// Random bytes as an events file, read the whole way (`rules test` with no rules):
+        /// no panic; an error names the file and a line of it.
+        #[test]
+        fn fuzz_random_events_file_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            if let Err(e) = read(&bytes) {
+                let msg = e.to_string();
+                let line = msg
+                    .strip_prefix("ev.jsonl:")
+                    .and_then(|r| r.split(':').next())
+                    .and_then(|n| n.parse::<usize>().ok());
+                prop_assert!(
+                    line.is_some_and(|n| n >= 1 && n <= bytes.split(|b| *b == b'\n').count()),
+                    "{}",
+                    msg
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_dry_run_refuses_a_bad_events_file_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("ev.jsonl");
+        std::fs::write(
+            &events,
+            b"{\"topic\":\"t\"}\n\n{\"topic\":\"t\",\"ts\":\"now\"}\n",
+        )
+        .unwrap();
+        let Err(e) = run(dir.path(), &events, Limits::default()) else {
+            panic!("a bad ts was taken");
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:3: \"ts\" must be an integer (ms since the epoch), not \"now\"",
+                events.display()
+            )
+        );
+    }
 }

@@ -435,4 +435,24 @@ mod tests {
             .render()
             .contains("tidepool_rule_errors_total{rule=\"10-x\"} 1"));
     }
+
+    #[test]
+    fn json_rules_cannot_read_reaches_them_as_text_not_null() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("10-keep.rhai"), "fn on_event(e) { e }").unwrap();
+        let (mut s, _) = stage(dir.path());
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for raw in [deep.as_str(), "1e400", "{\"t\":-1e999}"] {
+            let mut out = StepOutput::default();
+            s.on_event(
+                Event::new("mqtt", "t", Payload::from_raw(raw.as_bytes())),
+                &mut out,
+            );
+            assert_eq!(
+                out.events[0].payload,
+                Payload::Json(serde_json::to_string(raw).unwrap()),
+                "{raw}"
+            );
+        }
+    }
 }

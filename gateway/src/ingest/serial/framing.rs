@@ -264,6 +264,38 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::fuzz::cases(1000))]
+
+        /// The ack path's frames, both ways: every ack the gateway writes decodes on the device
+        /// side (as `tidepool_proto` firmware and the simulator read it) to its seq; a changed
+        /// or random ack frame never panics the device's decoder.
+        #[test]
+        fn fuzz_acks_decode_on_the_device_and_hostile_ones_never_panic(
+            seq in any::<u32>(),
+            wide in any::<u64>(),
+            changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let cobs = encode_ack(true, u64::from(seq));
+            prop_assert_eq!(cobs.last(), Some(&0), "0x00-delimited");
+            let mut frame = cobs[..cobs.len() - 1].to_vec();
+            prop_assert!(!frame.contains(&0), "one frame");
+            let ack: tidepool_proto::Ack = tidepool_proto::decode_cobs(&mut frame.clone()).unwrap();
+            prop_assert_eq!((ack.version, ack.seq), (tidepool_proto::VERSION, seq));
+            let line = encode_ack(false, wide);
+            prop_assert_eq!(line.last(), Some(&b'\n'));
+            let v: Value = serde_json::from_slice(&line[..line.len() - 1]).unwrap();
+            prop_assert_eq!(v["ack"].as_u64(), Some(wide));
+            // Changed on the wire, or noise: the device's decoders never panic.
+            for (i, b) in &changes {
+                let i = i.index(frame.len());
+                frame[i] = *b;
+            }
+            let _ = tidepool_proto::decode_cobs::<tidepool_proto::Ack>(&mut frame);
+            let _ = tidepool_proto::decode_cobs::<tidepool_proto::Ack>(&mut junk.clone());
+            let _ = serde_json::from_slice::<Value>(&junk).map(|v| v["ack"].as_u64());
+        }
+
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_line(&bytes);

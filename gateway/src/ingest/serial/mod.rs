@@ -278,6 +278,7 @@ fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn acks_of_the_current_connection_go_out_at_once() {
@@ -323,5 +324,208 @@ mod tests {
         let out = r.heard("d");
         assert_eq!(out.len(), MAX_HELD_ACKS);
         assert_eq!(out[0], 10, "the oldest were forgotten");
+    }
+
+    // -- hostile input on the ack path -------------------------------------------------------
+
+    /// What a device sends on a reliable port.
+    #[derive(Debug, Clone)]
+    enum Sent {
+        /// A good frame of `device` with `seq`.
+        Frame(u8, u32),
+        /// Bytes without a delimiter, then one: a bad frame (or, by chance, a good one).
+        Garbage(Vec<u8>),
+        /// More than `max_frame` bytes, then a delimiter.
+        Oversize(usize),
+        /// An empty frame (a blank line in `lines`).
+        Blank,
+    }
+
+    fn sent() -> impl Strategy<Value = Sent> {
+        prop_oneof![
+            4 => (0u8..3, any::<u32>()).prop_map(|(d, s)| Sent::Frame(d, s)),
+            2 => proptest::collection::vec(1u8.., 0..40).prop_map(Sent::Garbage),
+            1 => (65usize..200).prop_map(Sent::Oversize),
+            1 => Just(Sent::Blank),
+        ]
+    }
+
+    fn good_frame(cobs: bool, device: &str, seq: u32) -> Vec<u8> {
+        if cobs {
+            let rs = [tidepool_proto::Reading {
+                name: "celsius",
+                value: 21.5,
+            }];
+            let f = tidepool_proto::Frame::new(device, seq, tidepool_proto::Body::Readings(&rs));
+            postcard::to_stdvec_cobs(&f).unwrap()
+        } else {
+            format!("{{\"device\":\"{device}\",\"seq\":{seq},\"celsius\":21.5}}\n").into_bytes()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzz::cases(500))]
+
+        /// A reliable port (`ack = true`) fed good frames, garbage, oversize frames and blank
+        /// ones, cut into random pieces: no panic; each bad frame goes to the commit loop with
+        /// its reason and raw bytes and no ack; each good frame with its (port, device, seq)
+        /// for redelivery detection and an ack that, once committed, goes back on its
+        /// connection with its device and seq; the good frames' acks come in the order sent.
+        #[test]
+        fn fuzz_reliable_port_acks_every_good_frame_and_counts_every_bad_one(
+            cobs in any::<bool>(),
+            items in proptest::collection::vec(sent(), 1..30),
+            piece in 1usize..64,
+        ) {
+            let delim = if cobs { 0u8 } else { b'\n' };
+            let mut stream = Vec::new();
+            let mut want = Vec::new();
+            for it in &items {
+                match it {
+                    Sent::Frame(d, seq) => {
+                        stream.extend(good_frame(cobs, &format!("dev-{d}"), *seq));
+                        want.push((format!("dev-{d}"), u64::from(*seq)));
+                    }
+                    Sent::Garbage(g) => {
+                        // Lines: a leading 0xFF is never UTF-8. COBS: no 0x00 inside.
+                        if !cobs {
+                            stream.push(0xFF);
+                        }
+                        stream.extend(g.iter().filter(|b| **b != delim));
+                        stream.push(delim);
+                    }
+                    Sent::Oversize(n) => {
+                        stream.extend(std::iter::repeat_n(b'x', *n));
+                        stream.push(delim);
+                    }
+                    Sent::Blank => stream.push(delim),
+                }
+            }
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let to = AckTo { port: "p", conn: 7, tx: &tx };
+            let mut d = Deframer::new(delim, 64);
+            let mut chunks = Vec::new();
+            for p in stream.chunks(piece) {
+                d.push(p, &mut chunks);
+            }
+            let mut acked = Vec::new();
+            for c in chunks {
+                let (raw, oversize) = match &c {
+                    Chunk::Frame(f) => (f.clone(), false),
+                    Chunk::Oversize(f) => (f.clone(), true),
+                };
+                let Some(m) = incoming(c, cobs, "serial:p", "serial/p", Some(&to)) else {
+                    prop_assert!(!cobs && raw.is_empty(), "only a blank line is skipped");
+                    continue;
+                };
+                match m.bad {
+                    Some((reason, why)) => {
+                        prop_assert_eq!(reason, if oversize { DropReason::Oversize } else { DropReason::BadFrame });
+                        prop_assert!(!why.is_empty());
+                        prop_assert_eq!(&m.event.payload, &Payload::Bytes(raw));
+                        prop_assert!(m.ack.is_none() && m.dedup.is_none(), "a bad frame is not acked");
+                    }
+                    None => {
+                        prop_assert!(!oversize);
+                        let Some(Dedup::Serial(key)) = &m.dedup else {
+                            return Err(TestCaseError::fail("a good frame without its key"));
+                        };
+                        prop_assert_eq!(key.port.as_str(), "p");
+                        prop_assert_eq!(key.hash, stable_hash(&[&raw]));
+                        let (device, seq) = (key.device.clone(), key.seq);
+                        (m.ack.expect("a frame with a seq is acked"))(crate::ingest::Taken::Stored);
+                        let a = rx.try_recv().expect("the ack goes to the port");
+                        prop_assert_eq!((a.conn, &a.device, a.seq), (7, &device, seq));
+                        acked.push((device, seq));
+                    }
+                }
+            }
+            // Every good frame acked, in order (garbage may by chance be a good frame too).
+            let mut it = acked.iter();
+            for w in &want {
+                prop_assert!(it.any(|a| a == w), "frame {:?} not acked", w);
+            }
+        }
+
+        /// The ack route under random opens, closes, commits of frames from this and earlier
+        /// connections, and devices heard: no panic; an ack is written only while a connection
+        /// is open, only on the connection its frame came on or one its device has been heard
+        /// on, each at most once; none is lost (below the bound of held acks).
+        #[test]
+        fn fuzz_ack_route_never_sends_to_the_wrong_connection_or_twice(
+            ops in proptest::collection::vec((0u8..4, 0u8..3, any::<prop::sample::Index>()), 0..120),
+        ) {
+            let mut r = AckRoute::default();
+            let mut conn: Option<u64> = None;
+            let mut conns = 0u64;
+            let mut heard: HashSet<u8> = HashSet::new();
+            let mut committed: Vec<(u8, u64)> = Vec::new(); // device, seq, in commit order
+            let mut written: Vec<(u8, u64)> = Vec::new();
+            let mut next_seq = 0u64;
+            let write = |written: &mut Vec<(u8, u64)>, conn: Option<u64>, dev: u8, seq: u64| -> Result<(), TestCaseError> {
+                prop_assert!(conn.is_some(), "written with no connection open");
+                prop_assert!(!written.contains(&(dev, seq)), "ack {} written twice", seq);
+                written.push((dev, seq));
+                Ok(())
+            };
+            for (op, dev, from) in ops {
+                let name = format!("dev-{dev}");
+                match op {
+                    0 => {
+                        conns += 1;
+                        conn = Some(conns);
+                        heard.clear();
+                        r.opened(conns);
+                    }
+                    1 => {
+                        conn = None;
+                        r.closed();
+                    }
+                    2 => {
+                        // A frame of `dev` that came on this or an earlier connection commits.
+                        if conns == 0 {
+                            continue;
+                        }
+                        let on = 1 + from.index(conns as usize) as u64;
+                        next_seq += 1;
+                        committed.push((dev, next_seq));
+                        let now = r.ack(on, &name, next_seq);
+                        let may = conn.is_some() && (conn == Some(on) || heard.contains(&dev));
+                        prop_assert_eq!(now.is_some(), may);
+                        if let Some(seq) = now {
+                            prop_assert_eq!(seq, next_seq);
+                            write(&mut written, conn, dev, seq)?;
+                        }
+                    }
+                    _ => {
+                        let out = r.heard(&name);
+                        if conn.is_some() {
+                            heard.insert(dev);
+                        } else {
+                            prop_assert!(out.is_empty());
+                        }
+                        for seq in out {
+                            prop_assert!(committed.contains(&(dev, seq)), "ack {} is not {}'s", seq, name);
+                            write(&mut written, conn, dev, seq)?;
+                        }
+                    }
+                }
+            }
+            // With every device heard once more on an open connection, every committed ack
+            // has gone (an older connection's may go after a newer one's: the device matches
+            // acks by seq).
+            if conn.is_none() {
+                conns += 1;
+                r.opened(conns);
+                conn = Some(conns);
+            }
+            for dev in 0u8..3 {
+                for seq in r.heard(&format!("dev-{dev}")) {
+                    write(&mut written, conn, dev, seq)?;
+                }
+            }
+            written.sort_unstable_by_key(|w| w.1);
+            prop_assert_eq!(written, committed, "lost or extra acks");
+        }
     }
 }
