@@ -85,3 +85,48 @@ fn unit_exposure_is_at_most_2_5() {
         assert!(unit_text.contains(d), "unit lacks {d}");
     }
 }
+
+#[test]
+fn after_kill9_the_repair_extends_the_start_timeout_before_ready() {
+    let mut gw = Gateway::start("");
+    run_sim(gw.mqtt_port, 2_000, 0.0, &[]);
+    assert!(gw.wait_metric("tidepool_backlog_events", 2_000.0, Duration::from_secs(20)));
+    gw.proc.kill9();
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let log = dir.path().join("log");
+    let mut child = Proc {
+        child: Some(
+            Command::new(bin_dir().join("tidepool"))
+                .args(["run", "--config"])
+                .arg(&gw.config)
+                .env("NOTIFY_SOCKET", &sock_path)
+                .env("TIDEPOOL_LOG", "info")
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        ),
+        name: "tidepool".into(),
+    };
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !seen
+        .last()
+        .is_some_and(|m: &String| m.starts_with("READY=1"))
+    {
+        let n = sock.recv(&mut buf).expect("READY=1 within 20 s");
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(
+        seen[0].starts_with("EXTEND_TIMEOUT_USEC=") && seen[0].contains("STATUS=repairing"),
+        "{seen:?}"
+    );
+    assert_eq!(child.terminate(Duration::from_secs(15)), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("not closed cleanly"), "{text}");
+    gw.launch();
+    assert_eq!(gw.status()["backlog_events"], 2_000, "{}", gw.log());
+}

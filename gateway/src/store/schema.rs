@@ -67,9 +67,7 @@ pub fn open_backend(
     };
     let mut builder = Database::builder();
     builder.set_cache_size(cache_size as usize);
-    if let Some(hb) = heartbeat {
-        builder.set_repair_callback(move |_| hb.store(now_ms(), Ordering::Relaxed));
-    }
+    builder.set_repair_callback(repair_progress(name, heartbeat));
     let db = builder.create_with_backend(backend).map_err(open_err)?;
     let found = version(&db)?;
     match found {
@@ -84,6 +82,37 @@ pub fn open_backend(
         _ => upgrade(&db, found)?,
     }
     Ok(db)
+}
+
+/// What to do while redb repairs the file after an unclean stop (it walks the file's trees
+/// three times: seconds on a big store, longer on a slow card): say so in the log, feed the
+/// watchdog's `heartbeat`, and before `READY=1` keep systemd from giving up on the start
+/// (`EXTEND_TIMEOUT_USEC`, a minute past each report; reports at most every 5 s).
+fn repair_progress(
+    name: &str,
+    heartbeat: Option<Arc<AtomicI64>>,
+) -> impl Fn(&mut redb::RepairSession) + 'static {
+    let name = name.to_string();
+    let last = std::sync::Mutex::new(None::<std::time::Instant>);
+    move |session| {
+        if let Some(hb) = &heartbeat {
+            hb.store(now_ms(), Ordering::Relaxed);
+        }
+        let mut last = last.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(5)) {
+            return;
+        }
+        let pct = (session.progress() * 100.0).round();
+        if last.is_none() {
+            tracing::info!(store = %name, "the store was not closed cleanly: repairing it before start");
+        } else {
+            tracing::info!(store = %name, progress = pct, "repairing the store");
+        }
+        *last = Some(std::time::Instant::now());
+        crate::systemd::notify(&format!(
+            "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=repairing the store after an unclean stop: {pct}%"
+        ));
+    }
 }
 
 /// The file's schema version: `None` for a new, empty file; 1 for a store written before

@@ -241,8 +241,9 @@ fn write_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Seconds from spawning the daemon to its sd_notify READY=1.
-fn time_to_ready(gw: &Gateway) -> f64 {
+/// Seconds from spawning the daemon to its sd_notify READY=1; then it is stopped cleanly,
+/// or with `kill -9` if `kill`.
+fn time_to_ready(gw: &Gateway, kill: bool) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
@@ -265,7 +266,11 @@ fn time_to_ready(gw: &Gateway) -> f64 {
     let n = sock.recv(&mut buf).expect("the gateway never sent READY=1");
     assert!(buf[..n].starts_with(b"READY=1"), "{:?}", &buf[..n]);
     let secs = t.elapsed().as_secs_f64();
-    child.terminate(Duration::from_secs(20));
+    if kill {
+        child.kill9();
+    } else {
+        child.terminate(Duration::from_secs(20));
+    }
     secs
 }
 
@@ -274,23 +279,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Footprint figures for the Pi issue: start-up, RSS with rules at 1,000 ev/s, bytes written.
-fn pi_bench() {
-    // Start-up to READY, empty store.
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::configure(dir.path().to_path_buf(), "");
-    let empty: Vec<f64> = (0..5)
-        .map(|_| {
-            let _ = std::fs::remove_dir_all(dir.path().join("data"));
-            time_to_ready(&gw)
-        })
-        .collect();
-    println!(
-        "start-up  to READY=1, empty store: median {:.0} ms",
-        median(empty) * 1000.0
-    );
-
-    // With a 1,000,000-event backlog.
+/// Start-up to READY=1 with a 1,000,000-event backlog (`BENCH_BACKLOG`): after a clean
+/// stop, and after `kill -9`, when redb first repairs the file (it walks the file's trees to
+/// rebuild its free-page state).
+fn startup_with_backlog() {
     let n: u64 = std::env::var("BENCH_BACKLOG")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -305,13 +297,41 @@ fn pi_bench() {
     while gw.metric("tidepool_backlog_events").unwrap_or(0.0) < n as f64 {
         std::thread::sleep(Duration::from_millis(100));
     }
-    gw.proc.terminate(Duration::from_secs(20));
-    let full: Vec<f64> = (0..3).map(|_| time_to_ready(&gw)).collect();
+    let file = std::fs::metadata(gw.config.parent().unwrap().join("data/tidepool.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    // Unclean: each run ends with kill -9, so the next one repairs again.
+    gw.proc.kill9();
+    let unclean: Vec<f64> = (0..3).map(|_| time_to_ready(&gw, true)).collect();
+    // Clean: one start to repair and stop cleanly, then the measured ones.
+    time_to_ready(&gw, false);
+    let clean: Vec<f64> = (0..3).map(|_| time_to_ready(&gw, false)).collect();
     println!(
-        "start-up  to READY=1, {n}-event backlog: median {:.0} ms",
-        median(full) * 1000.0
+        "start-up  to READY=1, {n}-event backlog ({:.0} MiB file): median {:.0} ms after a clean stop, {:.0} ms after kill -9 (redb repair; runs {:?} ms)",
+        file as f64 / 1048576.0,
+        median(clean) * 1000.0,
+        median(unclean.clone()) * 1000.0,
+        unclean.iter().map(|s| (s * 1000.0).round() as u64).collect::<Vec<_>>()
     );
-    drop(gw);
+}
+
+/// Footprint figures for the Pi issue: start-up, RSS with rules at 1,000 ev/s, bytes written.
+fn pi_bench() {
+    // Start-up to READY, empty store.
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::configure(dir.path().to_path_buf(), "");
+    let empty: Vec<f64> = (0..5)
+        .map(|_| {
+            let _ = std::fs::remove_dir_all(dir.path().join("data"));
+            time_to_ready(&gw, false)
+        })
+        .collect();
+    println!(
+        "start-up  to READY=1, empty store: median {:.0} ms",
+        median(empty) * 1000.0
+    );
+
+    startup_with_backlog();
 
     // RSS and bytes written at 1,000 events/s through three example rules, upstream online
     // (acknowledged batches are deleted in the next commit, so their writes count too); the
@@ -510,6 +530,11 @@ fn main() {
     if std::env::args().nth(1).as_deref() == Some("pi") {
         bin_dir();
         pi_bench();
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("restart") {
+        bin_dir();
+        startup_with_backlog();
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("serial") {
