@@ -5,7 +5,8 @@
 //!
 //! Operations: ingest groups (sizes, payload sizes) whose events script their rule outcome
 //! (keep, drop, fan out, fail, state writes) or are bad frames; forwarder batch reads,
-//! PUBACKs (in order, several batches at once), reconnects with the session kept or lost,
+//! PUBACKs (in order, for some of the batches in flight or several at once, and stale ones
+//! again), reconnects with the session kept or lost,
 //! events upstream cannot take; caps (`max_bytes` under both policies, `max_age` as the
 //! clocks move, `dlq_max_bytes`, `min_free` as a tight disk with evictions); dead letters
 //! dropped; clean restarts; and crashes (a power cut at a random write of a commit, keeping
@@ -378,8 +379,12 @@ pub(super) enum Step {
     Read(usize),
     /// PUBACKs for the oldest in-flight batches (this many, at least one): one commit.
     Puback(usize),
-    /// The upstream connection is lost and made again, with the session kept or not.
-    Reconnect { session: bool },
+    /// The upstream connection is lost and made again. Session kept or lost is one case
+    /// here: the forwarder forgets what was in flight either way and sends it again from the
+    /// store (a kept session may also make the broker deliver it: a duplicate, never a loss).
+    Reconnect,
+    /// A PUBACK again for a batch already acknowledged (a resend's): deletes nothing.
+    StaleAck,
     /// Upstream cannot take an in-flight event (the n-th, modulo): moved to dead letters.
     TooBig(usize),
     /// Time passes (ms), then the loop commits what is due (expiry).
@@ -1015,12 +1020,25 @@ impl Run {
                 };
                 returned = Some(r);
             }
-            Step::Reconnect { session } => {
-                if !session {
-                    // In-flight batches are forgotten: sent again from the store.
-                    self.m.inflight.clear();
-                    self.m.cursor = 0;
-                }
+            Step::Reconnect => {
+                self.m.inflight.clear();
+                self.m.cursor = 0;
+            }
+            Step::StaleAck => {
+                let Some(&up_to) = self.m.delivered.last() else {
+                    return true;
+                };
+                let p = MPlan {
+                    acked: Some(ForwardAck {
+                        up_to,
+                        batch: self.batch,
+                    }),
+                    ..MPlan::default()
+                };
+                let Some(r) = self.commit(&p, at) else {
+                    return false;
+                };
+                returned = Some(r);
             }
             Step::TooBig(k) => {
                 let ids: Vec<u64> = self
@@ -1200,7 +1218,8 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(inputs, tight)| Step::Ingest { inputs, tight }),
         4 => (1usize..8).prop_map(Step::Read),
         3 => (1usize..3).prop_map(Step::Puback),
-        1 => any::<bool>().prop_map(|session| Step::Reconnect { session }),
+        1 => Just(Step::Reconnect),
+        1 => Just(Step::StaleAck),
         1 => any::<usize>().prop_map(Step::TooBig),
         2 => prop_oneof![0u64..150, 150u64..2500].prop_map(Step::Wait),
         1 => (0u64..4).prop_map(Step::DropLetters),

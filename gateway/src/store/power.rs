@@ -12,15 +12,16 @@ use crate::config::WhenFull;
 
 /// A run of ordinary operations (no restarts or planned crashes: the cut is the test's).
 fn steps(rng: &mut fastrand::Rng) -> Vec<Step> {
-    let act = |rng: &mut fastrand::Rng| match rng.u8(0..10) {
+    let act = |rng: &mut fastrand::Rng| match rng.u8(0..11) {
         0..=5 => Act::Keep,
         6 => Act::Drop,
         7 => Act::Fan(rng.u8(2..4)),
         8 => Act::Fail,
-        _ => Act::Set(rng.u8(0..4), rng.u8(..)),
+        9 => Act::Set(rng.u8(0..4), rng.u8(..)),
+        _ => Act::Del(rng.u8(0..4)),
     };
     (0..rng.usize(5..30))
-        .map(|_| match rng.u8(0..20) {
+        .map(|_| match rng.u8(0..21) {
             0..=9 => Step::Ingest {
                 inputs: (0..rng.usize(1..12))
                     .map(|_| {
@@ -43,9 +44,8 @@ fn steps(rng: &mut fastrand::Rng) -> Vec<Step> {
             16 => Step::TooBig(rng.usize(..)),
             17 => Step::Wait(rng.u64(0..2500)),
             18 => Step::DropLetters(rng.u64(1..4)),
-            _ => Step::Reconnect {
-                session: rng.bool(),
-            },
+            19 => Step::StaleAck,
+            _ => Step::Reconnect,
         })
         .collect()
 }
@@ -180,7 +180,8 @@ async fn power_cuts_through_the_mqtt_face() {
                 schema::open_backend(backend, "simulated disk", 1 << 20, hb)
             })
         };
-        let store = Store::with_opener(opener, &std::env::temp_dir(), 1 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::with_opener(opener, dir.path(), 1 << 20).unwrap();
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -188,22 +189,29 @@ async fn power_cuts_through_the_mqtt_face() {
         let cfg = crate::config::Config::from_str_named(
             "power-cut.toml",
             &format!(
-                "[ingest.mqtt]\nlisten = \"127.0.0.1:{port}\"\n[rules]\ndir = \"{}\"\n[admin]\nlisten = \"\"\n",
+                "[ingest.mqtt]\nlisten = \"127.0.0.1:{port}\"\n[rules]\ndir = \"{}\"\n[admin]\nlisten = \"\"\n[buffer]\nmin_free = \"0\"\n",
                 rules.path().display()
             ),
         )
         .unwrap();
         let (trigger, shutdown) = crate::shutdown::channel();
         let _running = crate::start_on(cfg, store, shutdown).await.unwrap();
-        // At a random write or sync of some commit, or at a moment between commits (which
-        // shows an acknowledgement sent for what was not yet synced).
+        // At a random write or sync of some commit, or once so many publishes were
+        // acknowledged (at any moment, which shows an acknowledgement sent for what was not
+        // yet synced).
         let after_acks = if rng.bool() {
             disk.cut_after(rng.u64(1..200));
             usize::MAX
         } else {
             rng.usize(1..300)
         };
-        let acked = publish_until_the_power_goes(port, &disk, after_acks).await;
+        let (acked, sent) = publish_until_the_power_goes(port, &disk, after_acks).await;
+        if after_acks != usize::MAX {
+            assert!(
+                acked.len() >= after_acks,
+                "seed {seed}: cut before {after_acks} acks"
+            );
+        }
         // The power is gone: the gateway is dead to the disk.
         *powered.lock().unwrap() = false;
         trigger.fire();
@@ -216,13 +224,17 @@ async fn power_cuts_through_the_mqtt_face() {
         let stored: Vec<u64> = read_after(&db, 0, usize::MAX, u64::MAX)
             .unwrap()
             .iter()
-            .map(|e| match &e.payload {
-                crate::event::Payload::Json(s) => s
-                    .trim_start_matches("{\"n\":")
-                    .trim_end_matches('}')
-                    .parse()
-                    .unwrap(),
-                p => panic!("seed {seed}: unexpected payload {p:?}"),
+            .map(|e| {
+                let v: serde_json::Value = match &e.payload {
+                    crate::event::Payload::Json(s) => serde_json::from_str(s).unwrap(),
+                    p => panic!("seed {seed}: unexpected payload {p:?}"),
+                };
+                let n = v["n"].as_u64().unwrap();
+                assert!(
+                    (1..=sent).contains(&n),
+                    "seed {seed}: stored {n}, sent {sent}"
+                );
+                n
             })
             .collect();
         let mut sorted = stored.clone();
@@ -253,12 +265,12 @@ async fn power_cuts_through_the_mqtt_face() {
 
 /// A sensor (MQTT 3.1.1, QoS 1, up to 16 in flight) publishing `{"n":N}` until the power
 /// goes (cut here once `cut_after_acks` were acknowledged), and a little after; returns the
-/// N the broker acknowledged.
+/// N the broker acknowledged, and how many were sent.
 async fn publish_until_the_power_goes(
     port: u16,
     disk: &super::simdisk::SimDisk,
     cut_after_acks: usize,
-) -> Vec<u64> {
+) -> (Vec<u64>, u64) {
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -293,11 +305,14 @@ async fn publish_until_the_power_goes(
         tokio::spawn(async move {
             let mut p = [0u8; 4];
             while rd.read_exact(&mut p).await.is_ok() {
-                assert_eq!(p[..2], [0x40, 2], "a PUBACK");
+                if p[..2] != [0x40, 2] {
+                    return Err(format!("not a PUBACK: {p:?}"));
+                }
                 acks.lock()
                     .unwrap()
                     .push(u16::from_be_bytes([p[2], p[3]]) as u64);
             }
+            Ok(())
         })
     };
     let (mut sent, mut down_at) = (0u64, None::<Instant>);
@@ -318,7 +333,7 @@ async fn publish_until_the_power_goes(
             "no PUBACK for 10 s with the power on: sent {sent}, acknowledged {n}, disk ops {}",
             disk.ops()
         );
-        if sent - n as u64 >= 16 {
+        if sent.saturating_sub(n as u64) >= 16 {
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
@@ -339,7 +354,15 @@ async fn publish_until_the_power_goes(
         }
     }
     drop(wr);
-    reader.abort();
+    if reader.is_finished() {
+        reader.await.unwrap().unwrap();
+    } else {
+        reader.abort();
+    }
     let got = acks.lock().unwrap().clone();
-    got
+    let mut distinct = got.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), got.len(), "each publish acknowledged once");
+    (got, sent)
 }

@@ -136,10 +136,12 @@ impl SimDisk {
             Keep::Subset => (0..pending.len()).map(|_| rng.bool()).collect(),
         };
         let lost: Vec<usize> = (0..pending.len()).filter(|&i| !kept[i]).collect();
-        let torn = if tear && !lost.is_empty() {
-            Some(lost[rng.usize(0..lost.len())])
-        } else {
-            None
+        // In order, only the first write not made can be half made.
+        let torn = match (tear, keep) {
+            (false, _) => None,
+            (true, Keep::Prefix) => lost.first().copied(),
+            (true, _) if lost.is_empty() => None,
+            (true, _) => Some(lost[rng.usize(0..lost.len())]),
         };
         let mut image = std::mem::take(&mut d.durable);
         for (i, op) in pending.iter().enumerate() {
