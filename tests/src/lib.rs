@@ -21,6 +21,7 @@ pub mod ingest;
 pub mod kill_storm;
 pub mod mqtt_clients;
 pub mod procfs;
+pub mod soak;
 pub mod upstream_limits;
 
 /// The workspace root.

@@ -484,6 +484,21 @@ fn main() {
         fault_proxy_cli(&args[1..]);
         return;
     }
+    if args.first().map(String::as_str) == Some("soak") {
+        let parse = |what: &str, v: &str| {
+            tidepool::config::HumanDuration::parse(v)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+                .0
+        };
+        let d = parse("soak DURATION", args.get(1).map_or("20m", String::as_str));
+        let every = parse(
+            "SOAK_FAULT_EVERY",
+            &std::env::var("SOAK_FAULT_EVERY").unwrap_or_else(|_| "3m".into()),
+        );
+        bin_dir();
+        soak::run(d, every);
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("wear") {
         std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
         bin_dir();
