@@ -95,6 +95,9 @@ pub struct MqttIngestConfig {
     pub username: String,
     /// (client) password for the broker.
     pub password: String,
+    /// (client) MQTT keep-alive with the broker: a silent connection is pinged after this
+    /// long and given up when a second period passes without an answer.
+    pub keep_alive: HumanDuration,
     /// MQTT filters to ingest.
     pub topics: Vec<String>,
     /// Largest payload accepted.
@@ -667,6 +670,12 @@ impl Config {
                 "must be at least 100ms, e.g. \"30s\"".into(),
             ));
         }
+        if self.ingest.mqtt.keep_alive.0 < Duration::from_secs(1) {
+            return Err(err(
+                "ingest.mqtt.keep_alive",
+                "must be at least 1s, e.g. \"30s\"".into(),
+            ));
+        }
         if self.upstream.max_inflight == 0 {
             return Err(err("upstream.max_inflight", "must be at least 1".into()));
         }
@@ -971,6 +980,9 @@ mod tests {
         let e =
             Config::from_str_named("c.toml", "[upstream]\npuback_timeout = \"0s\"\n").unwrap_err();
         assert!(e.to_string().contains("upstream.puback_timeout"), "{e}");
+        let e = Config::from_str_named("c.toml", "[ingest.mqtt]\nkeep_alive = \"500ms\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("ingest.mqtt.keep_alive"), "{e}");
         let e = Config::from_str_named("c.toml", "[rules]\ntick = \"soon\"\n").unwrap_err();
         assert!(e.to_string().contains("rules.tick"), "{e}");
         let e = Config::from_str_named("c.toml", "[gateway\n").unwrap_err();

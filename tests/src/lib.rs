@@ -16,10 +16,13 @@ use std::time::{Duration, Instant};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub mod admin;
+pub mod fault_proxy;
 pub mod ingest;
 pub mod kill_storm;
 pub mod mqtt_clients;
 pub mod pki;
+pub mod procfs;
+pub mod soak;
 pub mod upstream_limits;
 
 /// The workspace root.
@@ -501,6 +504,55 @@ pub fn spawn_sim(port: u16, count: u64, rate: f64, extra: &[&str]) -> Proc {
     }
 }
 
+/// A QoS 1 subscription to `filters` on `port` (reconnecting, on a runtime of its own) that
+/// hands each message's topic and payload to `on_publish`; returns once the SUBACK arrived.
+/// Dropping the runtime ends it.
+pub fn listen(
+    port: u16,
+    filters: &[&str],
+    mut on_publish: impl FnMut(&str, &[u8]) + Send + 'static,
+) -> (tokio::runtime::Runtime, tokio::task::JoinHandle<()>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let filters: Vec<String> = filters.iter().map(|s| s.to_string()).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let task = rt.spawn(async move {
+        let mut opts =
+            MqttOptions::new(format!("test-sub-{}", fastrand::u32(..)), "127.0.0.1", port);
+        opts.set_max_packet_size(16 << 20, 64 << 10);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        let mut tx = Some(tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let c = client.clone();
+                    let f = filters.clone();
+                    tokio::spawn(async move {
+                        for t in f {
+                            let _ = c.subscribe(t, QoS::AtLeastOnce).await;
+                        }
+                    });
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => on_publish(&p.topic, &p.payload),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(15))
+        .expect("no SUBACK from the broker");
+    (rt, task)
+}
+
 /// One event as received upstream.
 #[derive(Debug, Clone)]
 pub struct Got {
@@ -529,70 +581,35 @@ pub struct Subscriber {
 impl Subscriber {
     /// Subscribes to `filters` on `port` and returns once the SUBACK arrived.
     pub fn start(port: u16, filters: &[&str]) -> Subscriber {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let other = Arc::new(Mutex::new(BTreeMap::new()));
         let (g, o) = (got.clone(), other.clone());
-        let filters: Vec<String> = filters.iter().map(|s| s.to_string()).collect();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let task = rt.spawn(async move {
-            let mut opts =
-                MqttOptions::new(format!("test-sub-{}", fastrand::u32(..)), "127.0.0.1", port);
-            opts.set_max_packet_size(16 << 20, 64 << 10);
-            opts.set_keep_alive(Duration::from_secs(30));
-            let (client, mut el) = AsyncClient::new(opts, 100);
-            let mut tx = Some(tx);
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let c = client.clone();
-                        let f = filters.clone();
-                        tokio::spawn(async move {
-                            for t in f {
-                                let _ = c.subscribe(t, QoS::AtLeastOnce).await;
-                            }
+        let (rt, task) = listen(
+            port,
+            filters,
+            move |topic, payload| match serde_json::from_slice::<serde_json::Value>(payload) {
+                Ok(v) if v.get("events").is_some() => {
+                    let batch = v["batch"].as_u64().unwrap_or(0);
+                    let mut g = g.lock().unwrap();
+                    for e in v["events"].as_array().unwrap() {
+                        g.push(Got {
+                            id: e["id"].as_u64().unwrap(),
+                            batch,
+                            n: e["payload"]["n"].as_u64(),
+                            payload: e["payload"].clone(),
+                            event: e.clone(),
                         });
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(t) = tx.take() {
-                            let _ = t.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        match serde_json::from_slice::<serde_json::Value>(&p.payload) {
-                            Ok(v) if v.get("events").is_some() => {
-                                let batch = v["batch"].as_u64().unwrap_or(0);
-                                let mut g = g.lock().unwrap();
-                                for e in v["events"].as_array().unwrap() {
-                                    g.push(Got {
-                                        id: e["id"].as_u64().unwrap(),
-                                        batch,
-                                        n: e["payload"]["n"].as_u64(),
-                                        payload: e["payload"].clone(),
-                                        event: e.clone(),
-                                    });
-                                }
-                            }
-                            _ => {
-                                o.lock()
-                                    .unwrap()
-                                    .entry(p.topic.clone())
-                                    .or_insert_with(Vec::new)
-                                    .push(String::from_utf8_lossy(&p.payload).to_string());
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(15))
-            .expect("no SUBACK from the broker");
+                _ => {
+                    o.lock()
+                        .unwrap()
+                        .entry(topic.to_string())
+                        .or_insert_with(Vec::new)
+                        .push(String::from_utf8_lossy(payload).to_string());
+                }
+            },
+        );
         Subscriber {
             got,
             other,

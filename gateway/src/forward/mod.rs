@@ -21,7 +21,8 @@
 //!
 //! A full batch (by count, by bytes or by the packet limit) goes at once; only a partial one
 //! waits for `batch_max_wait`. A PUBACK that does not come within `puback_timeout` counts as
-//! a lost connection.
+//! a lost connection; the clock of a batch starts when it was queued or at the PUBACK of the
+//! batch ahead of it, whichever is later (a slow link that keeps acknowledging is not dead).
 //!
 //! In flight: a FIFO of published batches, each matched to its packet id as rumqttc sends it
 //! and retired by that id's PUBACK. The store deletes a batch's events only when told of its
@@ -107,6 +108,8 @@ struct Conn {
     status_pkids: Vec<u16>,
     /// Highest id published on this connection.
     next_read: u64,
+    /// When the last PUBACK came (the PUBACK clock of the batch behind it starts there).
+    last_ack: Option<Instant>,
 }
 
 impl Conn {
@@ -133,6 +136,7 @@ impl Conn {
     fn on_puback(&mut self, pkid: u16) -> bool {
         if let Some(i) = self.status_pkids.iter().position(|p| *p == pkid) {
             self.status_pkids.swap_remove(i);
+            self.last_ack = Some(Instant::now());
             return false;
         }
         match self
@@ -142,6 +146,7 @@ impl Conn {
         {
             Some(b) => {
                 b.acked = true;
+                self.last_ack = Some(Instant::now());
                 true
             }
             None => {
@@ -169,12 +174,15 @@ impl Conn {
             .collect()
     }
 
-    /// When the oldest unacknowledged batch runs out of time for its PUBACK.
+    /// When the oldest unacknowledged batch runs out of time for its PUBACK: `timeout` after
+    /// it was queued or after the last PUBACK, whichever is later. PUBACKs come in publish
+    /// order, so a batch waits for the link to carry the ones ahead of it; on a slow link
+    /// that keeps acknowledging, that wait is not the broker's silence.
     fn puback_due(&self, timeout: Duration) -> Option<Instant> {
         self.inflight
             .iter()
             .find(|b| !b.acked)
-            .map(|b| b.queued + timeout)
+            .map(|b| b.queued.max(self.last_ack.unwrap_or(b.queued)) + timeout)
     }
 
     /// Removes and returns the acknowledged batches at the front, oldest first: only a
@@ -399,6 +407,7 @@ impl Forwarder {
             unsent: VecDeque::new(),
             status_pkids: Vec::new(),
             next_read: self.acked_upto,
+            last_ack: None,
         };
         match connack {
             Some(ConnEvent::ConnAck(ConnectReturnCode::Success)) => {}
@@ -819,6 +828,7 @@ mod tests {
             unsent: VecDeque::new(),
             status_pkids: Vec::new(),
             next_read: 0,
+            last_ack: None,
         }
     }
 
@@ -854,10 +864,12 @@ mod tests {
         assert!(c.on_puback(1));
         c.take_acked_prefix();
         assert_eq!(c.unacked(now).len(), 1);
+        let acked_at = c.last_ack.expect("the PUBACK was noted");
+        assert!(acked_at >= c.inflight[0].queued);
         assert_eq!(
             c.puback_due(timeout),
-            Some(c.inflight[0].queued + timeout),
-            "the clock moves to the next batch"
+            Some(acked_at + timeout),
+            "the clock moves to the next batch and starts at the PUBACK of the one ahead"
         );
     }
 

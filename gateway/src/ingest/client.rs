@@ -131,7 +131,7 @@ pub fn start(
     let mut opts = MqttOptions::new(&cfg.client_id, &url.host, url.port);
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
-    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_keep_alive(cfg.keep_alive.0.max(Duration::from_secs(1)));
     // Larger than max_payload so oversize messages are read, counted and acknowledged instead of
     // breaking the connection over and over.
     let incoming = ((cfg.max_payload.0 as usize) * 4).max(16 << 20);

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tidepool_e2e::*;
 
 const TOPIC: &str = "tidepool/test-gw/events";
@@ -32,51 +31,23 @@ struct Counter {
 
 impl Counter {
     fn start(port: u16) -> Counter {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let events = Arc::new(AtomicU64::new(0));
         let latencies = Arc::new(Mutex::new(Vec::new()));
         let first_at = Arc::new(Mutex::new(None));
         let (e, l, f) = (events.clone(), latencies.clone(), first_at.clone());
-        let (tx, rx) = std::sync::mpsc::channel();
-        rt.spawn(async move {
-            let mut o = MqttOptions::new(format!("bench-{}", fastrand::u32(..)), "127.0.0.1", port);
-            o.set_max_packet_size(16 << 20, 1 << 16);
-            let (c, mut el) = AsyncClient::new(o, 100);
-            let mut tx = Some(tx);
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let c = c.clone();
-                        tokio::spawn(async move { c.subscribe(TOPIC, QoS::AtLeastOnce).await });
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(t) = tx.take() {
-                            let _ = t.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let now = now_ms();
-                        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-                        let evs = v["events"].as_array().unwrap();
-                        let mut lat = l.lock().unwrap();
-                        for ev in evs {
-                            if let Some(ts) = ev["payload"]["ts"].as_i64() {
-                                lat.push(now - ts);
-                            }
-                        }
-                        f.lock().unwrap().get_or_insert_with(Instant::now);
-                        e.fetch_add(evs.len() as u64, Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        let (rt, _task) = listen(port, &[TOPIC], move |_, payload| {
+            let now = now_ms();
+            let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            let evs = v["events"].as_array().unwrap();
+            let mut lat = l.lock().unwrap();
+            for ev in evs {
+                if let Some(ts) = ev["payload"]["ts"].as_i64() {
+                    lat.push(now - ts);
                 }
             }
+            f.lock().unwrap().get_or_insert_with(Instant::now);
+            e.fetch_add(evs.len() as u64, Relaxed);
         });
-        rx.recv_timeout(Duration::from_secs(10)).expect("SUBACK");
         Counter {
             events,
             latencies,
@@ -101,16 +72,6 @@ impl Counter {
         self.latencies.lock().unwrap().clear();
         *self.first_at.lock().unwrap() = None;
     }
-}
-
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn pct(v: &mut [i64], p: f64) -> i64 {
@@ -232,15 +193,6 @@ fn serial_bench(frames: u64) {
     }
 }
 
-fn write_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("write_bytes: "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Seconds from spawning the daemon to its sd_notify READY=1; then it is stopped cleanly,
 /// or with `kill -9` if `kill`.
 fn time_to_ready(gw: &Gateway, kill: bool) -> f64 {
@@ -353,19 +305,19 @@ fn pi_bench() {
         ));
         let pid = gw.proc.pid();
         std::thread::sleep(Duration::from_secs(2));
-        let idle = rss_kib(pid, "VmRSS:");
-        let w0 = write_bytes(pid);
+        let idle = procfs::status_kib(pid, "VmRSS:");
+        let w0 = procfs::write_bytes(pid);
         let c0 = gw.metric("tidepool_events_committed_total").unwrap_or(0.0);
         let f0 = gw.metric("tidepool_fsyncs_total").unwrap_or(0.0);
         let mut sim = spawn_sim(gw.mqtt_port, 20_000, 1_000.0, &["--sensors", "20"]);
         let mut max_rss = 0;
         while sim.running() {
-            max_rss = max_rss.max(rss_kib(pid, "VmRSS:"));
+            max_rss = max_rss.max(procfs::status_kib(pid, "VmRSS:"));
             std::thread::sleep(Duration::from_millis(250));
         }
         std::thread::sleep(Duration::from_secs(2));
         let committed = gw.metric("tidepool_events_committed_total").unwrap_or(0.0) - c0;
-        let written = write_bytes(pid) - w0;
+        let written = procfs::write_bytes(pid) - w0;
         let fsyncs = gw.metric("tidepool_fsyncs_total").unwrap_or(0.0) - f0;
         let forwarded = gw.metric("tidepool_events_forwarded_total").unwrap_or(0.0);
         if wait == "5ms" {
@@ -386,7 +338,7 @@ fn pi_bench() {
     let gw = Gateway::start("");
     let pid = gw.proc.pid();
     std::thread::sleep(Duration::from_secs(1));
-    let w0 = write_bytes(pid);
+    let w0 = procfs::write_bytes(pid);
     run_sim(
         gw.mqtt_port,
         200_000,
@@ -398,7 +350,7 @@ fn pi_bench() {
     let fsyncs = gw.metric("tidepool_fsyncs_total").unwrap_or(1.0);
     println!(
         "disk      flat out: {:.0} bytes written per event ({committed} events, {:.0} events per commit)",
-        (write_bytes(pid) - w0) as f64 / committed.max(1.0),
+        (procfs::write_bytes(pid) - w0) as f64 / committed.max(1.0),
         committed / fsyncs
     );
 }
@@ -418,7 +370,7 @@ fn wear_bench() {
     std::thread::sleep(Duration::from_secs(2));
     let sample = || {
         (
-            write_bytes(pid),
+            procfs::write_bytes(pid),
             gw.metric("tidepool_fsyncs_total").unwrap_or(0.0),
             gw.metric("tidepool_events_committed_total").unwrap_or(0.0),
             Instant::now(),
@@ -519,8 +471,54 @@ fn wear_bench() {
     }
 }
 
+/// `fault-proxy LISTEN TARGET`: a fault proxy on loopback port LISTEN in front of TARGET;
+/// each line on stdin names the next state (`pass`, `delay:MS`, `throttle:BYTES_PER_S`,
+/// `cut`, `blackhole`, `flap`). Ends at end of input.
+fn fault_proxy_cli(args: &[String]) {
+    let port = |i: usize| -> u16 {
+        args.get(i)
+            .and_then(|v| v.parse().ok())
+            .expect("usage: tidepool-bench fault-proxy LISTEN_PORT TARGET_PORT")
+    };
+    let proxy = fault_proxy::FaultProxy::start_on(port(0), port(1));
+    println!(
+        "fault proxy 127.0.0.1:{} -> 127.0.0.1:{}: pass",
+        proxy.port,
+        port(1)
+    );
+    for line in std::io::stdin().lines().map_while(Result::ok) {
+        match fault_proxy::Fault::parse(line.trim()) {
+            Some(f) => {
+                proxy.set(f);
+                println!("{f:?}");
+            }
+            None => eprintln!("not a fault: {line:?} (pass, delay:MS, throttle:BYTES_PER_S, cut, blackhole, flap)"),
+        }
+    }
+}
+
 fn main() {
     std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("fault-proxy") {
+        fault_proxy_cli(&args[1..]);
+        return;
+    }
+    if args.first().map(String::as_str) == Some("soak") {
+        let parse = |what: &str, v: &str| {
+            tidepool::config::HumanDuration::parse(v)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+                .0
+        };
+        let d = parse("soak DURATION", args.get(1).map_or("20m", String::as_str));
+        let every = parse(
+            "SOAK_FAULT_EVERY",
+            &std::env::var("SOAK_FAULT_EVERY").unwrap_or_else(|_| "3m".into()),
+        );
+        bin_dir();
+        soak::run(d, every);
+        return;
+    }
     if std::env::args().nth(1).as_deref() == Some("wear") {
         std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
         bin_dir();
@@ -575,7 +573,7 @@ fn main() {
     ));
     let pid = gw.proc.pid();
     std::thread::sleep(Duration::from_secs(2));
-    let idle = rss_kib(pid, "VmRSS:");
+    let idle = procfs::status_kib(pid, "VmRSS:");
     let started = Instant::now();
     let cpu0 = cpu_secs(pid);
     let sim = run_sim(
@@ -629,7 +627,7 @@ fn main() {
     let committed = gw.metric("tidepool_events_committed_total").unwrap_or(0.0);
     let fsyncs = gw.metric("tidepool_fsyncs_total").unwrap_or(1.0);
     println!("fsync     {:.0} events per fsync over the runs above ({committed} events, {fsyncs} commits)", committed / fsyncs);
-    let peak_live = rss_kib(pid, "VmHWM:");
+    let peak_live = procfs::status_kib(pid, "VmHWM:");
     drop(gw);
     drop(counter);
     drop(up);
@@ -684,6 +682,6 @@ fn main() {
         "memory    gateway RSS idle {:.1} MiB; peak {:.1} MiB flat out online, {:.1} MiB filling and draining the backlog",
         idle as f64 / 1024.0,
         peak_live as f64 / 1024.0,
-        rss_kib(pid, "VmHWM:") as f64 / 1024.0
+        procfs::status_kib(pid, "VmHWM:") as f64 / 1024.0
     );
 }
