@@ -359,7 +359,8 @@ impl AdminConfig {
 /// may show).
 fn holds_secret(line_or_key: &str) -> bool {
     let l = line_or_key.to_ascii_lowercase();
-    l.contains("password") || l.contains("token")
+    // `users` entries hold passwords too, whatever shape a wrong one has.
+    l.contains("password") || l.contains("token") || l.contains("users")
 }
 
 /// A token must fit in an HTTP header unchanged: visible ASCII, no spaces.
@@ -670,11 +671,20 @@ impl Config {
                 "must be at least 100ms, e.g. \"30s\"".into(),
             ));
         }
-        if self.ingest.mqtt.keep_alive.0 < Duration::from_secs(1) {
-            return Err(err(
-                "ingest.mqtt.keep_alive",
-                "must be at least 1s, e.g. \"30s\"".into(),
-            ));
+        // MQTT sends the keep-alive as whole seconds in 16 bits (0 would mean none).
+        for (key, d) in [
+            ("ingest.mqtt.keep_alive", self.ingest.mqtt.keep_alive.0),
+            ("upstream.keep_alive", self.upstream.keep_alive.0),
+        ] {
+            if d < Duration::from_secs(1)
+                || d > Duration::from_secs(u16::MAX.into())
+                || d.subsec_nanos() != 0
+            {
+                return Err(err(
+                    key,
+                    "must be whole seconds from 1s to 65535s (MQTT's limit), e.g. \"30s\"".into(),
+                ));
+            }
         }
         if self.upstream.max_inflight == 0 {
             return Err(err("upstream.max_inflight", "must be at least 1".into()));
@@ -983,6 +993,19 @@ mod tests {
         let e = Config::from_str_named("c.toml", "[ingest.mqtt]\nkeep_alive = \"500ms\"\n")
             .unwrap_err();
         assert!(e.to_string().contains("ingest.mqtt.keep_alive"), "{e}");
+        for bad in ["1500ms", "65536s", "1d"] {
+            for table in ["ingest.mqtt", "upstream"] {
+                let e = Config::from_str_named(
+                    "c.toml",
+                    &format!("[{table}]\nkeep_alive = \"{bad}\"\n"),
+                )
+                .unwrap_err();
+                assert!(
+                    e.to_string().contains(&format!("{table}.keep_alive")),
+                    "{e}"
+                );
+            }
+        }
         let e = Config::from_str_named("c.toml", "[rules]\ntick = \"soon\"\n").unwrap_err();
         assert!(e.to_string().contains("rules.tick"), "{e}");
         let e = Config::from_str_named("c.toml", "[gateway\n").unwrap_err();

@@ -22,8 +22,8 @@ pub enum Payload {
 impl Payload {
     /// JSON when `raw` is a UTF-8 JSON document that rules can read, bytes otherwise.
     ///
-    /// "Can read" is what `serde_json` parses into a value: JSON text nested deeper than 128
-    /// levels, or with a number beyond an f64 (`1e400`), is valid JSON but not that, and kept
+    /// "Can read" is what `serde_json` parses into a value: JSON text nested 128 levels
+    /// deep or more, or with a number beyond an f64 (`1e400`), is valid JSON but not that, and kept
     /// as bytes (rules see it as a string) rather than reaching a rule as `()` and leaving it
     /// as `null`.
     pub fn from_raw(raw: &[u8]) -> Payload {

@@ -141,12 +141,16 @@ impl Conn {
         }
         match self
             .inflight
-            .iter_mut()
-            .find(|b| b.pkid == Some(pkid) && !b.acked)
+            .iter()
+            .position(|b| b.pkid == Some(pkid) && !b.acked)
         {
-            Some(b) => {
-                b.acked = true;
-                self.last_ack = Some(Instant::now());
+            Some(i) => {
+                // Only the oldest batch's PUBACK restarts the clock of the one behind it: an
+                // acknowledgement out of order must not hide a batch stuck ahead of it.
+                if self.inflight.iter().take(i).all(|b| b.acked) {
+                    self.last_ack = Some(Instant::now());
+                }
+                self.inflight[i].acked = true;
                 true
             }
             None => {
