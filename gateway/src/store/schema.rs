@@ -42,6 +42,7 @@ pub fn open_file_with(
         path: path.display().to_string(),
         source,
     };
+    let new = !path.exists();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -49,6 +50,15 @@ pub fn open_file_with(
         .truncate(false)
         .open(path)
         .map_err(|e| open_err(e.into()))?;
+    if new {
+        // A new file's name lives in its folder: without syncing the folder, a power cut
+        // soon after the first start could lose the whole store, commits and all.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| open_err(e.into()))?;
+        }
+    }
     let backend = CountingBackend::new(file, counter.clone()).map_err(open_err)?;
     open_backend(backend, &path.display().to_string(), cache_size, heartbeat)
 }
