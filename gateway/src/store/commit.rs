@@ -666,20 +666,21 @@ impl CommitLoop {
         while open.input && open.acks {
             let (input, acks, control) = (&mut self.input, &mut self.acks, &mut self.control);
             let control_open = control.is_some();
+            let nap = deadline.min(tokio::time::Instant::now() + HEARTBEAT_EVERY);
             let wake = self.rt.block_on(async {
-                let admin = async {
-                    match control.as_mut() {
-                        Some(c) => c.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let admin = next_control(control);
                 tokio::select! {
                     m = input.recv() => Some(Ok(Ok(m))),
                     a = acks.recv() => Some(Ok(Err(a))),
                     c = admin, if control_open => Some(Err(c)),
-                    _ = tokio::time::sleep_until(deadline) => None,
+                    _ = tokio::time::sleep_until(nap) => None,
                 }
             });
+            if wake.is_none() && tokio::time::Instant::now() < deadline {
+                // Still waiting: alive, for the watchdog (a window is up to 20 s).
+                self.metrics.heartbeat.store(now_ms(), Relaxed);
+                continue;
+            }
             match wake {
                 Some(Ok(Ok(Some(m)))) => {
                     plan.group.push(m);
@@ -704,21 +705,21 @@ impl CommitLoop {
         loop {
             let (input, control) = (&mut self.input, &mut self.control);
             let control_open = control.is_some();
+            let nap = until.min(tokio::time::Instant::now() + HEARTBEAT_EVERY);
             let got = self.rt.block_on(async {
-                let admin = async {
-                    match control.as_mut() {
-                        Some(c) => c.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let admin = next_control(control);
                 tokio::select! {
                     m = input.recv() => Ok(m),
                     c = admin, if control_open => Err(Some(c)),
-                    _ = tokio::time::sleep_until(until) => Err(None),
+                    _ = tokio::time::sleep_until(nap) => Err(None),
                 }
             });
             match got {
                 Ok(m) => return Some(m),
+                Err(None) if tokio::time::Instant::now() < until => {
+                    // Still waiting: alive, for the watchdog (a window is up to 20 s).
+                    self.metrics.heartbeat.store(now_ms(), Relaxed);
+                }
                 Err(None) => return None,
                 Err(Some(Some(c))) => self.on_control(c),
                 Err(Some(None)) => self.control = None,
@@ -1276,6 +1277,18 @@ fn stall_for_tests(metrics: &Metrics) {
     while path.exists() {
         metrics.heartbeat.store(now_ms(), Relaxed);
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How often a wait for company feeds the watchdog's heartbeat: two waits of a 20 s window
+/// back to back (acknowledgements held, then the group filled) would outlast `WatchdogSec`.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// The next admin request; never, without an admin endpoint.
+async fn next_control(control: &mut Option<mpsc::UnboundedReceiver<Control>>) -> Option<Control> {
+    match control.as_mut() {
+        Some(c) => c.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -96,8 +96,9 @@ pub fn open_backend(
 
 /// What to do while redb repairs the file after an unclean stop (it walks the file's trees
 /// three times: seconds on a big store, longer on a slow card): say so in the log, feed the
-/// watchdog's `heartbeat`, and before `READY=1` keep systemd from giving up on the start
-/// (`EXTEND_TIMEOUT_USEC`, a minute past each report; reports at most every 5 s).
+/// watchdog's `heartbeat` (a reopen while running), or, at start-up (no heartbeat yet), keep
+/// systemd from giving up before `READY=1` (`EXTEND_TIMEOUT_USEC`, a minute past each
+/// report; reports at most every 5 s).
 fn repair_progress(
     name: &str,
     heartbeat: Option<Arc<AtomicI64>>,
@@ -113,15 +114,22 @@ fn repair_progress(
             return;
         }
         let pct = (session.progress() * 100.0).round();
-        if last.is_none() {
-            tracing::info!(store = %name, "the store was not closed cleanly: repairing it before start");
-        } else {
-            tracing::info!(store = %name, progress = pct, "repairing the store");
+        // With a heartbeat the gateway is running (a reopen after an I/O error); without, it
+        // is starting, and systemd waits for READY=1.
+        let starting = heartbeat.is_none();
+        match (last.is_none(), starting) {
+            (true, true) => {
+                tracing::info!(store = %name, "the store was not closed cleanly: repairing it before start")
+            }
+            (true, false) => tracing::info!(store = %name, "repairing the store as it is reopened"),
+            (false, _) => tracing::info!(store = %name, progress = pct, "repairing the store"),
         }
         *last = Some(std::time::Instant::now());
-        crate::systemd::notify(&format!(
-            "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=repairing the store after an unclean stop: {pct}%"
-        ));
+        if starting {
+            crate::systemd::notify(&format!(
+                "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=repairing the store after an unclean stop: {pct}%"
+            ));
+        }
     }
 }
 
