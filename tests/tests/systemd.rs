@@ -6,6 +6,23 @@ use std::time::{Duration, Instant};
 
 use tidepool_e2e::*;
 
+/// The gateway of `gw` run as systemd would, notifying `sock`, with one more variable set.
+fn run_notified(gw: &Gateway, sock: &std::path::Path, var: (&str, &str), stderr: Stdio) -> Proc {
+    Proc {
+        child: Some(
+            Command::new(bin_dir().join("tidepool"))
+                .args(["run", "--config"])
+                .arg(&gw.config)
+                .env("NOTIFY_SOCKET", sock)
+                .env(var.0, var.1)
+                .stderr(stderr)
+                .spawn()
+                .unwrap(),
+        ),
+        name: "tidepool".into(),
+    }
+}
+
 #[test]
 fn ready_then_watchdog_pings_then_stopping() {
     let dir = tempfile::tempdir().unwrap();
@@ -15,19 +32,7 @@ fn ready_then_watchdog_pings_then_stopping() {
         .unwrap();
     let gw = Gateway::configure(dir.path().to_path_buf(), "");
     let started = Instant::now();
-    let mut child = Proc {
-        child: Some(
-            Command::new(bin_dir().join("tidepool"))
-                .args(["run", "--config"])
-                .arg(&gw.config)
-                .env("NOTIFY_SOCKET", &sock_path)
-                .env("WATCHDOG_USEC", "400000")
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        ),
-        name: "tidepool".into(),
-    };
+    let mut child = run_notified(&gw, &sock_path, ("WATCHDOG_USEC", "400000"), Stdio::null());
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).unwrap();
     let ready = String::from_utf8_lossy(&buf[..n]).to_string();
@@ -98,19 +103,12 @@ fn after_kill9_the_repair_extends_the_start_timeout_before_ready() {
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let log = dir.path().join("log");
-    let mut child = Proc {
-        child: Some(
-            Command::new(bin_dir().join("tidepool"))
-                .args(["run", "--config"])
-                .arg(&gw.config)
-                .env("NOTIFY_SOCKET", &sock_path)
-                .env("TIDEPOOL_LOG", "info")
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        ),
-        name: "tidepool".into(),
-    };
+    let mut child = run_notified(
+        &gw,
+        &sock_path,
+        ("TIDEPOOL_LOG", "info"),
+        std::fs::File::create(&log).unwrap().into(),
+    );
     let mut seen = Vec::new();
     let mut buf = [0u8; 256];
     while !seen

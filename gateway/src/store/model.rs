@@ -925,11 +925,7 @@ impl Run {
         let (keep, tear) = self.cut;
         self.disk.restore(keep, tear, &mut self.rng);
         self.cuts += 1;
-        let placeholder = SimDisk::new();
-        drop(std::mem::replace(
-            &mut self.real,
-            Real::open(&placeholder, &self.caps),
-        ));
+        drop(self.take_real());
         {
             let mut db = schema::open_backend(self.disk.backend(), "sim", 1 << 20, None)
                 .unwrap_or_else(|e| panic!("reopen after the cut: {e} at {at}"));
@@ -963,20 +959,14 @@ impl Run {
 
     /// Runs one step; `false` when the power went during it.
     pub fn step(&mut self, step: &Step, at: &str) -> bool {
-        let mut returned = None;
-        match step {
-            Step::Ingest { inputs, tight } => {
-                let p = MPlan {
-                    inputs: self.number(inputs),
-                    tight: tight.is_some(),
-                    evict_bytes: tight.unwrap_or(0),
-                    ..MPlan::default()
-                };
-                let Some(r) = self.commit(&p, at) else {
-                    return false;
-                };
-                returned = Some(r);
-            }
+        // The steps that are one commit say which; it is made after the match.
+        let plan = match step {
+            Step::Ingest { inputs, tight } => Some(MPlan {
+                inputs: self.number(inputs),
+                tight: tight.is_some(),
+                evict_bytes: tight.unwrap_or(0),
+                ..MPlan::default()
+            }),
             Step::Read(max) => {
                 let m = &mut self.m;
                 let got =
@@ -998,6 +988,7 @@ impl Run {
                     m.cursor = last;
                     m.inflight.push_back(last);
                 }
+                None
             }
             Step::Puback(k) => {
                 if self.m.inflight.is_empty() {
@@ -1008,37 +999,18 @@ impl Run {
                     up_to = self.m.inflight.pop_front().unwrap();
                     self.batch += 1;
                 }
-                let p = MPlan {
-                    acked: Some(ForwardAck {
-                        up_to,
-                        batch: self.batch,
-                    }),
-                    ..MPlan::default()
-                };
-                let Some(r) = self.commit(&p, at) else {
-                    return false;
-                };
-                returned = Some(r);
+                Some(self.ack(up_to))
             }
             Step::Reconnect => {
                 self.m.inflight.clear();
                 self.m.cursor = 0;
+                None
             }
             Step::StaleAck => {
                 let Some(&up_to) = self.m.delivered.last() else {
                     return true;
                 };
-                let p = MPlan {
-                    acked: Some(ForwardAck {
-                        up_to,
-                        batch: self.batch,
-                    }),
-                    ..MPlan::default()
-                };
-                let Some(r) = self.commit(&p, at) else {
-                    return false;
-                };
-                returned = Some(r);
+                Some(self.ack(up_to))
             }
             Step::TooBig(k) => {
                 let ids: Vec<u64> = self
@@ -1052,21 +1024,14 @@ impl Run {
                     return true;
                 }
                 let id = ids[k % ids.len()];
-                let p = MPlan {
+                Some(MPlan {
                     upstream_dead: vec![(id, format!("exceeds upstream max_packet: event {id}"))],
                     ..MPlan::default()
-                };
-                let Some(r) = self.commit(&p, at) else {
-                    return false;
-                };
-                returned = Some(r);
+                })
             }
             Step::Wait(ms) => {
                 advance(*ms);
-                let Some(r) = self.commit(&MPlan::default(), at) else {
-                    return false;
-                };
-                returned = Some(r);
+                Some(MPlan::default())
             }
             Step::DropLetters(k) => {
                 let ids: Vec<u64> = self.m.dlq.iter().take(*k as usize).map(|l| l.id).collect();
@@ -1097,15 +1062,13 @@ impl Run {
                         return false;
                     }
                 }
+                None
             }
             Step::Restart => {
-                let placeholder = SimDisk::new();
-                drop(std::mem::replace(
-                    &mut self.real,
-                    Real::open(&placeholder, &self.caps),
-                ));
+                drop(self.take_real());
                 self.real = Real::open(&self.disk, &self.caps);
                 self.m.restarted();
+                None
             }
             Step::Crash {
                 inputs,
@@ -1125,12 +1088,32 @@ impl Run {
                     let now = self.m.clone();
                     self.recover(now, None, at);
                 }
+                None
             }
-        }
-        if let Some((report, x)) = returned {
+        };
+        if let Some(p) = plan {
+            let Some((report, x)) = self.commit(&p, at) else {
+                return false;
+            };
             self.check_commit(&report, &x, at);
         }
         true
+    }
+
+    /// A PUBACK for every batch up to `up_to` (the forwarder's message).
+    fn ack(&self, up_to: u64) -> MPlan {
+        MPlan {
+            acked: Some(ForwardAck {
+                up_to,
+                batch: self.batch,
+            }),
+            ..MPlan::default()
+        }
+    }
+
+    /// The loop and its store, taken out (a stand-in on an empty disk takes their place).
+    fn take_real(&mut self) -> Real {
+        std::mem::replace(&mut self.real, Real::open(&SimDisk::new(), &self.caps))
     }
 
     fn check_commit(&self, report: &CommitReport, x: &Expect, at: &str) {

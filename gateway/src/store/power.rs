@@ -189,7 +189,7 @@ async fn power_cuts_through_the_mqtt_face() {
         let cfg = crate::config::Config::from_str_named(
             "power-cut.toml",
             &format!(
-                "[ingest.mqtt]\nlisten = \"127.0.0.1:{port}\"\n[rules]\ndir = \"{}\"\n[admin]\nlisten = \"\"\n[buffer]\nmin_free = \"0\"\n",
+                "[ingest.mqtt]\nlisten = \"127.0.0.1:{port}\"\n[rules]\ndir = \"{}\"\n[admin]\nlisten = \"\"\n[buffer]\nmin_free = \"0\"\nwrite_budget = \"0\"\n",
                 rules.path().display()
             ),
         )
