@@ -222,6 +222,87 @@ pub enum Encoding {
     Postcard,
 }
 
+/// `[upstream] protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// MQTT 5: PUBACK reason codes, the broker's Maximum Packet Size, user properties.
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+impl Protocol {
+    /// As written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::V5 => "5",
+            Protocol::V311 => "3.1.1",
+        }
+    }
+}
+
+/// `[upstream] drain`: the order a backlog goes out in after an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Drain {
+    /// New events first (within `batch_max_wait`), the backlog behind them, paced.
+    LiveFirst,
+    /// Oldest first, as stored.
+    Fifo,
+}
+
+/// `[upstream] drain_rate`: `"unlimited"`, `"N/s"` (events a second) or `"SIZE/s"` (bytes a
+/// second on the wire, e.g. `"64KiB/s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainRate {
+    /// As fast as upstream takes it.
+    Unlimited,
+    /// Events a second.
+    Events(u64),
+    /// Bytes a second (whole PUBLISH packets).
+    Bytes(u64),
+}
+
+impl DrainRate {
+    fn parse(s: &str) -> Result<DrainRate, String> {
+        let t = s.trim();
+        if t == "unlimited" {
+            return Ok(DrainRate::Unlimited);
+        }
+        let what = || {
+            format!(
+                "`{s}` is not a drain rate: \"unlimited\", events a second (\"2000/s\") or bytes a second (\"64KiB/s\")"
+            )
+        };
+        let per = t.strip_suffix("/s").ok_or_else(what)?.trim();
+        let per = per
+            .strip_suffix("events")
+            .or_else(|| per.strip_suffix("ev"))
+            .unwrap_or(per)
+            .trim();
+        let rate = if let Ok(n) = per.parse::<u64>() {
+            DrainRate::Events(n)
+        } else {
+            DrainRate::Bytes(ByteSize::parse(per).map_err(|_| what())?.0)
+        };
+        match rate {
+            DrainRate::Events(0) | DrainRate::Bytes(0) => Err(format!(
+                "`{s}`: a drain rate must be above 0 (or \"unlimited\")"
+            )),
+            r => Ok(r),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DrainRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DrainRate::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// `[upstream]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +322,12 @@ pub struct UpstreamConfig {
     pub batch_max_wait: HumanDuration,
     /// Wire encoding.
     pub encoding: Encoding,
+    /// MQTT protocol version upstream.
+    pub protocol: Protocol,
+    /// Which events go first after an outage.
+    pub drain: Drain,
+    /// Most the backlog is sent at.
+    pub drain_rate: DrainRate,
     /// Largest whole PUBLISH packet sent upstream (header, topic, packet id, payload).
     pub max_packet: ByteSize,
     /// A PUBACK not received this long after its publish counts as a lost connection.

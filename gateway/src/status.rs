@@ -185,6 +185,33 @@ pub fn render(v: &Value) -> String {
             format!(" — {err}")
         }
     );
+    if let Some(p) = up["protocol"].as_str().filter(|p| !p.is_empty()) {
+        let _ = writeln!(o, "          MQTT {p}");
+    }
+    if let Some(d) = up["drain"].as_object() {
+        let eta = match d.get("eta_seconds").and_then(|e| e.as_f64()) {
+            Some(s) => format!(", done in about {}", human_secs(s)),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "drain     {} of {} backlog events left, {} ev/s{eta} ({}, drain_rate {})",
+            d["backlog_left"],
+            d["backlog_total"],
+            d["events_per_second"],
+            d["mode"].as_str().unwrap_or("?"),
+            d["rate_limit"].as_str().unwrap_or("?"),
+        );
+    }
+    if let Some(r) = up["rejected"].as_object().filter(|r| !r.is_empty()) {
+        let parts: Vec<String> = r.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(
+            o,
+            "refused   {} — last: {}",
+            parts.join("  "),
+            up["last_rejection"].as_str().unwrap_or("")
+        );
+    }
     if running {
         let _ = writeln!(
             o,
@@ -228,6 +255,17 @@ pub fn render(v: &Value) -> String {
         }
     }
     o
+}
+
+/// Seconds for people: `45s`, `12m`, `3.5h`.
+fn human_secs(s: f64) -> String {
+    if s < 90.0 {
+        format!("{s:.0}s")
+    } else if s < 5400.0 {
+        format!("{:.0}m", s / 60.0)
+    } else {
+        format!("{:.1}h", s / 3600.0)
+    }
 }
 
 #[cfg(test)]

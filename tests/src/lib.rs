@@ -5,6 +5,7 @@
 //! a missing one fails the test loudly instead of skipping it.
 
 pub mod disk;
+pub mod drain;
 
 use std::collections::BTreeMap;
 use std::io::Write;

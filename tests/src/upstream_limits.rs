@@ -1,4 +1,5 @@
-//! Harness for the upstream-limit tests: a broker that accepts and never acknowledges.
+//! Harness for the upstream-limit tests: a broker that accepts and never acknowledges, and
+//! a broker that speaks only MQTT 3.1.1.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -65,9 +66,14 @@ fn silent(mut s: TcpStream, stop: Arc<AtomicBool>) {
     while !stop.load(SeqCst) && Instant::now() < until {
         match s.read(&mut buf) {
             Ok(0) => return,
-            Ok(_) if !connacked => {
+            Ok(n) if !connacked => {
                 // The first bytes are the CONNECT (a CONNECT fits in one read on loopback).
-                let _ = s.write_all(&[0x20, 0x02, 0x00, 0x00]);
+                let connack: &[u8] = if connect_level(&buf[..n]) == Some(5) {
+                    &[0x20, 0x03, 0x00, 0x00, 0x00]
+                } else {
+                    &[0x20, 0x02, 0x00, 0x00]
+                };
+                let _ = s.write_all(connack);
                 connacked = true;
             }
             Ok(_) => {}
@@ -81,10 +87,92 @@ fn silent(mut s: TcpStream, stop: Arc<AtomicBool>) {
     }
 }
 
+/// The protocol level of a CONNECT packet (4: MQTT 3.1.1, 5: MQTT 5), if `b` starts with one.
+pub fn connect_level(b: &[u8]) -> Option<u8> {
+    if b.first()? & 0xf0 != 0x10 {
+        return None;
+    }
+    let mut i = 1;
+    while b.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    // Remaining length, then the protocol name "MQTT" (2 + 4 bytes), then the level.
+    b.get(i + 1 + 6).copied()
+}
+
+/// A loopback listener in front of `target` (a real broker) that behaves as a broker that
+/// speaks only MQTT 3.1.1: an MQTT 5 CONNECT gets a 3.1.1 CONNACK "unacceptable protocol
+/// version" (return code 1) and the connection closes; a 3.1.1 CONNECT is proxied.
+pub struct Only311 {
+    /// The port to point the gateway at.
+    pub port: u16,
+    /// MQTT 5 CONNECTs turned away so far.
+    pub refused_v5: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Only311 {
+    /// Listens on a free port in front of `target`.
+    pub fn start(target: u16) -> Only311 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let refused_v5 = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, s) = (refused_v5.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(SeqCst) {
+                let Ok((mut inbound, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                inbound.set_nonblocking(false).unwrap();
+                inbound
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut first = vec![0u8; 4096];
+                let Ok(len) = inbound.read(&mut first) else {
+                    continue;
+                };
+                if connect_level(&first[..len]) == Some(5) {
+                    n.fetch_add(1, SeqCst);
+                    let _ = inbound.write_all(&[0x20, 0x02, 0x00, 0x01]);
+                    let _ = inbound.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                inbound.set_read_timeout(None).unwrap();
+                let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                if outbound.write_all(&first[..len]).is_err() {
+                    continue;
+                }
+                pipe(inbound, outbound);
+            }
+        });
+        Only311 {
+            port,
+            refused_v5,
+            stop,
+        }
+    }
+}
+
+impl Drop for Only311 {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+    }
+}
+
 fn proxy(inbound: TcpStream, target: u16) {
     let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)) else {
         return;
     };
+    pipe(inbound, outbound);
+}
+
+/// Copies both ways until either side closes.
+fn pipe(inbound: TcpStream, outbound: TcpStream) {
     let (mut a, mut b) = (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
     let (mut c, mut d) = (inbound, outbound);
     std::thread::spawn(move || {

@@ -103,12 +103,23 @@ fn broker_packet_limits_of_64k_and_128k_deliver_everything() {
 
 #[test]
 fn an_event_too_large_for_the_broker_is_dead_lettered_the_rest_arrive() {
+    // MQTT 3.1.1: no Maximum Packet Size in the CONNACK; the gateway has to learn the limit.
+    too_large_for_the_broker("3.1.1");
+}
+
+#[test]
+fn mqtt5_takes_the_broker_maximum_packet_size_from_its_connack() {
+    // MQTT 5: the CONNACK says 64 KiB; no refusal needed to learn it.
+    too_large_for_the_broker("5");
+}
+
+fn too_large_for_the_broker(protocol: &str) {
     // The embedded broker takes payloads up to 100 KiB; upstream takes packets up to 64 KiB;
-    // `max_packet` stays at its default, above that: the gateway has to learn the limit.
+    // `max_packet` stays at its default, above that.
     let port = free_port();
     let gw = Gateway::start(&format!(
         "max_payload = \"100KiB\"\n{}",
-        upstream_cfg(port, "")
+        upstream_cfg(port, &format!("protocol = \"{protocol}\""))
     ));
     let sim = run_sim(gw.mqtt_port, 2_000, 0.0, &["--payload-size", "250"]);
     assert_eq!(sim["acked"], 2_000);
@@ -167,7 +178,12 @@ fn an_event_too_large_for_the_broker_is_dead_lettered_the_rest_arrive() {
         gw.metric("tidepool_upstream_dead_lettered_total"),
         Some(1.0)
     );
-    assert!(gw.metric("tidepool_upstream_size_refusals_total") >= Some(1.0));
+    let refusals = gw.metric("tidepool_upstream_size_refusals_total");
+    if protocol == "5" {
+        assert_eq!(refusals, Some(0.0), "the CONNACK said the limit");
+    } else {
+        assert!(refusals >= Some(1.0));
+    }
     assert!(
         gw.metric("tidepool_upstream_packet_limit_bytes") <= Some(65_536.0),
         "learned limit {:?}",
@@ -184,7 +200,14 @@ fn an_event_too_large_for_the_broker_is_dead_lettered_the_rest_arrive() {
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     assert_eq!(list[0]["rule"], "upstream");
     let why = list[0]["error"].as_str().unwrap();
-    assert!(why.contains("refused by the upstream broker"), "{why}");
+    if protocol == "5" {
+        assert!(
+            why.contains("exceeds the upstream broker's Maximum Packet Size 65536 B"),
+            "{why}"
+        );
+    } else {
+        assert!(why.contains("refused by the upstream broker"), "{why}");
+    }
 }
 
 #[test]

@@ -146,6 +146,8 @@ pub struct Metrics {
     pub heartbeat: std::sync::Arc<AtomicI64>,
     /// The forwarder's packet-size limit and what it did about it.
     pub upstream_sizes: UpstreamSizeMetrics,
+    /// The upstream protocol, refused publishes and the drain of a backlog.
+    pub upstream_info: Mutex<UpstreamInfo>,
     /// The embedded broker's connections, sessions and drops.
     pub broker: BrokerMetrics,
     /// Bytes the store wrote to its file since start (what the card takes).
@@ -243,6 +245,81 @@ impl BrokerMetrics {
     }
 }
 
+/// What the forwarder says of its connection beyond its state: the protocol it speaks, the
+/// publishes the broker refused (MQTT 5 reason codes) and the drain of a backlog.
+#[derive(Debug, Default, Clone)]
+pub struct UpstreamInfo {
+    /// `5`, `3.1.1`, or `3.1.1` with why (a broker that does not speak 5).
+    pub protocol: String,
+    /// Publishes refused by PUBACK reason code, by reason name.
+    pub rejected: BTreeMap<String, u64>,
+    /// The last refusal, for people: batch, ids, reason code and the broker's reason string.
+    pub last_rejection: String,
+    /// The backlog being drained, if any.
+    pub drain: Option<DrainProgress>,
+}
+
+/// A backlog drain under way.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DrainProgress {
+    /// `live_first` or `fifo`.
+    pub mode: &'static str,
+    /// `upstream.drain_rate` as configured.
+    pub rate_limit: String,
+    /// Backlog events when the connection came up.
+    pub total: u64,
+    /// Of them, not yet acknowledged (estimate: drops on the way are not subtracted).
+    pub left: u64,
+    /// Backlog events acknowledged per second, recently.
+    pub events_per_second: f64,
+    /// When it will be done at that rate.
+    pub eta_seconds: Option<f64>,
+}
+
+impl UpstreamInfo {
+    fn render(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_upstream_rejected_total Publishes the upstream broker refused with an MQTT 5 PUBACK reason code of 0x80 or more, by reason; they stay stored and are retried with backoff.\n# TYPE tidepool_upstream_rejected_total counter"
+        );
+        for (reason, n) in &self.rejected {
+            let _ = writeln!(
+                o,
+                "tidepool_upstream_rejected_total{{reason=\"{}\"}} {n}",
+                escape_label(reason)
+            );
+        }
+        let d = self.drain.clone().unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_upstream_backlog_left_events Backlog events (stored before the upstream connection came up) not yet acknowledged; 0 when no drain is under way.\n# TYPE tidepool_upstream_backlog_left_events gauge\ntidepool_upstream_backlog_left_events {}",
+            d.left
+        );
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_upstream_drain_events_per_second Backlog events acknowledged per second, recently.\n# TYPE tidepool_upstream_drain_events_per_second gauge\ntidepool_upstream_drain_events_per_second {:.1}",
+            d.events_per_second
+        );
+    }
+
+    /// For `/status`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "protocol": self.protocol,
+            "rejected": self.rejected,
+            "last_rejection": self.last_rejection,
+            "drain": self.drain.as_ref().map(|d| serde_json::json!({
+                "mode": d.mode,
+                "rate_limit": d.rate_limit,
+                "backlog_total": d.total,
+                "backlog_left": d.left,
+                "events_per_second": (d.events_per_second * 10.0).round() / 10.0,
+                "eta_seconds": d.eta_seconds.map(|s| s.round()),
+            })),
+        })
+    }
+}
+
 /// The forwarder's packet-size limit, refusals, dead letters and PUBACK timeouts.
 #[derive(Debug, Default)]
 pub struct UpstreamSizeMetrics {
@@ -316,6 +393,7 @@ impl Default for Metrics {
             rules_status: Mutex::new(serde_json::json!([])),
             heartbeat: std::sync::Arc::new(AtomicI64::new(crate::event::now_ms())),
             upstream_sizes: UpstreamSizeMetrics::default(),
+            upstream_info: Mutex::default(),
             broker: BrokerMetrics::default(),
             store_bytes_written: AtomicU64::new(0),
             commit_window_us: AtomicU64::new(0),
@@ -666,6 +744,7 @@ impl Metrics {
         );
         let _ = writeln!(o, "tidepool_commit_seconds_count {count}");
         self.upstream_sizes.render(&mut o);
+        self.upstream_info.lock().unwrap().render(&mut o);
         self.broker.render(&mut o);
         o
     }
@@ -676,6 +755,10 @@ impl Metrics {
             .iter()
             .map(|r| (r.label().to_string(), self.dropped_count(*r).into()))
             .collect();
+        let mut upstream = self.upstream_info.lock().unwrap().json();
+        upstream["state"] = self.upstream().name().into();
+        upstream["connected"] = self.upstream_connected().into();
+        upstream["last_error"] = self.upstream_error.lock().unwrap().clone().into();
         serde_json::json!({
             "gateway": gateway,
             "running": true,
@@ -687,11 +770,7 @@ impl Metrics {
             "backlog_events": self.backlog_events.load(Relaxed),
             "backlog_bytes": self.backlog_bytes.load(Relaxed),
             "oldest_age_seconds": self.oldest_age_secs(),
-            "upstream": {
-                "state": self.upstream().name(),
-                "connected": self.upstream_connected(),
-                "last_error": self.upstream_error.lock().unwrap().clone(),
-            },
+            "upstream": upstream,
             "dlq_events": self.dlq_events.load(Relaxed),
             "dlq_bytes": self.dlq_bytes.load(Relaxed),
             "store_healthy": self.store_healthy.load(Relaxed),

@@ -90,6 +90,8 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct SizeGuard {
     max_packet: usize,
+    /// The broker's MQTT 5 Maximum Packet Size, from its last CONNACK.
+    broker: Option<usize>,
     largest_acked: usize,
     learned: Option<usize>,
     /// A one-event batch the broker refused: (event id, packet size, times).
@@ -101,6 +103,7 @@ impl SizeGuard {
     pub fn new(max_packet: usize) -> SizeGuard {
         SizeGuard {
             max_packet,
+            broker: None,
             largest_acked: 0,
             learned: None,
             single: None,
@@ -111,9 +114,20 @@ impl SizeGuard {
     /// Never below what the broker has acknowledged.
     pub fn limit(&self) -> usize {
         match self.learned {
-            Some(l) => l.max(self.largest_acked).min(self.max_packet),
-            None => self.max_packet,
+            Some(l) => l.max(self.largest_acked).min(self.hard_max()),
+            None => self.hard_max(),
         }
+    }
+
+    /// `max_packet`, or the broker's Maximum Packet Size when smaller.
+    fn hard_max(&self) -> usize {
+        self.broker
+            .map_or(self.max_packet, |b| b.min(self.max_packet))
+    }
+
+    /// The broker's MQTT 5 Maximum Packet Size from a CONNACK (`None`: it set none, or 3.1.1).
+    pub fn set_broker_max(&mut self, broker: Option<usize>) {
+        self.broker = broker;
     }
 
     /// The largest packet the broker acknowledged on this gateway since start.
@@ -162,6 +176,11 @@ impl SizeGuard {
                 self.max_packet
             ));
         }
+        if let Some(b) = self.broker.filter(|b| packet > *b) {
+            return Err(format!(
+                "exceeds the upstream broker's Maximum Packet Size {b} B: packet {packet} B"
+            ));
+        }
         // Before the broker has acknowledged anything (a fresh start, a broker that drops every
         // connection), a drop says little about size: it takes more of them on this event alone.
         let needed = if self.largest_acked > 0 {
@@ -206,12 +225,14 @@ pub struct Planned {
 pub struct Limits {
     /// `[upstream] encoding`.
     pub encoding: Encoding,
-    /// Length of `[upstream] topic`.
+    /// Length of `[upstream] topic`, plus what MQTT 5 properties may take.
     pub topic_len: usize,
     /// `[upstream] batch_max_events`.
     pub max_events: usize,
     /// `[upstream] batch_max_bytes`: the most payload bytes.
     pub max_bytes: usize,
+    /// A batch of backlog (says so in its payload).
+    pub backlog: bool,
 }
 
 /// Builds batch number `batch` from `events` (read in id order; `more`: rows beyond them
@@ -228,7 +249,7 @@ pub fn plan(
     let budget = limits
         .max_bytes
         .min(payload_budget(guard.limit(), limits.topic_len));
-    let mut enc = BatchEncoder::new(limits.encoding, gateway, batch);
+    let mut enc = BatchEncoder::with_backlog(limits.encoding, gateway, batch, limits.backlog);
     let mut out = Planned {
         payload: None,
         first_id: 0,
@@ -452,6 +473,7 @@ mod tests {
             topic_len: "tidepool/test-gw/events".len(),
             max_events: 500,
             max_bytes: 256 * 1024,
+            backlog: false,
         }
     }
 

@@ -3,55 +3,70 @@
 //! An explicit state machine; each state is an `async fn` returning the next:
 //!
 //! ```text
-//!            ┌──────────── error / connection lost ◄─────────────┐
+//!            ┌──────────── error / connection lost / refused ◄────┐
 //!            ▼                                                    │
 //! Offline ─(backoff)─► Connecting ─(CONNACK)─► Draining ⇄ Live ──┘
 //! ```
 //! - **Offline**: waits out an exponential backoff with full jitter.
-//! - **Connecting**: a fresh rumqttc client (clean session), TCP/TLS, CONNECT with a retained
-//!   `offline` last will; on CONNACK publishes retained `online`.
-//! - **Draining**: full batches are waiting; sends them back to back, up to `max_inflight`.
-//! - **Live**: caught up; a partial batch goes when it fills or `batch_max_wait` passes.
+//! - **Connecting**: a fresh client (clean start), TCP/TLS, CONNECT with a retained `offline`
+//!   last will; on CONNACK publishes retained `online`. MQTT 5 unless `upstream.protocol =
+//!   "3.1.1"`; a broker that does not speak 5 (it refuses the version, answers with a 3.1.1
+//!   CONNACK or closes on the CONNECT) is tried at once with 3.1.1, which is then kept until
+//!   restart, with a WARN ([`client`]).
+//! - **Draining**: a backlog is waiting; **Live**: caught up.
 //!
-//! Size: a batch is built so its whole PUBLISH packet fits `[upstream] max_packet`, or the
-//! smaller limit learned when the broker dropped the connection right after a publish larger
-//! than any it had acknowledged (halved per such drop; in memory, until restart). An event
-//! that alone exceeds a known limit is dead-lettered through the commit loop
+//! Two read cursors per connection. Everything stored when the connection came up (ids up to
+//! `top`) is *backlog*; what is committed after is *live*. Under `drain = "live_first"` a live
+//! batch goes first (when full, or `batch_max_wait` after its first event) and backlog
+//! batches fill the pipeline behind it, leaving one slot free for live data; under `"fifo"`
+//! the backlog goes first. Backlog batches say so (`"backlog": true`) and are paced by
+//! `drain_rate` (events or bytes a second; a virtual clock that lets one batch ahead of it);
+//! live batches never are. Each batch covers a range of ids (from its cursor's position to
+//! its last event) and its PUBACK deletes that range, in whatever order PUBACKs come
+//! ([`ForwardAck`]); ranges acknowledged and not yet deleted are skipped when read again.
+//!
+//! Size: a batch is built so its whole PUBLISH packet (MQTT 5 properties included) fits
+//! `[upstream] max_packet`, the broker's Maximum Packet Size (MQTT 5 CONNACK), or the smaller
+//! limit learned when the broker dropped the connection right after a publish larger than
+//! any it had acknowledged (halved per such drop; in memory, until restart). An event that
+//! alone exceeds a known limit is dead-lettered through the commit loop
 //! ([`ForwardMsg::DeadLetter`]), never retried for ever. See [`limits`].
 //!
-//! A full batch (by count, by bytes or by the packet limit) goes at once; only a partial one
-//! waits for `batch_max_wait`. A PUBACK that does not come within `puback_timeout` counts as
-//! a lost connection; the clock of a batch starts when it was queued or at the PUBACK of the
-//! batch ahead of it, whichever is later (a slow link that keeps acknowledging is not dead).
+//! A PUBACK with a reason code of 0x80 or more (MQTT 5: not authorized, quota exceeded,
+//! payload format invalid, …) refuses that batch: nothing of it is deleted, the refusal is
+//! counted by reason and shown in `status`, and the connection is made again after a backoff
+//! that grows until a batch is accepted; the batch is then read from the store again.
 //!
-//! In flight: a FIFO of published batches, each matched to its packet id as rumqttc sends it
-//! and retired by that id's PUBACK. The store deletes a batch's events only when told of its
-//! PUBACK ([`ForwardAck`]). On any disconnect the client is dropped with everything in flight
-//! and the next connection resends from the store, starting after the last acknowledged id:
-//! a lost session can neither lose nor stall data.
+//! A PUBACK that does not come within `puback_timeout` counts as a lost connection; the clock
+//! of a batch starts when it was queued or at the PUBACK of the oldest batch ahead of it,
+//! whichever is later (a slow link that keeps acknowledging is not dead).
+//!
+//! In flight: a list of published batches, each matched to its packet id as the client sends
+//! it and retired by that id's PUBACK. On any disconnect the client is dropped with
+//! everything in flight and the next connection resends from the store: a lost session can
+//! neither lose nor stall data.
 
+pub mod client;
 pub mod limits;
 pub mod tls;
 pub mod wire;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redb::Database;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event as MqttEvent, LastWill, MqttOptions,
-    Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::ConnectionError;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::admin::metrics::{Metrics, UpstreamState};
-use crate::config::{parse_mqtt_url, UpstreamConfig};
+use crate::admin::metrics::{DrainProgress, Metrics, UpstreamState};
+use crate::config::{parse_mqtt_url, Drain, DrainRate, Protocol, UpstreamConfig};
 use crate::shutdown::Shutdown;
 use crate::store::{self, ForwardAck, ForwardMsg};
+use client::{Client, ConnAckInfo, ConnEvent, Rejection};
 use limits::{Limits, Planned, SizeGuard, Unacked, Verdict};
 
 /// Forwarder errors that stop it from starting.
@@ -70,25 +85,22 @@ pub fn status_topic(gateway: &str) -> String {
     format!("tidepool/{gateway}/status")
 }
 
-/// What the connection's poller tells the state machine.
-#[derive(Debug)]
-enum ConnEvent {
-    ConnAck(ConnectReturnCode),
-    /// rumqttc wrote a PUBLISH with this packet id (in publish order).
-    Sent(u16),
-    PubAck(u16),
-    Lost(String),
-}
+/// How often a long drain logs its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(60);
 
 /// A published, unacknowledged batch.
 #[derive(Debug)]
 struct InFlight {
     batch: u64,
+    /// The lowest id it covers: one past its cursor's position when it was read.
+    from: u64,
     first_id: u64,
     last_id: u64,
     count: u64,
     /// Its PUBLISH packet size.
     packet: usize,
+    /// Backlog (stored before this connection came up).
+    backlog: bool,
     pkid: Option<u16>,
     acked: bool,
     /// When it was handed to the client (the PUBACK timeout counts from here).
@@ -97,23 +109,49 @@ struct InFlight {
     sent_at: Option<Instant>,
 }
 
-/// One live connection: the client, its poller's reports, and what is in flight.
+/// One live connection: the client, its poller's reports, what is in flight, the cursors.
 struct Conn {
-    client: AsyncClient,
+    client: Client,
     events: mpsc::UnboundedReceiver<ConnEvent>,
     poller: tokio::task::JoinHandle<()>,
     inflight: VecDeque<InFlight>,
-    /// Publishes whose packet id is not known yet: `Some(index)` batch, `None` status message.
+    /// Publishes whose packet id is not known yet: `true` batch, `false` status message.
     unsent: VecDeque<bool>,
     status_pkids: Vec<u16>,
-    /// Highest id published on this connection.
-    next_read: u64,
+    /// Ids up to here were stored when the connection came up: the backlog.
+    top: u64,
+    /// Highest backlog id read (backlog done when it reaches `top`).
+    backlog_read: u64,
+    /// Highest live id read (starts at `top`).
+    live_read: u64,
     /// When the last PUBACK came (the PUBACK clock of the batch behind it starts there).
     last_ack: Option<Instant>,
+    /// Batches in flight at most: `max_inflight`, or the broker's Receive Maximum.
+    max_inflight: usize,
 }
 
 impl Conn {
-    /// rumqttc wrote a PUBLISH with `pkid`: the oldest publish without an id gets it.
+    fn new(
+        client: Client,
+        events: mpsc::UnboundedReceiver<ConnEvent>,
+        poller: tokio::task::JoinHandle<()>,
+    ) -> Conn {
+        Conn {
+            client,
+            events,
+            poller,
+            inflight: VecDeque::new(),
+            unsent: VecDeque::new(),
+            status_pkids: Vec::new(),
+            top: 0,
+            backlog_read: 0,
+            live_read: 0,
+            last_ack: None,
+            max_inflight: 1,
+        }
+    }
+
+    /// The client wrote a PUBLISH with `pkid`: the oldest publish without an id gets it.
     /// False when nothing was waiting for an id (a protocol surprise).
     fn on_sent(&mut self, pkid: u16) -> bool {
         match self.unsent.pop_front() {
@@ -159,9 +197,12 @@ impl Conn {
             }
         }
     }
-}
 
-impl Conn {
+    /// The batch in flight with packet id `pkid`.
+    fn batch_of(&self, pkid: u16) -> Option<&InFlight> {
+        self.inflight.iter().find(|b| b.pkid == Some(pkid))
+    }
+
     /// Batches handed to the client and not acknowledged, oldest first, as of `now`. Those
     /// not reported written count too: when the broker closes the connection on a packet
     /// as it arrives, the client's write fails before it can report the write.
@@ -189,14 +230,20 @@ impl Conn {
             .map(|b| b.queued.max(self.last_ack.unwrap_or(b.queued)) + timeout)
     }
 
-    /// Removes and returns the acknowledged batches at the front, oldest first: only a
-    /// contiguous prefix may be deleted from the store.
-    fn take_acked_prefix(&mut self) -> Vec<InFlight> {
-        let mut out = Vec::new();
-        while self.inflight.front().is_some_and(|b| b.acked) {
-            out.extend(self.inflight.pop_front());
-        }
-        out
+    /// Removes and returns the acknowledged batches, oldest first. Each covers its own range
+    /// of ids, so any of them may be deleted whatever is still in flight ahead of it.
+    fn take_acked(&mut self) -> Vec<InFlight> {
+        let (done, left): (VecDeque<InFlight>, VecDeque<InFlight>) =
+            std::mem::take(&mut self.inflight)
+                .into_iter()
+                .partition(|b| b.acked);
+        self.inflight = left;
+        done.into()
+    }
+
+    /// Backlog batches in flight.
+    fn backlog_inflight(&self) -> usize {
+        self.inflight.iter().filter(|b| b.backlog).count()
     }
 }
 
@@ -214,6 +261,73 @@ enum State {
     Stopped,
 }
 
+/// Why a connection attempt failed.
+struct Refused {
+    why: String,
+    /// The broker looks like it does not speak the protocol tried.
+    protocol_suspect: bool,
+}
+
+/// The backlog drain's pacing and progress.
+#[derive(Debug)]
+struct DrainState {
+    /// A backlog batch may go no sooner than this (`drain_rate`'s virtual clock).
+    next_at: Instant,
+    /// Backlog events when the connection came up, and acknowledged since.
+    total: u64,
+    done: u64,
+    started: Instant,
+    /// Acknowledged backlog events, sampled for the recent rate: (when, `done`).
+    samples: VecDeque<(Instant, u64)>,
+    last_log: Instant,
+    /// A drain is under way (set at connect when there is a backlog).
+    active: bool,
+}
+
+impl DrainState {
+    fn new() -> DrainState {
+        let now = Instant::now();
+        DrainState {
+            next_at: now,
+            total: 0,
+            done: 0,
+            started: now,
+            samples: VecDeque::new(),
+            last_log: now,
+            active: false,
+        }
+    }
+
+    /// Backlog events acknowledged per second over the last ~30 s.
+    fn rate(&self, now: Instant) -> f64 {
+        let Some(&(t0, d0)) = self.samples.front() else {
+            return 0.0;
+        };
+        let secs = now.saturating_duration_since(t0).as_secs_f64();
+        if secs < 0.5 {
+            let all = now.saturating_duration_since(self.started).as_secs_f64();
+            return if all > 0.0 {
+                self.done as f64 / all
+            } else {
+                0.0
+            };
+        }
+        (self.done - d0) as f64 / secs
+    }
+
+    fn note(&mut self, now: Instant, events: u64) {
+        self.done += events;
+        self.samples.push_back((now, self.done));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) > Duration::from_secs(30))
+        {
+            self.samples.pop_front();
+        }
+    }
+}
+
 /// The forwarder task.
 pub struct Forwarder {
     cfg: UpstreamConfig,
@@ -226,18 +340,25 @@ pub struct Forwarder {
     tls: Option<Arc<rustls::ClientConfig>>,
     host: String,
     port: u16,
+    /// The protocol spoken: `upstream.protocol`, or 3.1.1 after a fallback (until restart).
+    protocol: Protocol,
     /// The packet limit, configured and learned.
     guard: SizeGuard,
-    /// Events handed to the commit loop for the dead-letter queue, not yet behind an ack.
+    /// Events handed to the commit loop for the dead-letter queue, not yet gone from the store.
     dead_sent: BTreeSet<u64>,
-    acked_upto: u64,
+    /// Id ranges acknowledged upstream (`from` → `to`, merged), until the store has deleted
+    /// them: a read after a reconnect skips them.
+    acked: BTreeMap<u64, u64>,
     next_batch: u64,
     failures: u32,
+    /// Batches refused by reason code since one was last accepted (the backoff grows with it).
+    rejections: u32,
     last_error: String,
     /// When the current partial batch was first seen.
     partial_since: Option<Instant>,
     /// Average stored row size, to guess when a batch is full by bytes.
     avg_row: u64,
+    drain: DrainState,
 }
 
 impl Forwarder {
@@ -274,7 +395,9 @@ impl Forwarder {
             .upstream_sizes
             .packet_limit
             .store(guard.limit() as u64, Relaxed);
+        metrics.upstream_info.lock().unwrap().protocol = cfg.protocol.name().into();
         Ok(Forwarder {
+            protocol: cfg.protocol,
             cfg,
             gateway,
             db,
@@ -287,12 +410,14 @@ impl Forwarder {
             port,
             guard,
             dead_sent: BTreeSet::new(),
-            acked_upto: 0,
+            acked: BTreeMap::new(),
             next_batch,
             failures: 0,
+            rejections: 0,
             last_error: String::new(),
             partial_since: None,
             avg_row: 256,
+            drain: DrainState::new(),
         })
     }
 
@@ -315,14 +440,14 @@ impl Forwarder {
             };
         }
         self.metrics.set_upstream(UpstreamState::Offline);
-        info!(acked_upto = self.acked_upto, "forwarder stopped");
+        info!("forwarder stopped");
     }
 
     /// Waits out the backoff.
     async fn offline(&mut self) -> State {
         self.metrics.set_upstream(UpstreamState::Offline);
         let wait = backoff(
-            self.failures,
+            self.failures.max(self.rejections),
             self.cfg.reconnect_min.0,
             self.cfg.reconnect_max.0,
             fastrand::f64(),
@@ -350,83 +475,105 @@ impl Forwarder {
         State::Offline
     }
 
-    fn options(&self) -> MqttOptions {
-        let mut o = MqttOptions::new(&self.cfg.client_id, &self.host, self.port);
-        o.set_keep_alive(self.cfg.keep_alive.0.max(Duration::from_secs(5)));
-        o.set_clean_session(true);
-        // Incoming: acks only. Outgoing: batches are built to fit `max_packet` exactly; the
-        // margin only keeps a sizing slip from turning into a refusal by the client itself.
-        let out = self.cfg.max_packet.0 as usize + 1024;
-        o.set_max_packet_size(1 << 20, out);
-        o.set_inflight((self.cfg.max_inflight + 4).min(u16::MAX as usize) as u16);
-        o.set_last_will(LastWill::new(
-            status_topic(&self.gateway),
-            "offline",
-            QoS::AtLeastOnce,
-            true,
-        ));
-        if !self.cfg.username.is_empty() {
-            o.set_credentials(&self.cfg.username, &self.cfg.password);
+    fn options(&self) -> client::Options {
+        client::Options {
+            client_id: self.cfg.client_id.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            keep_alive: self.cfg.keep_alive.0.max(Duration::from_secs(5)),
+            username: self.cfg.username.clone(),
+            password: self.cfg.password.clone(),
+            tls: self.tls.clone(),
+            // Batches are built to fit `max_packet` exactly; the margin only keeps a sizing
+            // slip from turning into a refusal by the client itself.
+            max_out: self.cfg.max_packet.0 as usize + 1024,
+            inflight: (self.cfg.max_inflight + 4).min(u16::MAX as usize) as u16,
+            will_topic: status_topic(&self.gateway),
         }
-        if let Some(tls) = &self.tls {
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                tls.clone(),
-            )));
-        }
-        o
     }
 
-    /// A fresh client; waits for CONNACK.
-    async fn connecting(&mut self) -> State {
-        self.metrics.set_upstream(UpstreamState::Connecting);
-        let (client, mut eventloop) = AsyncClient::new(self.options(), 64);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let poller = tokio::spawn(async move {
-            loop {
-                let ev = match eventloop.poll().await {
-                    Ok(MqttEvent::Incoming(Packet::ConnAck(c))) => ConnEvent::ConnAck(c.code),
-                    Ok(MqttEvent::Incoming(Packet::PubAck(a))) => ConnEvent::PubAck(a.pkid),
-                    Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => ConnEvent::Sent(pkid),
-                    Ok(_) => continue,
-                    Err(e) => {
-                        let _ = tx.send(ConnEvent::Lost(describe(&e)));
-                        return;
-                    }
-                };
-                if tx.send(ev).is_err() {
-                    return;
-                }
-            }
-        });
+    /// One connection attempt in `protocol`, up to its CONNACK.
+    async fn connect_once(
+        &mut self,
+        protocol: Protocol,
+    ) -> Result<Option<(Conn, ConnAckInfo)>, Refused> {
+        let (client, mut rx, poller) = client::connect(protocol, &self.options());
         let connack = tokio::select! {
             ev = rx.recv() => ev,
-            _ = tokio::time::sleep(Duration::from_secs(20)) => Some(ConnEvent::Lost("no CONNACK within 20s".into())),
-            _ = self.shutdown.wait() => { poller.abort(); return State::Stopped }
+            _ = tokio::time::sleep(Duration::from_secs(20)) => {
+                poller.abort();
+                return Err(Refused { why: "no CONNACK within 20s".into(), protocol_suspect: false });
+            }
+            _ = self.shutdown.wait() => { poller.abort(); return Ok(None) }
         };
-        let mut conn = Conn {
-            client,
-            events: rx,
-            poller,
-            inflight: VecDeque::new(),
-            unsent: VecDeque::new(),
-            status_pkids: Vec::new(),
-            next_read: self.acked_upto,
-            last_ack: None,
-        };
+        let conn = Conn::new(client, rx, poller);
         match connack {
-            Some(ConnEvent::ConnAck(ConnectReturnCode::Success)) => {}
-            Some(ConnEvent::ConnAck(code)) => return self.fail(refused(code)),
-            Some(ConnEvent::Lost(e)) => return self.fail(e),
-            other => return self.fail(format!("unexpected before CONNACK: {other:?}")),
+            Some(ConnEvent::ConnAck(Ok(info))) => Ok(Some((conn, info))),
+            Some(ConnEvent::ConnAck(Err(why))) => Err(Refused {
+                why,
+                protocol_suspect: false,
+            }),
+            Some(ConnEvent::Lost {
+                why,
+                protocol_suspect,
+            }) => Err(Refused {
+                why,
+                protocol_suspect,
+            }),
+            other => Err(Refused {
+                why: format!("unexpected before CONNACK: {other:?}"),
+                protocol_suspect: false,
+            }),
         }
+    }
+
+    /// A fresh client; waits for CONNACK (falling back to 3.1.1 when the broker does not
+    /// speak 5); publishes `online`; sets up the cursors.
+    async fn connecting(&mut self) -> State {
+        self.metrics.set_upstream(UpstreamState::Connecting);
+        let (mut conn, info) = match self.connect_once(self.protocol).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return State::Stopped,
+            Err(r) if r.protocol_suspect && self.protocol == Protocol::V5 => {
+                match self.connect_once(Protocol::V311).await {
+                    Ok(Some(c)) => {
+                        warn!(
+                            host = %self.host,
+                            port = self.port,
+                            v5_error = %r.why,
+                            "the upstream broker does not speak MQTT 5: using MQTT 3.1.1 until restart \
+                             (no PUBACK reason codes: a publish the broker's ACL denies may be acknowledged \
+                             and deleted; set upstream.protocol = \"3.1.1\" to skip the MQTT 5 attempt)"
+                        );
+                        self.protocol = Protocol::V311;
+                        self.metrics.upstream_info.lock().unwrap().protocol =
+                            "3.1.1 (the broker does not speak 5)".into();
+                        c
+                    }
+                    Ok(None) => return State::Stopped,
+                    Err(r311) => {
+                        return self.fail(format!("{} (with MQTT 3.1.1: {})", r.why, r311.why))
+                    }
+                }
+            }
+            Err(r) => return self.fail(r.why),
+        };
+        self.guard.set_broker_max(info.max_packet);
+        self.metrics
+            .upstream_sizes
+            .packet_limit
+            .store(self.guard.limit() as u64, Relaxed);
+        conn.max_inflight = match info.receive_max {
+            // One of the broker's slots is for the status message.
+            Some(r) => self
+                .cfg
+                .max_inflight
+                .min((r as usize).saturating_sub(1).max(1)),
+            None => self.cfg.max_inflight,
+        };
         if conn
             .client
-            .publish(
-                status_topic(&self.gateway),
-                QoS::AtLeastOnce,
-                true,
-                "online",
-            )
+            .publish(&status_topic(&self.gateway), true, "online".into(), None)
             .await
             .is_err()
         {
@@ -434,41 +581,165 @@ impl Forwarder {
         }
         conn.unsent.push_back(false);
         if self.failures > 0 || !self.last_error.is_empty() {
-            info!(host = %self.host, port = self.port, "upstream connected again; resending from the store");
+            info!(host = %self.host, port = self.port, protocol = self.protocol.name(), "upstream connected again; resending from the store");
         } else {
-            info!(host = %self.host, port = self.port, "upstream connected");
+            info!(host = %self.host, port = self.port, protocol = self.protocol.name(), "upstream connected");
         }
         self.failures = 0;
         self.last_error.clear();
         self.metrics.upstream_error.lock().unwrap().clear();
         self.partial_since = None;
+        // Everything stored now is backlog; what is committed from here on is live.
+        let top = *self.committed.borrow();
+        conn.top = top;
+        conn.backlog_read = 0;
+        conn.live_read = top;
+        self.start_drain(top);
         State::Draining(conn)
+    }
+
+    /// A new connection: what is buffered is the backlog to drain.
+    fn start_drain(&mut self, top: u64) {
+        let now = Instant::now();
+        let total = self.metrics.backlog_events.load(Relaxed);
+        self.drain = DrainState {
+            next_at: now,
+            total,
+            done: 0,
+            started: now,
+            samples: VecDeque::new(),
+            last_log: now,
+            active: total > 0,
+        };
+        if total > 0 {
+            info!(
+                backlog = total,
+                up_to_id = top,
+                mode = drain_name(self.cfg.drain),
+                rate = %rate_name(self.cfg.drain_rate),
+                "draining the backlog"
+            );
+        }
+        self.publish_drain();
+    }
+
+    fn publish_drain(&self) {
+        let d = &self.drain;
+        let now = Instant::now();
+        let left = d.total.saturating_sub(d.done);
+        let rate = d.rate(now);
+        self.metrics.upstream_info.lock().unwrap().drain = d.active.then(|| DrainProgress {
+            mode: drain_name(self.cfg.drain),
+            rate_limit: rate_name(self.cfg.drain_rate),
+            total: d.total,
+            left,
+            events_per_second: rate,
+            eta_seconds: (rate > 0.0).then(|| left as f64 / rate),
+        });
+    }
+
+    /// The backlog is read and acknowledged: the drain is over.
+    fn finish_drain(&mut self, conn: &Conn) {
+        if !self.drain.active || conn.backlog_read < conn.top || conn.backlog_inflight() > 0 {
+            return;
+        }
+        let secs = self.drain.started.elapsed().as_secs_f64();
+        info!(
+            events = self.drain.done,
+            seconds = format!("{secs:.1}"),
+            events_per_second = format!("{:.0}", self.drain.done as f64 / secs.max(0.001)),
+            "backlog drained"
+        );
+        self.drain.active = false;
+        self.publish_drain();
+    }
+
+    fn log_progress(&mut self) {
+        let now = Instant::now();
+        if !self.drain.active || now.duration_since(self.drain.last_log) < PROGRESS_EVERY {
+            return;
+        }
+        self.drain.last_log = now;
+        let left = self.drain.total.saturating_sub(self.drain.done);
+        let rate = self.drain.rate(now);
+        let eta = if rate > 0.0 {
+            format!("about {:.0}s left", left as f64 / rate)
+        } else {
+            "no progress in the last 30s".to_string()
+        };
+        info!(
+            left,
+            of = self.drain.total,
+            events_per_second = format!("{rate:.0}"),
+            "draining the backlog: {eta}"
+        );
+    }
+
+    /// Whether the backlog comes next: there is one left to read, the pacing allows it and
+    /// (under live_first) it leaves a slot for live data.
+    fn backlog_due(&self, conn: &Conn, now: Instant) -> bool {
+        if conn.backlog_read >= conn.top {
+            return false;
+        }
+        if self.cfg.drain == Drain::LiveFirst
+            && conn.max_inflight > 1
+            && conn.backlog_inflight() + 1 >= conn.max_inflight
+        {
+            return false;
+        }
+        now >= self.drain.next_at
     }
 
     /// Draining and Live: fill the pipeline, retire PUBACKs, until the connection drops.
     async fn connected(&mut self, mut conn: Conn, label: UpstreamState) -> State {
         self.metrics.set_upstream(label);
         let mut waiting_full = false;
+        // A partial live batch not due yet: the backlog may use the wait.
+        let mut live_deferred = false;
         // Fill the pipeline.
-        while conn.inflight.len() < self.cfg.max_inflight {
+        while conn.inflight.len() < conn.max_inflight {
             let committed = *self.committed.borrow();
-            if committed <= conn.next_read {
-                self.partial_since = None;
-                break;
-            }
-            if let Some(since) = self.partial_since {
-                let pending = committed - conn.next_read;
-                let full_by_count = pending >= self.cfg.batch_max_events as u64;
-                let full_by_bytes = pending * self.avg_row >= self.payload_budget() as u64;
-                if !full_by_count && !full_by_bytes && since.elapsed() < self.cfg.batch_max_wait.0 {
-                    break;
+            let now = Instant::now();
+            let backlog_first = self.cfg.drain == Drain::Fifo && conn.backlog_read < conn.top;
+            let live_pending = committed > conn.live_read && !backlog_first;
+            let mut live_ready = live_pending && !live_deferred;
+            if live_pending {
+                if let Some(since) = self.partial_since {
+                    let pending = committed - conn.live_read;
+                    let full_by_count = pending >= self.cfg.batch_max_events as u64;
+                    let full_by_bytes = pending * self.avg_row >= self.payload_budget() as u64;
+                    if !full_by_count
+                        && !full_by_bytes
+                        && since.elapsed() < self.cfg.batch_max_wait.0
+                    {
+                        live_ready = false;
+                    }
                 }
+            } else if !backlog_first {
+                self.partial_since = None;
             }
-            let p = match self.build_batch(conn.next_read).await {
+            let backlog = if live_ready {
+                false
+            } else if self.backlog_due(&conn, now) {
+                true
+            } else {
+                break;
+            };
+            let (after, upper) = if backlog {
+                (conn.backlog_read, Some(conn.top))
+            } else {
+                (conn.live_read, None)
+            };
+            let p = match self.build_batch(after, upper, backlog).await {
                 Ok(Some(p)) => p,
                 Ok(None) => {
-                    // Rows below `committed` went (acked or dropped) before we read them.
-                    conn.next_read = committed;
+                    // Rows up to here went (acked or dropped) before we read them.
+                    if backlog {
+                        conn.backlog_read = conn.top;
+                        self.finish_drain(&conn);
+                        continue;
+                    }
+                    conn.live_read = committed;
                     break;
                 }
                 Err(crate::store::StoreError::Compacting) => {
@@ -486,26 +757,41 @@ impl Forwarder {
                 self.dead_letter(*id, reason);
             }
             let Some(payload) = p.payload else {
-                conn.next_read = conn.next_read.max(p.upto);
+                if backlog {
+                    conn.backlog_read = conn.backlog_read.max(p.upto);
+                } else {
+                    conn.live_read = conn.live_read.max(p.upto);
+                }
                 continue;
             };
-            if !p.full {
+            if !backlog && !p.full {
                 let since = *self.partial_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < self.cfg.batch_max_wait.0 {
+                    if self.backlog_due(&conn, now) {
+                        live_deferred = true;
+                        continue;
+                    }
                     break;
                 }
             }
-            waiting_full |= p.full;
+            waiting_full |= p.full || backlog;
             let batch = self.next_batch;
             self.next_batch += 1;
+            let props = (conn.client.protocol() == Protocol::V5).then(|| {
+                client::batch_properties(&client::BatchProps {
+                    gateway: &self.gateway,
+                    encoding: self.cfg.encoding,
+                    compression: None,
+                    batch,
+                    first_id: p.first_id,
+                    last_id: p.last_id,
+                    count: p.count,
+                    backlog,
+                })
+            });
             if conn
                 .client
-                .publish_bytes(
-                    self.cfg.topic.clone(),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload.into(),
-                )
+                .publish(&self.cfg.topic, false, payload.into(), props)
                 .await
                 .is_err()
             {
@@ -514,20 +800,31 @@ impl Forwarder {
             conn.unsent.push_back(true);
             conn.inflight.push_back(InFlight {
                 batch,
+                from: after + 1,
                 first_id: p.first_id,
                 last_id: p.last_id,
                 count: p.count,
                 packet: p.packet,
+                backlog,
                 pkid: None,
                 acked: false,
                 queued: Instant::now(),
                 sent_at: None,
             });
-            conn.next_read = p.last_id;
-            self.partial_since = None;
+            if backlog {
+                conn.backlog_read = p.last_id;
+                self.drain.next_at =
+                    self.drain.next_at.max(now) + pace(self.cfg.drain_rate, p.count, p.packet);
+            } else {
+                conn.live_read = p.last_id;
+                self.partial_since = None;
+            }
         }
+        self.log_progress();
+        let backlog_left = conn.backlog_read < conn.top || conn.backlog_inflight() > 0;
         let next_label = if waiting_full
-            || *self.committed.borrow() > conn.next_read + self.cfg.batch_max_events as u64
+            || backlog_left
+            || *self.committed.borrow() > conn.live_read + self.cfg.batch_max_events as u64
         {
             UpstreamState::Draining
         } else {
@@ -535,12 +832,20 @@ impl Forwarder {
         };
         self.metrics.set_upstream(next_label);
 
+        let far = Instant::now() + Duration::from_secs(3600);
         let deadline = self
             .partial_since
             .map(|s| s + self.cfg.batch_max_wait.0)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let room = conn.inflight.len() < self.cfg.max_inflight;
+            .unwrap_or(far);
+        let room = conn.inflight.len() < conn.max_inflight;
+        // The pacing clock, while a backlog waits for it.
+        let paced = (conn.backlog_read < conn.top && self.drain.next_at > Instant::now())
+            .then_some(self.drain.next_at);
         let puback_due = conn.puback_due(self.cfg.puback_timeout.0);
+        let progress_at = self
+            .drain
+            .active
+            .then(|| self.drain.last_log + PROGRESS_EVERY);
         tokio::select! {
             ev = conn.events.recv() => match ev {
                 Some(ConnEvent::Sent(pkid)) => {
@@ -548,12 +853,20 @@ impl Forwarder {
                         return self.fail(format!("protocol: PUBLISH {pkid} sent that was never queued"));
                     }
                 }
-                Some(ConnEvent::PubAck(pkid)) => {
+                Some(ConnEvent::PubAck(pkid, None)) => {
                     if conn.on_puback(pkid) {
                         self.retire(&mut conn);
                     }
                 }
-                Some(ConnEvent::Lost(e)) => return self.lost(&conn, e),
+                Some(ConnEvent::PubAck(pkid, Some(r))) => {
+                    if conn.batch_of(pkid).is_some() {
+                        return self.refused(&mut conn, pkid, r);
+                    }
+                    // The status message: not worth a reconnect.
+                    conn.on_puback(pkid);
+                    debug!(pkid, reason = %r, "upstream refused the status message");
+                }
+                Some(ConnEvent::Lost { why, .. }) => return self.lost(&conn, why),
                 Some(ConnEvent::ConnAck(_)) => return self.fail("unexpected second CONNACK".into()),
                 None => return self.fail("connection task ended".into()),
             },
@@ -561,6 +874,8 @@ impl Forwarder {
                 if r.is_err() { return self.stop(conn).await; }
             }
             _ = tokio::time::sleep_until(deadline), if room => {}
+            _ = tokio::time::sleep_until(paced.unwrap_or(far)), if room && paced.is_some() => {}
+            _ = tokio::time::sleep_until(progress_at.unwrap_or(far)), if progress_at.is_some() => {}
             _ = tokio::time::sleep_until(puback_due.unwrap_or(deadline)), if puback_due.is_some() => {
                 self.metrics.upstream_sizes.puback_timeouts.fetch_add(1, Relaxed);
                 return self.fail(format!(
@@ -576,6 +891,33 @@ impl Forwarder {
         }
     }
 
+    /// The broker refused a batch by reason code: nothing of it is deleted; counted, shown,
+    /// and the connection made again after a backoff (the batch is read again from the store).
+    fn refused(&mut self, conn: &mut Conn, pkid: u16, r: Rejection) -> State {
+        let Some(b) = conn.batch_of(pkid) else {
+            return State::Offline;
+        };
+        let what = format!(
+            "batch {} (ids {}–{}, {} events): {r}",
+            b.batch, b.first_id, b.last_id, b.count
+        );
+        self.rejections = self.rejections.saturating_add(1);
+        {
+            let mut info = self.metrics.upstream_info.lock().unwrap();
+            *info.rejected.entry(r.name.to_string()).or_default() += 1;
+            info.last_rejection = what.clone();
+        }
+        warn!(
+            batch = b.batch,
+            first_id = b.first_id,
+            last_id = b.last_id,
+            reason = %r,
+            "upstream refused a batch: kept in the store, retried after a backoff"
+        );
+        // Batches acknowledged before the refusal still go.
+        self.retire(conn);
+        self.fail(format!("upstream refused {what}"))
+    }
     /// The client refused a publish: its connection ended. Takes in what the poller reported
     /// up to the end (writes, PUBACKs, the error), then judges the drop as [`Self::lost`].
     fn closed(&mut self, mut conn: Conn) -> State {
@@ -585,12 +927,13 @@ impl Forwarder {
                 ConnEvent::Sent(pkid) => {
                     conn.on_sent(pkid);
                 }
-                ConnEvent::PubAck(pkid) => {
+                ConnEvent::PubAck(pkid, None) => {
                     if conn.on_puback(pkid) {
                         self.retire(&mut conn);
                     }
                 }
-                ConnEvent::Lost(e) => why = e,
+                ConnEvent::PubAck(..) => {}
+                ConnEvent::Lost { why: e, .. } => why = e,
                 ConnEvent::ConnAck(_) => {}
             }
         }
@@ -635,59 +978,101 @@ impl Forwarder {
         }
     }
 
+    /// The topic's length plus what the batch properties may take (MQTT 5).
+    fn topic_overhead(&self) -> usize {
+        self.cfg.topic.len()
+            + match self.protocol {
+                Protocol::V5 => client::properties_reserve(&self.gateway, self.cfg.encoding, false),
+                Protocol::V311 => 0,
+            }
+    }
+
     /// Largest batch payload under `batch_max_bytes` and the packet limit.
     fn payload_budget(&self) -> usize {
         (self.cfg.batch_max_bytes.0 as usize).min(limits::payload_budget(
             self.guard.limit(),
-            self.cfg.topic.len(),
+            self.topic_overhead(),
         ))
     }
 
-    /// Retires acknowledged batches from the front of the FIFO, telling the store.
+    /// Retires acknowledged batches, telling the store: each deletes its own range.
     fn retire(&mut self, conn: &mut Conn) {
-        for b in conn.take_acked_prefix() {
-            self.acked_upto = self.acked_upto.max(b.last_id);
+        let now = Instant::now();
+        let mut backlog_acked = false;
+        for b in conn.take_acked() {
+            self.rejections = 0;
+            note_range(&mut self.acked, b.from, b.last_id);
             self.guard.acked(b.first_id, b.packet);
             self.metrics.forwarded.fetch_add(b.count, Relaxed);
             self.metrics.batches_forwarded.fetch_add(1, Relaxed);
+            if b.backlog {
+                self.drain.note(now, b.count);
+                backlog_acked = true;
+            }
             let _ = self.acks.send(ForwardMsg::Ack(ForwardAck {
+                from: b.from,
                 up_to: b.last_id,
                 batch: b.batch,
             }));
         }
-        self.dead_sent = self.dead_sent.split_off(&(self.acked_upto + 1));
+        if backlog_acked {
+            self.publish_drain();
+            self.finish_drain(conn);
+        }
         self.metrics
             .upstream_sizes
             .packet_limit
             .store(self.guard.limit() as u64, Relaxed);
     }
 
-    /// Reads and plans the next batch after `after` (None: no rows there).
-    async fn build_batch(&mut self, after: u64) -> Result<Option<Planned>, store::StoreError> {
+    /// Reads and plans the next batch after `after`, up to `upper` (None: no rows there).
+    async fn build_batch(
+        &mut self,
+        after: u64,
+        upper: Option<u64>,
+        backlog: bool,
+    ) -> Result<Option<Planned>, store::StoreError> {
         let db = self.db.clone();
         let limits = Limits {
             encoding: self.cfg.encoding,
-            topic_len: self.cfg.topic.len(),
+            topic_len: self.topic_overhead(),
             max_events: self.cfg.batch_max_events,
             max_bytes: self.cfg.batch_max_bytes.0 as usize,
+            backlog,
         };
         let read_bytes = self.cfg.batch_max_bytes.0;
         let gateway = self.gateway.clone();
         let batch = self.next_batch;
         let guard = self.guard.clone();
-        let skip = self.dead_sent.clone();
-        let p = tokio::task::spawn_blocking(move || {
-            let (events, more) =
-                read_batch(&*db.db()?, after, limits.max_events, read_bytes, &skip)?;
-            if events.is_empty() {
-                return Ok(None);
+        let skip = Skip {
+            dead: self.dead_sent.clone(),
+            acked: self.acked.clone(),
+        };
+        let (p, lowest) = tokio::task::spawn_blocking(move || {
+            let r = read_batch(
+                &*db.db()?,
+                after,
+                upper.unwrap_or(u64::MAX),
+                limits.max_events,
+                read_bytes,
+                &skip,
+            )?;
+            if r.events.is_empty() {
+                return Ok((None, r.lowest));
             }
-            Ok::<_, store::StoreError>(Some(limits::plan(
-                &gateway, batch, &events, more, limits, &guard,
-            )))
+            Ok::<_, store::StoreError>((
+                Some(limits::plan(
+                    &gateway, batch, &r.events, r.more, limits, &guard,
+                )),
+                r.lowest,
+            ))
         })
         .await
         .expect("batch reader panicked")?;
+        // What lies wholly below the oldest stored row is gone from the store: forget it.
+        let lowest = lowest.unwrap_or(u64::MAX);
+        self.dead_sent = self.dead_sent.split_off(&lowest);
+        self.acked.retain(|_, to| *to >= lowest);
         if let Some(avg) = p
             .as_ref()
             .and_then(|p| (p.packet as u64).checked_div(p.count))
@@ -705,7 +1090,7 @@ impl Forwarder {
                 Ok(Some(ConnEvent::Sent(pkid))) => {
                     conn.on_sent(pkid);
                 }
-                Ok(Some(ConnEvent::PubAck(pkid))) => {
+                Ok(Some(ConnEvent::PubAck(pkid, None))) => {
                     if conn.on_puback(pkid) {
                         self.retire(&mut conn);
                     }
@@ -715,18 +1100,13 @@ impl Forwarder {
         }
         let _ = conn
             .client
-            .publish(
-                status_topic(&self.gateway),
-                QoS::AtLeastOnce,
-                true,
-                "offline",
-            )
+            .publish(&status_topic(&self.gateway), true, "offline".into(), None)
             .await;
-        let _ = conn.client.disconnect().await;
+        conn.client.disconnect().await;
         // Give the poller a moment to flush the status message and DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_millis(300), async {
             while let Some(ev) = conn.events.recv().await {
-                if matches!(ev, ConnEvent::Lost(_)) {
+                if matches!(ev, ConnEvent::Lost { .. }) {
                     break;
                 }
             }
@@ -747,28 +1127,11 @@ pub fn backoff(failures: u32, min: Duration, max: Duration, unit: f64) -> Durati
     min / 2 + cap.mul_f64(unit.clamp(0.0, 1.0))
 }
 
-fn refused(code: ConnectReturnCode) -> String {
-    let why = match code {
-        ConnectReturnCode::BadUserNamePassword => {
-            "bad username or password (check [upstream] username and password)"
-        }
-        ConnectReturnCode::NotAuthorized => {
-            "not authorized (check [upstream] username and password, and the broker's ACL)"
-        }
-        ConnectReturnCode::BadClientId => "client id rejected (check [upstream] client_id)",
-        ConnectReturnCode::ServiceUnavailable => "broker unavailable",
-        ConnectReturnCode::RefusedProtocolVersion => "MQTT 3.1.1 not accepted by the broker",
-        ConnectReturnCode::Success => "success",
-    };
-    format!("upstream refused the connection: {why}")
-}
-
 fn describe(e: &ConnectionError) -> String {
     if let Some(why) = tls::explain(e) {
         return why;
     }
     match e {
-        ConnectionError::ConnectionRefused(code) => refused(*code),
         ConnectionError::Tls(t) => format!(
             "TLS handshake failed: {t} (check upstream.ca_file, cert_file, key_file and the host in upstream.url)"
         ),
@@ -777,35 +1140,100 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-/// Up to `max_events` events with id > `after` (but not in `skip`), stopping before
-/// `max_bytes` of stored rows would be passed (always at least one); and whether more rows
-/// follow them.
+/// What a read passes over: events handed to the dead-letter queue, ranges acknowledged.
+struct Skip {
+    dead: BTreeSet<u64>,
+    acked: BTreeMap<u64, u64>,
+}
+
+impl Skip {
+    /// Whether `id` is to be passed over; the end of its acknowledged range when in one.
+    fn skip(&self, id: u64) -> Option<u64> {
+        if self.dead.contains(&id) {
+            return Some(id);
+        }
+        match self.acked.range(..=id).next_back() {
+            Some((_, &to)) if to >= id => Some(to),
+            _ => None,
+        }
+    }
+}
+
+/// Adds `from..=to` to the acknowledged ranges, merging it with its neighbours.
+fn note_range(ranges: &mut BTreeMap<u64, u64>, mut from: u64, mut to: u64) {
+    if let Some((&f, &t)) = ranges.range(..=from).next_back() {
+        if t.saturating_add(1) >= from {
+            from = f;
+            to = to.max(t);
+        }
+    }
+    while let Some((&f, &t)) = ranges.range(from..).next() {
+        if f > to.saturating_add(1) {
+            break;
+        }
+        to = to.max(t);
+        ranges.remove(&f);
+    }
+    ranges.insert(from, to);
+}
+
+/// A batch read: the events, whether more rows follow them, and the oldest stored id.
+struct Read {
+    events: Vec<crate::event::Event>,
+    more: bool,
+    lowest: Option<u64>,
+}
+
+/// Up to `max_events` events with `after` < id <= `upper` (passing over `skip`), stopping
+/// before `max_bytes` of stored rows would be passed (always at least one).
 fn read_batch(
     db: &Database,
     after: u64,
+    upper: u64,
     max_events: usize,
     max_bytes: u64,
-    skip: &BTreeSet<u64>,
-) -> Result<(Vec<crate::event::Event>, bool), store::StoreError> {
-    use redb::ReadableDatabase;
+    skip: &Skip,
+) -> Result<Read, store::StoreError> {
+    use redb::{ReadableDatabase, ReadableTable};
     let txn = db.begin_read()?;
     let events = txn.open_table(store::EVENTS)?;
+    let lowest = events.first()?.map(|(k, _)| k.value());
     let mut out = Vec::new();
     let mut bytes = 0u64;
-    for row in events.range(after.saturating_add(1)..)? {
-        let (k, v) = row?;
-        let id = k.value();
-        if skip.contains(&id) {
-            continue;
+    let mut from = after.saturating_add(1);
+    'ranges: while from <= upper {
+        for row in events.range(from..=upper)? {
+            let (k, v) = row?;
+            let id = k.value();
+            if let Some(end) = skip.skip(id) {
+                if end > id {
+                    // A whole acknowledged range: jump past it.
+                    from = end.saturating_add(1);
+                    if end == u64::MAX {
+                        break 'ranges;
+                    }
+                    continue 'ranges;
+                }
+                continue;
+            }
+            let len = v.value().len() as u64;
+            if out.len() >= max_events || (!out.is_empty() && bytes + len > max_bytes) {
+                return Ok(Read {
+                    events: out,
+                    more: true,
+                    lowest,
+                });
+            }
+            bytes += len;
+            out.push(store::decode(id, v.value())?);
         }
-        let len = v.value().len() as u64;
-        if out.len() >= max_events || (!out.is_empty() && bytes + len > max_bytes) {
-            return Ok((out, true));
-        }
-        bytes += len;
-        out.push(store::decode(id, v.value())?);
+        break;
     }
-    Ok((out, false))
+    Ok(Read {
+        events: out,
+        more: false,
+        lowest,
+    })
 }
 
 fn meta_get(db: &Database, key: &str) -> u64 {
@@ -817,29 +1245,47 @@ fn meta_get(db: &Database, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// How long the backlog's pacing clock moves for a batch of `count` events in a `packet` of
+/// that many bytes under `rate`.
+fn pace(rate: DrainRate, count: u64, packet: usize) -> Duration {
+    match rate {
+        DrainRate::Unlimited => Duration::ZERO,
+        DrainRate::Events(n) => Duration::from_secs_f64(count as f64 / n as f64),
+        DrainRate::Bytes(n) => Duration::from_secs_f64(packet as f64 / n as f64),
+    }
+}
+
+fn drain_name(d: Drain) -> &'static str {
+    match d {
+        Drain::LiveFirst => "live_first",
+        Drain::Fifo => "fifo",
+    }
+}
+
+fn rate_name(r: DrainRate) -> String {
+    match r {
+        DrainRate::Unlimited => "unlimited".into(),
+        DrainRate::Events(n) => format!("{n} events/s"),
+        DrainRate::Bytes(n) => format!("{n} B/s"),
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn conn() -> Conn {
-        let (client, _el) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
+        let (client, _el) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 10);
         let (_tx, events) = mpsc::unbounded_channel();
-        Conn {
-            client,
-            events,
-            poller: tokio::spawn(async {}),
-            inflight: VecDeque::new(),
-            unsent: VecDeque::new(),
-            status_pkids: Vec::new(),
-            next_read: 0,
-            last_ack: None,
-        }
+        Conn::new(Client::V311(client), events, tokio::spawn(async {}))
     }
 
     fn batch(c: &mut Conn, batch: u64, last_id: u64) {
         c.unsent.push_back(true);
         c.inflight.push_back(InFlight {
             batch,
+            from: last_id - 9,
+            backlog: false,
             first_id: last_id - 9,
             last_id,
             count: 10,
@@ -866,7 +1312,7 @@ mod tests {
         assert_eq!(u.len(), 2, "a batch not reported written still counts");
         assert_eq!((u[0].first_id, u[1].first_id), (1, 11));
         assert!(c.on_puback(1));
-        c.take_acked_prefix();
+        c.take_acked();
         assert_eq!(c.unacked(now).len(), 1);
         let acked_at = c.last_ack.expect("the PUBACK was noted");
         assert!(acked_at >= c.inflight[0].queued);
@@ -888,7 +1334,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pubacks_retire_only_a_contiguous_prefix() {
+    async fn pubacks_retire_their_own_batch_in_any_order() {
         let mut c = conn();
         c.unsent.push_back(false); // the `online` status message
         batch(&mut c, 1, 10);
@@ -900,16 +1346,53 @@ mod tests {
         assert!(!c.on_sent(5), "nothing else was queued");
         assert!(!c.on_puback(1), "the status message is not a batch");
         assert!(c.on_puback(3), "batch 2 acknowledged");
-        assert!(
-            c.take_acked_prefix().is_empty(),
-            "batch 1 still in flight: nothing may go"
+        let done: Vec<u64> = c.take_acked().iter().map(|b| b.last_id).collect();
+        assert_eq!(
+            done,
+            vec![20],
+            "its own range goes, batch 1 still in flight"
         );
         assert!(!c.on_puback(3), "a repeated PUBACK changes nothing");
         assert!(c.on_puback(2));
-        let done: Vec<u64> = c.take_acked_prefix().iter().map(|b| b.last_id).collect();
-        assert_eq!(done, vec![10, 20]);
+        let done: Vec<u64> = c.take_acked().iter().map(|b| b.last_id).collect();
+        assert_eq!(done, vec![10]);
         assert!(c.on_puback(4));
-        assert_eq!(c.take_acked_prefix().len(), 1);
+        assert_eq!(c.take_acked().len(), 1);
         assert!(c.inflight.is_empty());
+    }
+
+    #[test]
+    fn acknowledged_ranges_merge_and_are_skipped() {
+        let mut r = BTreeMap::new();
+        note_range(&mut r, 11, 20);
+        note_range(&mut r, 31, 40);
+        assert_eq!(r.len(), 2);
+        note_range(&mut r, 21, 30);
+        assert_eq!(r, BTreeMap::from([(11, 40)]), "adjacent ranges merge");
+        note_range(&mut r, 1, 5);
+        note_range(&mut r, 3, 12);
+        assert_eq!(r, BTreeMap::from([(1, 40)]), "overlaps merge");
+        let skip = Skip {
+            dead: BTreeSet::from([50]),
+            acked: r,
+        };
+        assert_eq!(skip.skip(1), Some(40));
+        assert_eq!(skip.skip(40), Some(40));
+        assert_eq!(skip.skip(41), None);
+        assert_eq!(skip.skip(50), Some(50));
+    }
+
+    #[test]
+    fn the_drain_pace_is_events_or_bytes_a_second() {
+        let (count, packet) = (500, 64 * 1024);
+        assert_eq!(pace(DrainRate::Unlimited, count, packet), Duration::ZERO);
+        assert_eq!(
+            pace(DrainRate::Events(1000), count, packet),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            pace(DrainRate::Bytes(32 * 1024), count, packet),
+            Duration::from_secs(2)
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The upstream wire format (CONTRACT.md, "Upstream wire format"); pure, no I/O.
 //!
-//! JSON: `{"gateway":G,"batch":N,"events":[{"id","ts","source","topic","payload"}...]}`.
+//! JSON: `{"gateway":G,"batch":N,"events":[{"id","ts","source","topic","payload"}...]}`, with
+//! `"backlog":true` after `batch` in a batch of backlog (stored before the connection came up).
 //! A JSON payload is embedded as it was received; any other payload is a base64 string with
 //! `"payload_encoding":"base64"` beside it. postcard: [`WireBatch`], the same fields.
 
@@ -11,8 +12,9 @@ use crate::config::Encoding;
 use crate::event::{Event, Payload};
 
 /// The version of the postcard wire encoding, its first field. Version 1 is the first with
-/// the field (a decoder seeing another value must not guess at the rest).
-pub const WIRE_VERSION: u32 = 1;
+/// the field (a decoder seeing another value must not guess at the rest); version 2 adds
+/// `backlog` after the events. [`decode_postcard`] reads both.
+pub const WIRE_VERSION: u32 = 2;
 
 /// A batch in postcard encoding (and the shape the JSON follows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +27,17 @@ pub struct WireBatch {
     pub batch: u64,
     /// The events, in id order.
     pub events: Vec<Event>,
+    /// Backlog: stored before the connection came up (sent behind live data, paced).
+    pub backlog: bool,
+}
+
+/// Version 1 of [`WireBatch`]: no `backlog`.
+#[derive(Deserialize)]
+struct WireBatchV1 {
+    version: u32,
+    gateway: String,
+    batch: u64,
+    events: Vec<Event>,
 }
 
 /// Decoding a postcard batch failed.
@@ -34,17 +47,27 @@ pub enum WireError {
     #[error("not a postcard batch: {0}")]
     Postcard(#[from] postcard::Error),
     /// A version this build does not know.
-    #[error("postcard batch version {0}; this build reads version {WIRE_VERSION}")]
+    #[error("postcard batch version {0}; this build reads versions 1 to {WIRE_VERSION}")]
     Version(u32),
 }
 
 /// Decodes a postcard batch, checking its version first.
 pub fn decode_postcard(bytes: &[u8]) -> Result<WireBatch, WireError> {
     let (version, _) = postcard::take_from_bytes::<u32>(bytes)?;
-    if version != WIRE_VERSION {
-        return Err(WireError::Version(version));
+    match version {
+        1 => {
+            let v1: WireBatchV1 = postcard::from_bytes(bytes)?;
+            Ok(WireBatch {
+                version: v1.version,
+                gateway: v1.gateway,
+                batch: v1.batch,
+                events: v1.events,
+                backlog: false,
+            })
+        }
+        WIRE_VERSION => Ok(postcard::from_bytes(bytes)?),
+        v => Err(WireError::Version(v)),
     }
-    Ok(postcard::from_bytes(bytes)?)
 }
 
 /// Builds one batch payload, event by event, keeping exact count of its size.
@@ -57,6 +80,7 @@ pub struct BatchEncoder {
     /// postcard: the events, concatenated (their count goes between `head` and them).
     body: Vec<u8>,
     count: usize,
+    backlog: bool,
 }
 
 /// Bytes of postcard's varint for `n`.
@@ -72,12 +96,21 @@ fn postcard_varint_len(mut n: u64) -> usize {
 impl BatchEncoder {
     /// Starts batch number `batch` of `gateway`.
     pub fn new(encoding: Encoding, gateway: &str, batch: u64) -> Self {
+        Self::with_backlog(encoding, gateway, batch, false)
+    }
+
+    /// Starts batch number `batch` of `gateway`, saying whether it is backlog.
+    pub fn with_backlog(encoding: Encoding, gateway: &str, batch: u64, backlog: bool) -> Self {
         let head = match encoding {
             Encoding::Json => {
                 let mut buf = Vec::with_capacity(64 * 1024);
                 buf.extend_from_slice(b"{\"gateway\":");
                 serde_json::to_writer(&mut buf, gateway).expect("string to JSON");
-                buf.extend_from_slice(format!(",\"batch\":{batch},\"events\":[").as_bytes());
+                buf.extend_from_slice(format!(",\"batch\":{batch},").as_bytes());
+                if backlog {
+                    buf.extend_from_slice(b"\"backlog\":true,");
+                }
+                buf.extend_from_slice(b"\"events\":[");
                 buf
             }
             Encoding::Postcard => {
@@ -89,6 +122,7 @@ impl BatchEncoder {
             head,
             body: Vec::new(),
             count: 0,
+            backlog,
         }
     }
 
@@ -106,8 +140,9 @@ impl BatchEncoder {
         match self.encoding {
             // `,` between events, `]}` at the end.
             Encoding::Json => self.head.len() + usize::from(count > 1 && extra > 0) + extra + 2,
+            // The events' count before them, `backlog` (one byte) after.
             Encoding::Postcard => {
-                self.head.len() + postcard_varint_len(count as u64) + self.body.len() + extra
+                self.head.len() + postcard_varint_len(count as u64) + self.body.len() + extra + 1
             }
         }
     }
@@ -176,6 +211,7 @@ impl BatchEncoder {
                 }
                 out.push(n as u8);
                 out.extend_from_slice(&self.body);
+                out.push(u8::from(self.backlog));
                 out
             }
         }
@@ -259,13 +295,42 @@ mod tests {
         let back = decode_postcard(&out).unwrap();
         assert_eq!(back.version, WIRE_VERSION);
         assert_eq!(back.batch, 7);
-        assert_eq!(back.events, vec![e]);
+        assert_eq!(back.events, vec![e.clone()]);
+        assert!(!back.backlog);
         let mut newer = out.clone();
-        newer[0] = 2;
+        newer[0] = 3;
         assert!(matches!(
             decode_postcard(&newer),
-            Err(WireError::Version(2))
+            Err(WireError::Version(3))
         ));
+        // Version 1 (no backlog byte) still reads.
+        let mut v1 = out.clone();
+        v1[0] = 1;
+        v1.pop();
+        let old = decode_postcard(&v1).unwrap();
+        assert_eq!((old.version, old.events, old.backlog), (1, vec![e], false));
+    }
+
+    #[test]
+    fn a_backlog_batch_says_so_in_both_encodings() {
+        let e = ev(5, Payload::Json("1".into()));
+        let mut b = BatchEncoder::with_backlog(Encoding::Json, "g", 7, true);
+        b.push(&e, 1 << 20);
+        let len = b.len();
+        let out = b.finish();
+        assert_eq!(out.len(), len);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["backlog"], true);
+        let mut b = BatchEncoder::new(Encoding::Json, "g", 7);
+        b.push(&e, 1 << 20);
+        let v: serde_json::Value = serde_json::from_slice(&b.finish()).unwrap();
+        assert!(v.get("backlog").is_none(), "live batches are as before");
+        let mut b = BatchEncoder::with_backlog(Encoding::Postcard, "g", 7, true);
+        b.push(&e, 1 << 20);
+        let len = b.len();
+        let out = b.finish();
+        assert_eq!(out.len(), len);
+        assert!(decode_postcard(&out).unwrap().backlog);
     }
 
     #[test]
@@ -294,6 +359,7 @@ mod tests {
                     gateway: "pi-kitchen-01".into(),
                     batch: 300,
                     events,
+                    backlog: false,
                 })
                 .unwrap();
                 assert_eq!(out, want, "the same bytes as postcard of a WireBatch");

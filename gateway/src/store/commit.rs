@@ -20,9 +20,13 @@ use crate::ingest::channel::{unbudgeted, IngestRx, Queued};
 pub use crate::ingest::{AckFn, Dedup, Incoming, Taken};
 use crate::rules::{LocalPublish, RuleStage, StepOutput};
 
-/// From the forwarder: upstream acknowledged every event up to `up_to`, in batch `batch`.
+/// From the forwarder: upstream acknowledged every event with an id in `from..=up_to`, in
+/// batch `batch`. Batches may be acknowledged in any order (live data goes out ahead of a
+/// backlog); each covers its own range of ids.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardAck {
+    /// Lowest id the batch covers (0: everything up to `up_to`).
+    pub from: u64,
     /// Highest acknowledged id.
     pub up_to: u64,
     /// That batch's number.
@@ -130,8 +134,8 @@ pub type Publisher = Box<dyn FnMut(&LocalPublish) + Send>;
 pub struct Plan {
     /// Ingested events, in arrival order.
     pub group: Vec<Queued>,
-    /// Upstream acknowledged everything up to here: delete it.
-    pub acked: Option<ForwardAck>,
+    /// Upstream acknowledged these ranges of ids: delete them.
+    pub acked: Vec<ForwardAck>,
     /// `on_tick(now)` is due.
     pub tick: Option<i64>,
     /// Dead letters to remove (retried or dropped).
@@ -570,7 +574,7 @@ impl CommitLoop {
             Wake::Idle => {}
         }
         if plan.group.is_empty()
-            && (plan.acked.is_some() || !plan.upstream_dead.is_empty())
+            && (!plan.acked.is_empty() || !plan.upstream_dead.is_empty())
             && !self.space_is_short()
         {
             self.hold_acks(&mut plan, open);
@@ -587,7 +591,7 @@ impl CommitLoop {
         }
         let arrivals_due = self.arrivals.needs_commit((self.wall)());
         if plan.group.is_empty()
-            && plan.acked.is_none()
+            && plan.acked.is_empty()
             && plan.upstream_dead.is_empty()
             && plan.tick.is_none()
             && !arrivals_due
@@ -781,7 +785,7 @@ impl CommitLoop {
     /// cover a prefix) and events upstream cannot take.
     fn take_acks(
         &mut self,
-        acked: &mut Option<ForwardAck>,
+        acked: &mut Vec<ForwardAck>,
         dead: &mut Vec<(u64, String)>,
         open: &mut Open,
     ) {
@@ -840,9 +844,9 @@ impl CommitLoop {
                                 avail < commit_headroom(plan.group_bytes())
                             });
                     // Deletions on their own first, so space comes back.
-                    if plan.acked.is_some() && (!plan.group.is_empty() || plan.tick.is_some()) {
+                    if !plan.acked.is_empty() && (!plan.group.is_empty() || plan.tick.is_some()) {
                         let acks_only = Plan {
-                            acked: plan.acked.take(),
+                            acked: std::mem::take(&mut plan.acked),
                             upstream_dead: std::mem::take(&mut plan.upstream_dead),
                             ..Plan::default()
                         };
@@ -863,7 +867,7 @@ impl CommitLoop {
                             let evict = Plan {
                                 evict_bytes: plan.group_bytes().max(1 << 16) * 2,
                                 tight: true,
-                                acked: plan.acked.take(),
+                                acked: std::mem::take(&mut plan.acked),
                                 upstream_dead: std::mem::take(&mut plan.upstream_dead),
                                 ..Plan::default()
                             };
@@ -929,7 +933,7 @@ impl CommitLoop {
         tick: Option<i64>,
     ) -> Result<CommitReport, StoreError> {
         let mut plan = Plan::with_group(group);
-        plan.acked = acked;
+        plan.acked = acked.into_iter().collect();
         plan.tick = tick;
         self.commit_plan(plan)
     }
@@ -1058,7 +1062,7 @@ impl CommitLoop {
         let mut refused = vec![false; plan.group.len()];
         // A plan that may turn out to change nothing: only a tick, or only arrival upkeep.
         let quiet = plan.group.is_empty()
-            && plan.acked.is_none()
+            && plan.acked.is_empty()
             && plan.upstream_dead.is_empty()
             && plan.dlq_remove.is_empty()
             && plan.reinsert.is_empty()
@@ -1094,14 +1098,21 @@ impl CommitLoop {
             report.upstream_dead_lettered = upstream_letters.len() as u64;
 
             // 1. What upstream acknowledged goes.
-            if let Some(a) = plan.acked {
-                while let Some((k, v)) = first_at_or_below(&mut events, a.up_to)? {
+            let mut next_batch = None;
+            for a in &plan.acked {
+                while let Some((k, v)) = first_in(&mut events, a.from, a.up_to)? {
                     t.bytes = t.bytes.saturating_sub(row_size(v));
                     t.backlog = t.backlog.saturating_sub(1);
                     events.remove(k)?;
                     report.acked += 1;
                 }
-                meta.insert("next_batch", a.batch + 1)?;
+                next_batch = next_batch.max(Some(a.batch + 1));
+            }
+            if let Some(n) = next_batch {
+                let stored = meta.get("next_batch")?.map(|v| v.value()).unwrap_or(0);
+                if n > stored {
+                    meta.insert("next_batch", n)?;
+                }
             }
             // On a full disk, room first.
             let mut evicted = 0;
@@ -1301,13 +1312,9 @@ const COMPACT_AGAIN: Duration = Duration::from_secs(600);
 pub const UPSTREAM_RULE: &str = "upstream";
 
 /// Adds one message of the forwarder to a plan.
-fn note_forward(msg: ForwardMsg, acked: &mut Option<ForwardAck>, dead: &mut Vec<(u64, String)>) {
+fn note_forward(msg: ForwardMsg, acked: &mut Vec<ForwardAck>, dead: &mut Vec<(u64, String)>) {
     match msg {
-        ForwardMsg::Ack(a) => {
-            if acked.is_none_or(|b| a.up_to > b.up_to) {
-                *acked = Some(a)
-            }
-        }
+        ForwardMsg::Ack(a) => acked.push(a),
         ForwardMsg::DeadLetter { id, reason } => dead.push((id, reason)),
     }
 }
@@ -1387,12 +1394,21 @@ fn append(
 }
 
 /// The first row, if its id is at most `max`: (id, stored value length).
-fn first_at_or_below(
+/// The first row with an id in `from..=to`: its id and stored length.
+fn first_in(
     events: &mut redb::Table<u64, &[u8]>,
-    max: u64,
+    from: u64,
+    to: u64,
 ) -> Result<Option<(u64, usize)>, StoreError> {
-    Ok(match events.first()? {
-        Some((k, v)) if k.value() <= max => Some((k.value(), v.value().len())),
-        _ => None,
+    if from > to {
+        return Ok(None);
+    }
+    let first = events.range(from..=to)?.next();
+    Ok(match first {
+        Some(row) => {
+            let (k, v) = row?;
+            Some((k.value(), v.value().len()))
+        }
+        None => None,
     })
 }

@@ -379,6 +379,9 @@ pub(super) enum Step {
     Read(usize),
     /// PUBACKs for the oldest in-flight batches (this many, at least one): one commit.
     Puback(usize),
+    /// A PUBACK for one in-flight batch (the n-th, modulo), whatever is ahead of it: live
+    /// data acknowledged ahead of a backlog, or a second sink ahead of the first.
+    PubackOne(usize),
     /// The upstream connection is lost and made again. Session kept or lost is one case
     /// here: the forwarder forgets what was in flight either way and sends it again from the
     /// store (a kept session may also make the broker deliver it: a duplicate, never a loss).
@@ -434,9 +437,11 @@ pub(super) struct Model {
     groups: VecDeque<(u64, i64)>,
     /// When this run last started a group (monotonic ms).
     last_mark: Option<u64>,
-    /// Forwarder: the highest id read, and the last id of each batch in flight.
+    /// Forwarder: the highest id read, and the ids each batch in flight covers.
     cursor: u64,
-    inflight: VecDeque<u64>,
+    inflight: VecDeque<(u64, u64)>,
+    /// The range of the last batch acknowledged (a stale PUBACK repeats it).
+    last_acked: Option<(u64, u64)>,
     /// Events upstream acknowledged, in order.
     pub delivered: Vec<u64>,
     /// Ids given out (all stored events, whatever became of them).
@@ -462,7 +467,7 @@ fn interval_ms(max_age_ms: u64) -> u64 {
 #[derive(Debug, Default, Clone)]
 struct MPlan {
     inputs: Vec<(u64, Input)>,
-    acked: Option<ForwardAck>,
+    acked: Vec<ForwardAck>,
     upstream_dead: Vec<(u64, String)>,
     tight: bool,
     evict_bytes: u64,
@@ -488,6 +493,7 @@ impl Model {
             last_mark: None,
             cursor: 0,
             inflight: VecDeque::new(),
+            last_acked: None,
             delivered: Vec::new(),
             stored_total: 0,
             evicted: 0,
@@ -523,7 +529,7 @@ impl Model {
             .front()
             .is_some_and(|&(_, t)| wall >= t + interval + max_age);
         let quiet = p.inputs.is_empty()
-            && p.acked.is_none()
+            && p.acked.is_empty()
             && p.upstream_dead.is_empty()
             && p.dlq_remove.is_empty()
             && p.evict_bytes == 0
@@ -559,13 +565,22 @@ impl Model {
             });
         }
         // 1. Acknowledged rows go; room is made on a full disk.
-        if let Some(a) = p.acked {
-            while self.rows.front().is_some_and(|r| r.event.id <= a.up_to) {
-                let r = self.pop_front().unwrap();
+        let mut next_batch = None;
+        for a in &p.acked {
+            let (gone, kept): (VecDeque<Row>, VecDeque<Row>) = std::mem::take(&mut self.rows)
+                .into_iter()
+                .partition(|r| (a.from..=a.up_to).contains(&r.event.id));
+            self.rows = kept;
+            for r in gone {
+                self.bytes -= r.size;
                 self.delivered.push(r.event.id);
                 x.acked += 1;
             }
-            self.meta.insert("next_batch".into(), a.batch + 1);
+            next_batch = next_batch.max(Some(a.batch + 1));
+        }
+        if let Some(n) = next_batch {
+            let stored = self.meta.get("next_batch").copied().unwrap_or(0);
+            self.meta.insert("next_batch".into(), n.max(stored));
         }
         let mut evicted = 0;
         while evicted < p.evict_bytes {
@@ -836,7 +851,7 @@ fn real_plan(p: &MPlan, acks: &Arc<Mutex<Vec<(u64, Taken)>>>) -> Plan {
         })
         .collect();
     let mut plan = Plan::with_group(group);
-    plan.acked = p.acked;
+    plan.acked = p.acked.clone();
     plan.upstream_dead = p.upstream_dead.clone();
     plan.tight = p.tight;
     plan.evict_bytes = p.evict_bytes;
@@ -985,8 +1000,8 @@ impl Run {
                     .collect();
                 assert_eq!(got, want_v, "batch read at {at}");
                 if let Some(last) = want.last().map(|r| r.event.id) {
+                    m.inflight.push_back((m.cursor + 1, last));
                     m.cursor = last;
-                    m.inflight.push_back(last);
                 }
                 None
             }
@@ -994,12 +1009,22 @@ impl Run {
                 if self.m.inflight.is_empty() {
                     return true;
                 }
-                let mut up_to = 0;
+                let mut plan = MPlan::default();
                 for _ in 0..(*k).clamp(1, self.m.inflight.len()) {
-                    up_to = self.m.inflight.pop_front().unwrap();
-                    self.batch += 1;
+                    let range = self.m.inflight.pop_front().unwrap();
+                    plan.acked.push(self.ack(range));
                 }
-                Some(self.ack(up_to))
+                Some(plan)
+            }
+            Step::PubackOne(n) => {
+                if self.m.inflight.is_empty() {
+                    return true;
+                }
+                let range = self.m.inflight.remove(n % self.m.inflight.len()).unwrap();
+                Some(MPlan {
+                    acked: vec![self.ack(range)],
+                    ..MPlan::default()
+                })
             }
             Step::Reconnect => {
                 self.m.inflight.clear();
@@ -1007,10 +1032,17 @@ impl Run {
                 None
             }
             Step::StaleAck => {
-                let Some(&up_to) = self.m.delivered.last() else {
+                let Some((from, up_to)) = self.m.last_acked else {
                     return true;
                 };
-                Some(self.ack(up_to))
+                Some(MPlan {
+                    acked: vec![ForwardAck {
+                        from,
+                        up_to,
+                        batch: self.batch,
+                    }],
+                    ..MPlan::default()
+                })
             }
             Step::TooBig(k) => {
                 let ids: Vec<u64> = self
@@ -1100,14 +1132,14 @@ impl Run {
         true
     }
 
-    /// A PUBACK for every batch up to `up_to` (the forwarder's message).
-    fn ack(&self, up_to: u64) -> MPlan {
-        MPlan {
-            acked: Some(ForwardAck {
-                up_to,
-                batch: self.batch,
-            }),
-            ..MPlan::default()
+    /// The PUBACK of the batch that covers `from..=up_to` (the forwarder's message).
+    fn ack(&mut self, (from, up_to): (u64, u64)) -> ForwardAck {
+        self.batch += 1;
+        self.m.last_acked = Some((from, up_to));
+        ForwardAck {
+            from,
+            up_to,
+            batch: self.batch,
         }
     }
 
@@ -1200,7 +1232,8 @@ fn step() -> impl Strategy<Value = Step> {
         10 => (inputs(), prop::option::weighted(0.1, 0u64..600))
             .prop_map(|(inputs, tight)| Step::Ingest { inputs, tight }),
         4 => (1usize..8).prop_map(Step::Read),
-        3 => (1usize..3).prop_map(Step::Puback),
+        2 => (1usize..3).prop_map(Step::Puback),
+        2 => any::<usize>().prop_map(Step::PubackOne),
         1 => Just(Step::Reconnect),
         1 => Just(Step::StaleAck),
         1 => any::<usize>().prop_map(Step::TooBig),

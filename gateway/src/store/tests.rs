@@ -515,8 +515,12 @@ fn a_lone_upstream_dead_letter_is_committed_by_the_run_loop() {
     .unwrap();
     // Give the loop time to take it alone, then acknowledge past it.
     std::thread::sleep(Duration::from_millis(300));
-    atx.send(ForwardMsg::Ack(ForwardAck { up_to: 3, batch: 1 }))
-        .unwrap();
+    atx.send(ForwardMsg::Ack(ForwardAck {
+        from: 0,
+        up_to: 3,
+        batch: 1,
+    }))
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     drop(atx);
     drop(tx);
@@ -587,7 +591,11 @@ fn what_one_small_commit_writes() {
         ("one event", None),
         (
             "one event + an ack",
-            Some(ForwardAck { up_to: 1, batch: 1 }),
+            Some(ForwardAck {
+                from: 0,
+                up_to: 1,
+                batch: 1,
+            }),
         ),
     ] {
         let before = counter.bytes();
@@ -740,6 +748,7 @@ fn a_drained_file_is_compacted_and_keeps_every_buffered_event() {
     h.lp.commit(
         vec![],
         Some(ForwardAck {
+            from: 0,
             up_to: 24_900,
             batch: 1,
         }),
