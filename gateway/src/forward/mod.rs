@@ -47,6 +47,7 @@
 //! neither lose nor stall data.
 
 pub mod client;
+pub mod compress;
 pub mod limits;
 pub mod tls;
 pub mod wire;

@@ -3,7 +3,8 @@
 //! Prints events/s, ingest-to-upstream latency percentiles, backlog drain rate, RSS and
 //! events per fsync, plus the ceiling (simulator → embedded broker, nothing stored).
 //! Run it with `scripts/bench` (release build); `scripts/bench serial` for serial ingest,
-//! `scripts/bench pi` for start-up time, RSS with rules and bytes written per event.
+//! `scripts/bench pi` for start-up time, RSS with rules and bytes written per event,
+//! `scripts/bench compress` for the size and CPU cost of batch compression.
 //! Not a test: it asserts nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -11,6 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidepool_e2e::*;
+
+#[path = "../sim_events.rs"]
+mod sim_events;
+use sim_events::sim_events;
 
 const TOPIC: &str = "tidepool/test-gw/events";
 
@@ -497,6 +502,118 @@ fn fault_proxy_cli(args: &[String]) {
     }
 }
 
+/// Batch compression on simulator data (the simulator's defaults: 10 sensors, unpadded
+/// payloads, 1,000 events/s): batches of 500 events in the real wire formats, JSON and
+/// postcard, each encoding at each gzip level. Per batch: input and output bytes, ratio,
+/// compress µs (median of the runs) and MB/s; inflate MB/s. One core, in this process.
+fn compress_bench() {
+    use tidepool::config::Encoding;
+    use tidepool::event::Payload;
+    use tidepool::forward::compress::{self, Compression};
+    use tidepool::forward::wire::BatchEncoder;
+
+    const PER_BATCH: usize = 500;
+    let batches: usize = env_or("BENCH_BATCHES", 20);
+    let runs: usize = env_or("BENCH_RUNS", 15);
+    let events = sim_events(1, 1, (batches * PER_BATCH) as u64, 1_764_000_000_000);
+    println!(
+        "batch compression: {batches} batches of {PER_BATCH} simulator events, median of {runs} runs, one core"
+    );
+    println!(
+        "{:<9} {:<6} {:>9} {:>9} {:>6} {:>10} {:>12} {:>12}",
+        "encoding", "level", "in B", "out B", "ratio", "µs/batch", "compr MB/s", "inflate MB/s"
+    );
+    for encoding in [Encoding::Json, Encoding::Postcard] {
+        let payloads: Vec<Vec<u8>> = events
+            .chunks(PER_BATCH)
+            .enumerate()
+            .map(|(i, chunk)| {
+                let mut b = BatchEncoder::new(encoding, "pi-kitchen-01", i as u64 + 1);
+                for e in chunk {
+                    assert!(b.push(e, usize::MAX));
+                }
+                b.finish()
+            })
+            .collect();
+        let input: usize = payloads.iter().map(Vec::len).sum();
+        let name = format!("{encoding:?}").to_lowercase();
+        println!(
+            "{name:<9} {:<6} {:>9} {:>9} {:>6} {:>10} {:>12} {:>12}",
+            "none",
+            input / batches,
+            input / batches,
+            "1.00",
+            "-",
+            "-",
+            "-"
+        );
+        for level in [1u8, 3, 6, 9] {
+            let mut out = Vec::new();
+            let compress_s = median(
+                (0..runs)
+                    .map(|_| {
+                        let start = Instant::now();
+                        out = payloads
+                            .iter()
+                            .map(|p| compress::compress(Compression::Gzip, level, p))
+                            .collect();
+                        start.elapsed().as_secs_f64()
+                    })
+                    .collect(),
+            );
+            let inflate_s = median(
+                (0..runs)
+                    .map(|_| {
+                        let start = Instant::now();
+                        for (z, p) in out.iter().zip(&payloads) {
+                            assert_eq!(compress::decompress_gzip(z).unwrap().len(), p.len());
+                        }
+                        start.elapsed().as_secs_f64()
+                    })
+                    .collect(),
+            );
+            let output: usize = out.iter().map(Vec::len).sum();
+            println!(
+                "{name:<9} {:<6} {:>9} {:>9} {:>6.2} {:>10.0} {:>12.1} {:>12.1}",
+                format!("gzip {level}"),
+                input / batches,
+                output / batches,
+                input as f64 / output as f64,
+                compress_s * 1e6 / batches as f64,
+                input as f64 / compress_s / 1e6,
+                input as f64 / inflate_s / 1e6,
+            );
+        }
+    }
+    let all: Vec<u8> = events
+        .iter()
+        .flat_map(|e| match &e.payload {
+            Payload::Json(s) => s.as_bytes().to_vec(),
+            Payload::Bytes(b) => b.clone(),
+        })
+        .collect();
+    let crc_s = median(
+        (0..runs)
+            .map(|_| {
+                let start = Instant::now();
+                std::hint::black_box(compress::crc32(std::hint::black_box(&all)));
+                start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    );
+    println!(
+        "CRC-32 alone (part of gzip): {:.0} MB/s",
+        all.len() as f64 / crc_s / 1e6
+    );
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn main() {
     std::env::set_var("TIDEPOOL_TEST_RELEASE", "1");
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -517,6 +634,10 @@ fn main() {
         );
         bin_dir();
         soak::run(d, every);
+        return;
+    }
+    if args.first().map(String::as_str) == Some("compress") {
+        compress_bench();
         return;
     }
     if std::env::args().nth(1).as_deref() == Some("wear") {
