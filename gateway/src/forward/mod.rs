@@ -30,6 +30,7 @@
 //! and the next connection resends from the store, starting after the last acknowledged id:
 //! a lost session can neither lose nor stall data.
 
+pub mod http;
 pub mod limits;
 pub mod tls;
 pub mod wire;
