@@ -660,7 +660,7 @@ impl HttpClient {
             conn.flush().await
         };
         if let Err(e) = sent.await {
-            return Err(Failure::Stale(format!("sending the request failed: {e}")));
+            return Err(self.failed("sending the request", e));
         }
         self.phase = "waiting for the response";
         // A kept connection the server closed ends (or resets) before any byte of an answer.
@@ -671,7 +671,7 @@ impl HttpClient {
                 ))
             }
             Ok(_) => {}
-            Err(e) => return Err(Failure::Stale(format!("reading the response failed: {e}"))),
+            Err(e) => return Err(self.failed("reading the response", e)),
         }
         self.phase = "reading the response";
         let (response, reusable) = self
@@ -682,6 +682,20 @@ impl HttpClient {
             self.conn = Some(conn);
         }
         Ok(response)
+    }
+
+    /// A write or first read that failed: a TLS alert (with TLS 1.3 a refused client
+    /// certificate is told only after the handshake) is a TLS error; anything else may be a
+    /// kept connection the server closed.
+    fn failed(&self, doing: &str, e: io::Error) -> Failure {
+        if rustls_cause(&e).is_some() {
+            Failure::Fatal(HttpError::Tls {
+                url: self.shown.clone(),
+                why: explain_tls(&e),
+            })
+        } else {
+            Failure::Stale(format!("{doing} failed: {e}"))
+        }
     }
 
     fn io(&self, what: impl fmt::Display) -> HttpError {
@@ -937,10 +951,16 @@ impl HttpClient {
     }
 }
 
+/// The rustls error a TLS stream's I/O error carries, if it is one.
+fn rustls_cause(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
 /// A failed handshake for a user: the rustls error (unknown issuer, expired, wrong name,
 /// alert from the server) and the keys to check; or a connection that was not TLS at all.
 fn explain_tls(e: &io::Error) -> String {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    match rustls_cause(e) {
         Some(rustls_error) => format!(
             "{rustls_error} (check the sink's CA and client certificate settings, and that the host in its url is one its certificate names)"
         ),
@@ -1482,7 +1502,9 @@ mod tests {
     }
 
     /// A CA, and a server certificate for 127.0.0.1 it signed, as rustls configs.
-    fn tls_pair(trust_the_ca: bool) -> (TlsAcceptor, Arc<rustls::ClientConfig>) {
+    /// The server asks for a client certificate (of the CA) if `client_auth`; the client has
+    /// none, and trusts the CA only if `trust_the_ca`.
+    fn tls_pair(trust_the_ca: bool, client_auth: bool) -> (TlsAcceptor, Arc<rustls::ClientConfig>) {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
         use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
         let ca_key = KeyPair::generate().unwrap();
@@ -1498,8 +1520,21 @@ mod tests {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
+            .unwrap();
+        let server = if client_auth {
+            let mut clients = rustls::RootCertStore::empty();
+            clients.add(ca.der().clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(clients),
+                provider.clone(),
+            )
+            .build()
+            .unwrap();
+            server.with_client_cert_verifier(verifier)
+        } else {
+            server.with_no_client_auth()
+        };
+        let server = server
             .with_single_cert(
                 vec![leaf.der().clone()],
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
@@ -1528,7 +1563,7 @@ mod tests {
 
     #[tokio::test]
     async fn https_round_trips_with_a_server_its_ca_vouches_for() {
-        let (acceptor, config) = tls_pair(true);
+        let (acceptor, config) = tls_pair(true, false);
         let answers = vec![(ok("secure"), After::Keep), (ok("again"), After::Keep)];
         let (url, server) = serve(answers, Some(acceptor)).await;
         let mut c = HttpClient::new(url, Some(config), Duration::from_secs(2));
@@ -1540,7 +1575,7 @@ mod tests {
 
     #[tokio::test]
     async fn https_to_a_server_of_an_unknown_ca_is_a_tls_error() {
-        let (acceptor, config) = tls_pair(false);
+        let (acceptor, config) = tls_pair(false, false);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = tokio::spawn(async move {
@@ -1561,5 +1596,25 @@ mod tests {
             e.to_string().contains("needs the sink's TLS settings"),
             "{e}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_server_wanting_a_client_certificate_is_a_tls_error_even_after_the_handshake() {
+        let (acceptor, config) = tls_pair(true, true);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            assert!(acceptor.accept(tcp).await.is_err());
+        });
+        let url = HttpUrl::parse(&format!("https://127.0.0.1:{port}/")).unwrap();
+        let e = HttpClient::new(url, Some(config), Duration::from_secs(2))
+            .post(&key("a"), b"1")
+            .await
+            .unwrap_err();
+        // TLS 1.3: the client's handshake is done before the server refuses it.
+        assert!(matches!(e, HttpError::Tls { .. }), "{e:?}");
+        assert!(e.to_string().contains("CertificateRequired"), "{e}");
+        server.await.unwrap();
     }
 }
