@@ -1573,9 +1573,9 @@ mod tests {
         assert_eq!((accepted, seen[0].body.as_slice()), (1, &b"hello"[..]));
     }
 
-    #[tokio::test]
-    async fn https_to_a_server_of_an_unknown_ca_is_a_tls_error() {
-        let (acceptor, config) = tls_pair(false, false);
+    /// The error of a post to a TLS server whose handshake with this client fails.
+    async fn tls_refused(trust_the_ca: bool, client_auth: bool) -> (HttpError, HttpUrl) {
+        let (acceptor, config) = tls_pair(trust_the_ca, client_auth);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = tokio::spawn(async move {
@@ -1587,9 +1587,15 @@ mod tests {
             .post(&key("a"), b"1")
             .await
             .unwrap_err();
-        assert!(matches!(e, HttpError::Tls { .. }), "{e:?}");
-        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
         server.await.unwrap();
+        assert!(matches!(e, HttpError::Tls { .. }), "{e:?}");
+        (e, url)
+    }
+
+    #[tokio::test]
+    async fn https_to_a_server_of_an_unknown_ca_is_a_tls_error() {
+        let (e, url) = tls_refused(false, false).await;
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
         // And an https url without TLS settings says so rather than sending plain text.
         let e = client(url).post(&key("a"), b"1").await.unwrap_err();
         assert!(
@@ -1600,21 +1606,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_wanting_a_client_certificate_is_a_tls_error_even_after_the_handshake() {
-        let (acceptor, config) = tls_pair(true, true);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            assert!(acceptor.accept(tcp).await.is_err());
-        });
-        let url = HttpUrl::parse(&format!("https://127.0.0.1:{port}/")).unwrap();
-        let e = HttpClient::new(url, Some(config), Duration::from_secs(2))
-            .post(&key("a"), b"1")
-            .await
-            .unwrap_err();
         // TLS 1.3: the client's handshake is done before the server refuses it.
-        assert!(matches!(e, HttpError::Tls { .. }), "{e:?}");
+        let (e, _) = tls_refused(true, true).await;
         assert!(e.to_string().contains("CertificateRequired"), "{e}");
-        server.await.unwrap();
     }
 }
