@@ -48,6 +48,7 @@
 
 pub mod client;
 pub mod compress;
+pub mod http;
 pub mod limits;
 pub mod tls;
 pub mod wire;
