@@ -324,6 +324,8 @@ pub struct UpstreamConfig {
     pub encoding: Encoding,
     /// MQTT protocol version upstream.
     pub protocol: Protocol,
+    /// Batch compression.
+    pub compression: crate::forward::compress::Compression,
     /// Which events go first after an outage.
     pub drain: Drain,
     /// Most the backlog is sent at.

@@ -242,3 +242,93 @@ fn has(batches: &[tidepool_e2e::drain::Batch], source: &str, count: u64) -> bool
         .collect();
     n.len() as u64 >= count
 }
+
+/// A QoS 1 MQTT 5 subscription collecting each message's payload and properties.
+fn subscribe_v5(
+    port: u16,
+    topic: &str,
+) -> (
+    tokio::runtime::Runtime,
+    std::sync::Arc<std::sync::Mutex<Vec<(Vec<u8>, rumqttc::v5::mqttbytes::v5::PublishProperties)>>>,
+) {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (g, topic) = (got.clone(), topic.to_string());
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let mut o = MqttOptions::new("test-sub-v5", "127.0.0.1", port);
+        o.set_max_packet_size(Some(16 << 20));
+        let (client, mut el) = AsyncClient::new(o, 100);
+        client
+            .subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => g
+                    .lock()
+                    .unwrap()
+                    .push((p.payload.to_vec(), p.properties.unwrap_or_default())),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(15)).expect("no SUBACK");
+    (rt, got)
+}
+
+#[test]
+fn gzip_batches_carry_their_properties_and_round_trip() {
+    use tidepool::forward::compress::decompress_gzip;
+    let up = Mosquitto::start("");
+    let (_rt, got) = subscribe_v5(up.port, TOPIC);
+    let gw = Gateway::start(&upstream_cfg(up.port, "compression = \"gzip\""));
+    assert_eq!(run_sim(gw.mqtt_port, 2_000, 0.0, &[])["acked"], 2_000);
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut events = std::collections::BTreeMap::new();
+    let (mut raw, mut packed) = (0usize, 0usize);
+    while events.len() < 2_000 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        for (payload, props) in got.lock().unwrap().drain(..) {
+            let user: std::collections::BTreeMap<String, String> =
+                props.user_properties.iter().cloned().collect();
+            assert_eq!(
+                props.content_type.as_deref(),
+                Some("application/vnd.tidepool.batch+json")
+            );
+            assert_eq!(user["gateway"], "test-gw");
+            assert_eq!(user["encoding"], "json");
+            assert_eq!(user["content-encoding"], "gzip");
+            assert_eq!(props.payload_format_indicator, None, "gzip is not UTF-8");
+            assert_eq!(&payload[..2], &[0x1f, 0x8b]);
+            let json = decompress_gzip(&payload).expect("a gzip member");
+            (raw, packed) = (raw + json.len(), packed + payload.len());
+            let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            let evs = v["events"].as_array().unwrap();
+            assert_eq!(user["events"], evs.len().to_string());
+            assert_eq!(user["first_id"], evs[0]["id"].to_string());
+            assert_eq!(user["last_id"], evs[evs.len() - 1]["id"].to_string());
+            assert_eq!(user["batch"], v["batch"].to_string());
+            for e in evs {
+                events.insert(e["payload"]["n"].as_u64().unwrap(), e["id"].as_u64());
+            }
+        }
+    }
+    println!(
+        "gzip upstream: {} events, {raw} B of JSON in {packed} B ({:.1}x)",
+        events.len(),
+        raw as f64 / packed.max(1) as f64
+    );
+    assert_eq!(events.len(), 2_000, "log:\n{}", gw.log());
+    assert!(packed * 3 < raw, "gzip should shrink simulator batches");
+}

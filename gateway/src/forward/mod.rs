@@ -69,6 +69,7 @@ use crate::config::{parse_mqtt_url, Drain, DrainRate, Protocol, UpstreamConfig};
 use crate::shutdown::Shutdown;
 use crate::store::{self, ForwardAck, ForwardMsg};
 use client::{Client, ConnAckInfo, ConnEvent, Rejection};
+use compress::Compression;
 use limits::{Limits, Planned, SizeGuard, Unacked, Verdict};
 
 /// Forwarder errors that stop it from starting.
@@ -783,7 +784,7 @@ impl Forwarder {
                 client::batch_properties(&client::BatchProps {
                     gateway: &self.gateway,
                     encoding: self.cfg.encoding,
-                    compression: None,
+                    compression: compress::content_encoding(self.cfg.compression),
                     batch,
                     first_id: p.first_id,
                     last_id: p.last_id,
@@ -984,17 +985,20 @@ impl Forwarder {
     fn topic_overhead(&self) -> usize {
         self.cfg.topic.len()
             + match self.protocol {
-                Protocol::V5 => client::properties_reserve(&self.gateway, self.cfg.encoding, false),
+                Protocol::V5 => client::properties_reserve(
+                    &self.gateway,
+                    self.cfg.encoding,
+                    self.cfg.compression != Compression::None,
+                ),
                 Protocol::V311 => 0,
             }
     }
 
-    /// Largest batch payload under `batch_max_bytes` and the packet limit.
+    /// Largest batch payload (before compression) under `batch_max_bytes` and the packet
+    /// limit: compressed, it still fits ([`compress::fits`]).
     fn payload_budget(&self) -> usize {
-        (self.cfg.batch_max_bytes.0 as usize).min(limits::payload_budget(
-            self.guard.limit(),
-            self.topic_overhead(),
-        ))
+        let packet = limits::payload_budget(self.guard.limit(), self.topic_overhead());
+        (self.cfg.batch_max_bytes.0 as usize).min(compress::fits(self.cfg.compression, packet))
     }
 
     /// Retires acknowledged batches, telling the store: each deletes its own range.
@@ -1035,11 +1039,13 @@ impl Forwarder {
         backlog: bool,
     ) -> Result<Option<Planned>, store::StoreError> {
         let db = self.db.clone();
+        let compression = self.cfg.compression;
+        let topic_len = self.topic_overhead();
         let limits = Limits {
             encoding: self.cfg.encoding,
-            topic_len: self.topic_overhead(),
+            topic_len,
             max_events: self.cfg.batch_max_events,
-            max_bytes: self.cfg.batch_max_bytes.0 as usize,
+            max_bytes: self.payload_budget(),
             backlog,
         };
         let read_bytes = self.cfg.batch_max_bytes.0;
@@ -1062,12 +1068,15 @@ impl Forwarder {
             if r.events.is_empty() {
                 return Ok((None, r.lowest));
             }
-            Ok::<_, store::StoreError>((
-                Some(limits::plan(
-                    &gateway, batch, &r.events, r.more, limits, &guard,
-                )),
-                r.lowest,
-            ))
+            let mut p = limits::plan(&gateway, batch, &r.events, r.more, limits, &guard);
+            if compression != Compression::None {
+                if let Some(raw) = &p.payload {
+                    let packed = compress::compress(compression, compress::DEFAULT_LEVEL, raw);
+                    p.packet = limits::publish_size(topic_len, packed.len());
+                    p.payload = Some(packed);
+                }
+            }
+            Ok::<_, store::StoreError>((Some(p), r.lowest))
         })
         .await
         .expect("batch reader panicked")?;
