@@ -1013,6 +1013,43 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn upstream_protocol_drain_and_drain_rate_parse() {
+        let c = Config::defaults();
+        assert_eq!(c.upstream.protocol, Protocol::V5);
+        assert_eq!(c.upstream.drain, Drain::LiveFirst);
+        assert_eq!(c.upstream.drain_rate, DrainRate::Unlimited);
+        assert_eq!(
+            c.upstream.compression,
+            crate::forward::compress::Compression::None
+        );
+        for (text, want) in [
+            ("2000/s", DrainRate::Events(2000)),
+            ("500 events/s", DrainRate::Events(500)),
+            ("64KiB/s", DrainRate::Bytes(65_536)),
+            ("1MB/s", DrainRate::Bytes(1_000_000)),
+            ("unlimited", DrainRate::Unlimited),
+        ] {
+            assert_eq!(DrainRate::parse(text), Ok(want), "{text}");
+        }
+        for bad in ["2000", "0/s", "fast", "-1/s", "KiB/s"] {
+            assert!(DrainRate::parse(bad).is_err(), "{bad}");
+        }
+        let c = Config::from_str_named(
+            "c.toml",
+            "[upstream]\nprotocol = \"3.1.1\"\ndrain = \"fifo\"\ndrain_rate = \"10/s\"\ncompression = \"gzip\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.protocol, Protocol::V311);
+        assert_eq!(c.upstream.drain, Drain::Fifo);
+        assert_eq!(c.upstream.drain_rate, DrainRate::Events(10));
+        let e = Config::from_str_named("c.toml", "[upstream]\nprotocol = \"4\"\n").unwrap_err();
+        assert!(e.to_string().contains("upstream.protocol"), "{e}");
+        let e =
+            Config::from_str_named("c.toml", "[upstream]\ndrain_rate = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("not a drain rate"), "{e}");
+    }
+
+    #[test]
     fn defaults_parse_and_expand() {
         let c = Config::defaults();
         assert!(!c.gateway.id.contains('{'));

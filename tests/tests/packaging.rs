@@ -18,10 +18,11 @@ fn dpkg_deb(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The most the stripped aarch64 `tidepool` may weigh: 6.5 MiB (6.26 MiB when this was set).
-/// The aim is 6 MiB; README, "The release profile", says what takes the space and what the
-/// rest would cost. Lower it as cuts land; raise it only with a reason in the README.
-const ARM64_TIDEPOOL_BUDGET: u64 = 6 * 1024 * 1024 + 512 * 1024;
+/// The most the stripped aarch64 `tidepool` may weigh: 7 MiB (6.5 MiB until the MQTT 5
+/// upstream and gzip took it to 6.63 MiB; 6.26 MiB when the budget was first set). The aim is
+/// 6 MiB; README, "The release profile", says what takes the space, why it was raised and
+/// what the rest would cost. Lower it as cuts land; raise it only with a reason in the README.
+const ARM64_TIDEPOOL_BUDGET: u64 = 7 * 1024 * 1024;
 
 /// ELF `e_machine` values of the Pi's two architectures.
 const EM_ARM: u16 = 0x28;

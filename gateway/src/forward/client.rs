@@ -99,7 +99,7 @@ pub enum ConnEvent {
         /// Why, for people.
         why: String,
         /// Whether it looks like the broker does not speak this protocol.
-        protocol_suspect: bool,
+        protocol_suspect: Suspect,
     },
 }
 
@@ -354,7 +354,7 @@ async fn poll_311(mut el: rumqttc::EventLoop, tx: mpsc::UnboundedSender<ConnEven
                 };
                 let _ = tx.send(ConnEvent::Lost {
                     why,
-                    protocol_suspect: false,
+                    protocol_suspect: Suspect::No,
                 });
                 return;
             }
@@ -409,7 +409,11 @@ async fn poll_5(mut el: rumqttc::v5::EventLoop, tx: mpsc::UnboundedSender<ConnEv
                         let _ = tx.send(ev);
                     }
                 }
-                let protocol_suspect = !connected && suspect_5(&e);
+                let protocol_suspect = if connected {
+                    Suspect::No
+                } else {
+                    suspect_5(&e)
+                };
                 let why = match &e {
                     ConnectionError5::ConnectionRefused(code) => refused_5(*code),
                     _ => describe_5(&e),
@@ -424,22 +428,39 @@ async fn poll_5(mut el: rumqttc::v5::EventLoop, tx: mpsc::UnboundedSender<ConnEv
     }
 }
 
-/// Whether an MQTT 5 connection that failed before its CONNACK looks like a broker that does
-/// not speak 5: it refused the version, answered what is not a 5 CONNACK (a 3.1.1 CONNACK
-/// fails to parse), or closed the connection on the CONNECT. A refused or unreachable
-/// address, a TLS failure or a timeout is not.
-fn suspect_5(e: &ConnectionError5) -> bool {
+/// How much an MQTT 5 connection that failed before its CONNACK says the broker does not
+/// speak 5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Suspect {
+    /// Nothing: a refused or unreachable address, TLS, a timeout, a refusal for other reasons.
+    No,
+    /// The connection closed on the CONNECT: what some 3.1.1 brokers do, and also what a
+    /// restarting broker or a proxy with no backend does. Taken as evidence only repeated.
+    Maybe,
+    /// The broker refused the version, or answered what is not an MQTT 5 CONNACK (a 3.1.1
+    /// CONNACK fails to parse as one).
+    Yes,
+}
+
+fn suspect_5(e: &ConnectionError5) -> Suspect {
+    use rumqttc::v5::StateError;
     use std::io::ErrorKind::*;
     match e {
-        ConnectionError5::ConnectionRefused(code) => {
-            *code == ConnectReturnCode5::UnsupportedProtocolVersion
+        ConnectionError5::ConnectionRefused(ConnectReturnCode5::UnsupportedProtocolVersion) => {
+            Suspect::Yes
         }
-        ConnectionError5::MqttState(_) | ConnectionError5::NotConnAck(_) => true,
-        ConnectionError5::Io(io) => matches!(
-            io.kind(),
-            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
-        ),
-        _ => false,
+        ConnectionError5::MqttState(StateError::Deserialization(_))
+        | ConnectionError5::NotConnAck(_) => Suspect::Yes,
+        ConnectionError5::MqttState(_) => Suspect::Maybe,
+        ConnectionError5::Io(io)
+            if matches!(
+                io.kind(),
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+            ) =>
+        {
+            Suspect::Maybe
+        }
+        _ => Suspect::No,
     }
 }
 

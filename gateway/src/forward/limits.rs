@@ -218,6 +218,8 @@ pub struct Planned {
     pub dead: Vec<(u64, String)>,
     /// The highest id looked at (batched or dead-lettered).
     pub upto: u64,
+    /// The payload is compressed (set by the forwarder).
+    pub compressed: bool,
 }
 
 /// What [`plan`] builds under.
@@ -258,6 +260,7 @@ pub fn plan(
         packet: 0,
         full: more,
         dead: Vec::new(),
+        compressed: false,
         upto: 0,
     };
     for e in events {

@@ -267,8 +267,8 @@ enum State {
 /// Why a connection attempt failed.
 struct Refused {
     why: String,
-    /// The broker looks like it does not speak the protocol tried.
-    protocol_suspect: bool,
+    /// Whether the broker looks like it does not speak the protocol tried.
+    protocol_suspect: client::Suspect,
 }
 
 /// The backlog drain's pacing and progress.
@@ -356,6 +356,8 @@ pub struct Forwarder {
     failures: u32,
     /// Batches refused by reason code since one was last accepted (the backoff grows with it).
     rejections: u32,
+    /// MQTT 5 attempts in a row the broker closed on the CONNECT.
+    v5_closed: u32,
     last_error: String,
     /// When the current partial batch was first seen.
     partial_since: Option<Instant>,
@@ -417,6 +419,7 @@ impl Forwarder {
             next_batch,
             failures: 0,
             rejections: 0,
+            v5_closed: 0,
             last_error: String::new(),
             partial_since: None,
             avg_row: 256,
@@ -505,7 +508,7 @@ impl Forwarder {
             ev = rx.recv() => ev,
             _ = tokio::time::sleep(Duration::from_secs(20)) => {
                 poller.abort();
-                return Err(Refused { why: "no CONNACK within 20s".into(), protocol_suspect: false });
+                return Err(Refused { why: "no CONNACK within 20s".into(), protocol_suspect: client::Suspect::No });
             }
             _ = self.shutdown.wait() => { poller.abort(); return Ok(None) }
         };
@@ -514,7 +517,7 @@ impl Forwarder {
             Some(ConnEvent::ConnAck(Ok(info))) => Ok(Some((conn, info))),
             Some(ConnEvent::ConnAck(Err(why))) => Err(Refused {
                 why,
-                protocol_suspect: false,
+                protocol_suspect: client::Suspect::No,
             }),
             Some(ConnEvent::Lost {
                 why,
@@ -525,8 +528,24 @@ impl Forwarder {
             }),
             other => Err(Refused {
                 why: format!("unexpected before CONNACK: {other:?}"),
-                protocol_suspect: false,
+                protocol_suspect: client::Suspect::No,
             }),
+        }
+    }
+
+    /// Whether a failed MQTT 5 attempt is reason to try 3.1.1: the broker said so, or it
+    /// closed the connection on the CONNECT three attempts in a row.
+    fn falls_back(&mut self, s: client::Suspect) -> bool {
+        match s {
+            client::Suspect::Yes => true,
+            client::Suspect::Maybe => {
+                self.v5_closed = self.v5_closed.saturating_add(1);
+                self.v5_closed >= 3
+            }
+            client::Suspect::No => {
+                self.v5_closed = 0;
+                false
+            }
         }
     }
 
@@ -537,7 +556,7 @@ impl Forwarder {
         let (mut conn, info) = match self.connect_once(self.protocol).await {
             Ok(Some(c)) => c,
             Ok(None) => return State::Stopped,
-            Err(r) if r.protocol_suspect && self.protocol == Protocol::V5 => {
+            Err(r) if self.protocol == Protocol::V5 && self.falls_back(r.protocol_suspect) => {
                 match self.connect_once(Protocol::V311).await {
                     Ok(Some(c)) => {
                         warn!(
@@ -561,6 +580,7 @@ impl Forwarder {
             }
             Err(r) => return self.fail(r.why),
         };
+        self.v5_closed = 0;
         self.guard.set_broker_max(info.max_packet);
         self.metrics
             .upstream_sizes
@@ -746,14 +766,15 @@ impl Forwarder {
                     break;
                 }
                 Err(crate::store::StoreError::Compacting) => {
-                    // The file is being compacted (briefly, after a drain): wait quietly.
+                    // The file is being compacted (briefly, after a drain): wait quietly, then
+                    // read again (no commit may come to wake the loop).
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    break;
+                    continue;
                 }
                 Err(e) => {
                     warn!(error = %e, "forwarder: store read failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    break;
+                    continue;
                 }
             };
             for (id, reason) in &p.dead {
@@ -762,6 +783,7 @@ impl Forwarder {
             let Some(payload) = p.payload else {
                 if backlog {
                     conn.backlog_read = conn.backlog_read.max(p.upto);
+                    self.finish_drain(&conn);
                 } else {
                     conn.live_read = conn.live_read.max(p.upto);
                 }
@@ -784,7 +806,11 @@ impl Forwarder {
                 client::batch_properties(&client::BatchProps {
                     gateway: &self.gateway,
                     encoding: self.cfg.encoding,
-                    compression: compress::content_encoding(self.cfg.compression),
+                    compression: if p.compressed {
+                        compress::content_encoding(self.cfg.compression)
+                    } else {
+                        None
+                    },
                     batch,
                     first_id: p.first_id,
                     last_id: p.last_id,
@@ -994,11 +1020,13 @@ impl Forwarder {
             }
     }
 
-    /// Largest batch payload (before compression) under `batch_max_bytes` and the packet
-    /// limit: compressed, it still fits ([`compress::fits`]).
+    /// Largest batch payload under `batch_max_bytes` and the packet limit (uncompressed: a
+    /// batch is sent compressed only when that makes it smaller, so it always fits).
     fn payload_budget(&self) -> usize {
-        let packet = limits::payload_budget(self.guard.limit(), self.topic_overhead());
-        (self.cfg.batch_max_bytes.0 as usize).min(compress::fits(self.cfg.compression, packet))
+        (self.cfg.batch_max_bytes.0 as usize).min(limits::payload_budget(
+            self.guard.limit(),
+            self.topic_overhead(),
+        ))
     }
 
     /// Retires acknowledged batches, telling the store: each deletes its own range.
@@ -1045,7 +1073,7 @@ impl Forwarder {
             encoding: self.cfg.encoding,
             topic_len,
             max_events: self.cfg.batch_max_events,
-            max_bytes: self.payload_budget(),
+            max_bytes: self.cfg.batch_max_bytes.0 as usize,
             backlog,
         };
         let read_bytes = self.cfg.batch_max_bytes.0;
@@ -1071,9 +1099,15 @@ impl Forwarder {
             let mut p = limits::plan(&gateway, batch, &r.events, r.more, limits, &guard);
             if compression != Compression::None {
                 if let Some(raw) = &p.payload {
+                    // Only when it is smaller (it always is for real batches): then it fits
+                    // wherever the plain batch fit, and a batch of what does not compress goes
+                    // as it is, its properties saying so.
                     let packed = compress::compress(compression, compress::DEFAULT_LEVEL, raw);
-                    p.packet = limits::publish_size(topic_len, packed.len());
-                    p.payload = Some(packed);
+                    if packed.len() < raw.len() {
+                        p.packet = limits::publish_size(topic_len, packed.len());
+                        p.payload = Some(packed);
+                        p.compressed = true;
+                    }
                 }
             }
             Ok::<_, store::StoreError>((Some(p), r.lowest))

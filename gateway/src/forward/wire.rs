@@ -13,7 +13,8 @@ use crate::event::{Event, Payload};
 
 /// The version of the postcard wire encoding, its first field. Version 1 is the first with
 /// the field (a decoder seeing another value must not guess at the rest); version 2 adds
-/// `backlog` after the events. [`decode_postcard`] reads both.
+/// `backlog` after the events. Live batches are still written as version 1, byte for byte as
+/// before; backlog batches as version 2. [`decode_postcard`] reads both.
 pub const WIRE_VERSION: u32 = 2;
 
 /// A batch in postcard encoding (and the shape the JSON follows).
@@ -32,7 +33,7 @@ pub struct WireBatch {
 }
 
 /// Version 1 of [`WireBatch`]: no `backlog`.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct WireBatchV1 {
     version: u32,
     gateway: String,
@@ -114,7 +115,8 @@ impl BatchEncoder {
                 buf
             }
             Encoding::Postcard => {
-                postcard::to_stdvec(&(WIRE_VERSION, gateway, batch)).expect("postcard to Vec")
+                let version: u32 = if backlog { WIRE_VERSION } else { 1 };
+                postcard::to_stdvec(&(version, gateway, batch)).expect("postcard to Vec")
             }
         };
         BatchEncoder {
@@ -140,9 +142,13 @@ impl BatchEncoder {
         match self.encoding {
             // `,` between events, `]}` at the end.
             Encoding::Json => self.head.len() + usize::from(count > 1 && extra > 0) + extra + 2,
-            // The events' count before them, `backlog` (one byte) after.
+            // The events' count before them; in version 2 `backlog` (one byte) after.
             Encoding::Postcard => {
-                self.head.len() + postcard_varint_len(count as u64) + self.body.len() + extra + 1
+                self.head.len()
+                    + postcard_varint_len(count as u64)
+                    + self.body.len()
+                    + extra
+                    + usize::from(self.backlog)
             }
         }
     }
@@ -211,7 +217,9 @@ impl BatchEncoder {
                 }
                 out.push(n as u8);
                 out.extend_from_slice(&self.body);
-                out.push(u8::from(self.backlog));
+                if self.backlog {
+                    out.push(1);
+                }
                 out
             }
         }
@@ -287,8 +295,8 @@ mod tests {
 
     #[test]
     fn postcard_round_trips_with_its_version_first() {
-        let mut b = BatchEncoder::new(Encoding::Postcard, "g", 7);
         let e = ev(5, Payload::Json("1".into()));
+        let mut b = BatchEncoder::with_backlog(Encoding::Postcard, "g", 7, true);
         b.push(&e, 1 << 20);
         let out = b.finish();
         assert_eq!(out[0], WIRE_VERSION as u8, "the version is the first field");
@@ -296,18 +304,20 @@ mod tests {
         assert_eq!(back.version, WIRE_VERSION);
         assert_eq!(back.batch, 7);
         assert_eq!(back.events, vec![e.clone()]);
-        assert!(!back.backlog);
+        assert!(back.backlog);
         let mut newer = out.clone();
         newer[0] = 3;
         assert!(matches!(
             decode_postcard(&newer),
             Err(WireError::Version(3))
         ));
-        // Version 1 (no backlog byte) still reads.
-        let mut v1 = out.clone();
-        v1[0] = 1;
-        v1.pop();
-        let old = decode_postcard(&v1).unwrap();
+        // A live batch is version 1, as earlier releases wrote it: no backlog byte.
+        let mut b = BatchEncoder::new(Encoding::Postcard, "g", 7);
+        b.push(&e, 1 << 20);
+        let live = b.finish();
+        assert_eq!(live[0], 1);
+        assert_eq!(live.len(), out.len() - 1);
+        let old = decode_postcard(&live).unwrap();
         assert_eq!((old.version, old.events, old.backlog), (1, vec![e], false));
     }
 
@@ -354,12 +364,11 @@ mod tests {
             let out = b.finish();
             assert_eq!(out.len(), len, "{encoding:?}");
             if encoding == Encoding::Postcard {
-                let want = postcard::to_stdvec(&WireBatch {
-                    version: WIRE_VERSION,
+                let want = postcard::to_stdvec(&WireBatchV1 {
+                    version: 1,
                     gateway: "pi-kitchen-01".into(),
                     batch: 300,
                     events,
-                    backlog: false,
                 })
                 .unwrap();
                 assert_eq!(out, want, "the same bytes as postcard of a WireBatch");

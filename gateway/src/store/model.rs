@@ -5,8 +5,9 @@
 //!
 //! Operations: ingest groups (sizes, payload sizes) whose events script their rule outcome
 //! (keep, drop, fan out, fail, state writes) or are bad frames; forwarder batch reads,
-//! PUBACKs (in order, for some of the batches in flight or several at once, and stale ones
-//! again), reconnects with the session kept or lost,
+//! PUBACKs (in order for some of the batches in flight or several at once; for one batch
+//! whatever is in flight ahead of it, as live data ahead of a backlog; and stale ones
+//! again), each deleting its batch's range of ids; reconnects with the session kept or lost,
 //! events upstream cannot take; caps (`max_bytes` under both policies, `max_age` as the
 //! clocks move, `dlq_max_bytes`, `min_free` as a tight disk with evictions); dead letters
 //! dropped; clean restarts; and crashes (a power cut at a random write of a commit, keeping

@@ -236,6 +236,79 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A backlog drain after an outage, `fifo` against `live_first`, unpaced and at a
+/// `drain_rate`: how fast the backlog went, and how long live events (100/s from another
+/// sensor, sent while the backlog drained) took from the sensor to the upstream subscriber.
+/// `BENCH_DRAIN_BACKLOG` (default 200,000) events of backlog; `BENCH_DRAIN_RATE` (default
+/// 20000) events a second for the paced runs.
+fn drain_bench() {
+    use tidepool_e2e::drain::{now_ms, percentile, BatchLog};
+    let n: u64 = std::env::var("BENCH_DRAIN_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let rate: u64 = std::env::var("BENCH_DRAIN_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    println!("drain     {n}-event backlog after an outage; live events 100/s from another sensor during the drain");
+    for paced in [None, Some(rate)] {
+        for mode in ["fifo", "live_first"] {
+            // The broker first: a port picked free before it could be handed to it too.
+            let up = Mosquitto::start("");
+            let port = free_port();
+            let rate_cfg = paced.map_or("unlimited".to_string(), |r| format!("{r}/s"));
+            let mut gw = Gateway::start(&format!(
+                "[buffer]\nmax_bytes = \"4GiB\"\nwrite_budget = \"0\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\nbatch_max_wait = \"100ms\"\ndrain = \"{mode}\"\ndrain_rate = \"{rate_cfg}\"\n"
+            ));
+            run_sim(gw.mqtt_port, n, 0.0, &["--client-id", "backlog"]);
+            while gw.metric("tidepool_backlog_events").unwrap_or(0.0) < n as f64 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let log = BatchLog::start(up.port, TOPIC);
+            let started = Instant::now();
+            let _link = Proxy::start_on(port, up.port);
+            // Live events are those sent once the connection is up (what came before it is
+            // backlog, by definition).
+            while gw.metric("tidepool_upstream_connected") != Some(1.0) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let start_ms = now_ms();
+            let mut live = spawn_sim(gw.mqtt_port, 1_000_000, 100.0, &["--client-id", "live"]);
+            let done = log.wait_for(Duration::from_secs(600), |b| {
+                b.iter()
+                    .flat_map(|b| b.events.iter())
+                    .filter(|e| e.source == "mqtt:backlog")
+                    .count() as u64
+                    >= n
+            });
+            let drained = started.elapsed().as_secs_f64();
+            let end_ms = now_ms();
+            live.kill9();
+            // Live events sent while the backlog drained reach the subscriber some time later.
+            std::thread::sleep(Duration::from_secs(2));
+            let mut lat = Vec::new();
+            for b in log.snapshot() {
+                for e in b.events.iter().filter(|e| e.source == "mqtt:live") {
+                    if let Some(sent) = e.sent_ms.filter(|s| *s >= start_ms && *s <= end_ms) {
+                        lat.push(b.at_ms - sent);
+                    }
+                }
+            }
+            let sent = lat.len();
+            println!(
+                "  {mode:<10} drain_rate {rate_cfg:<10} backlog drained in {drained:6.1} s ({:7.0} events/s){}; live latency during it p50 {} ms, p99 {} ms, max {} ms ({sent} live events)",
+                n as f64 / drained,
+                if done { "" } else { " (not finished)" },
+                percentile(&mut lat, 50.0),
+                percentile(&mut lat, 99.0),
+                lat.iter().max().copied().unwrap_or(0),
+            );
+            gw.proc.terminate(Duration::from_secs(10));
+        }
+    }
+}
+
 /// Start-up to READY=1 with a 1,000,000-event backlog (`BENCH_BACKLOG`): after a clean
 /// stop, and after `kill -9`, when redb first repairs the file (it walks the file's trees to
 /// rebuild its free-page state).
@@ -634,6 +707,11 @@ fn main() {
         );
         bin_dir();
         soak::run(d, every);
+        return;
+    }
+    if args.first().map(String::as_str) == Some("drain") {
+        bin_dir();
+        drain_bench();
         return;
     }
     if args.first().map(String::as_str) == Some("compress") {
