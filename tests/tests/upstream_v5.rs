@@ -249,14 +249,12 @@ fn has(batches: &[tidepool_e2e::drain::Batch], source: &str, count: u64) -> bool
     n.len() as u64 >= count
 }
 
+/// Messages received: payload and properties.
+type Received =
+    std::sync::Arc<std::sync::Mutex<Vec<(Vec<u8>, rumqttc::v5::mqttbytes::v5::PublishProperties)>>>;
+
 /// A QoS 1 MQTT 5 subscription collecting each message's payload and properties.
-fn subscribe_v5(
-    port: u16,
-    topic: &str,
-) -> (
-    tokio::runtime::Runtime,
-    std::sync::Arc<std::sync::Mutex<Vec<(Vec<u8>, rumqttc::v5::mqttbytes::v5::PublishProperties)>>>,
-) {
+fn subscribe_v5(port: u16, topic: &str) -> (tokio::runtime::Runtime, Received) {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let rt = tokio::runtime::Builder::new_multi_thread()
