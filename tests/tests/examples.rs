@@ -1,0 +1,271 @@
+//! The subscriber examples (examples/python/subscriber.py with paho-mqtt, examples/node/
+//! subscriber.js with MQTT.js) against a real gateway publishing to a real Mosquitto: a
+//! simulator load, then a second one with the gateway killed (-9) and restarted in the middle,
+//! then a batch sent again on purpose. Each example must print every event that arrived
+//! exactly once, and count every repeat it dropped. paho-mqtt and MQTT.js are installed by
+//! scripts/test; missing, these tests fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tidepool::forward::compress::{self, Compression, DEFAULT_LEVEL, GZIP_MAGIC};
+use tidepool_e2e::mqtt_clients::{clients_dir, mosquitto_pub_ok};
+use tidepool_e2e::*;
+
+const TOPIC: &str = "tidepool/test-gw/events";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// An example subscriber running, its stdout and stderr in files.
+struct Example {
+    proc: Proc,
+    out: PathBuf,
+    err: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Example {
+    /// Starts `program script` on `port` and waits until it says "subscribed" (SUBACK).
+    fn start(program: &str, script: &str, port: u16) -> Example {
+        let bin = which(program).unwrap_or_else(|| panic!("{program} is not installed"));
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+        let port = port.to_string();
+        let child = Command::new(bin)
+            .arg(root().join(script))
+            .args(["--host", "127.0.0.1", "--port", &port])
+            .args(["--topic", "tidepool/+/events", "--timeout", "60"])
+            // MQTT.js as the tests' clients have it (scripts/test installs it there).
+            .env("NODE_PATH", clients_dir().join("node_modules"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("start the example");
+        let ex = Example {
+            proc: Proc {
+                child: Some(child),
+                name: script.into(),
+            },
+            out,
+            err,
+            _dir: dir,
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        while !ex.stderr().lines().any(|l| l == "subscribed") {
+            assert!(
+                Instant::now() < until,
+                "{script} did not subscribe (run scripts/test: it installs paho-mqtt and MQTT.js); stderr:\n{}",
+                ex.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ex
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// The complete lines printed so far, parsed.
+    fn lines(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+/// (source, n) of a simulator event, as printed or as carried in a batch.
+fn key(e: &serde_json::Value) -> (String, u64) {
+    (
+        e["source"].as_str().unwrap().to_string(),
+        e["payload"]["n"].as_u64().unwrap(),
+    )
+}
+
+/// Every event Mosquitto delivered, repeats included, with its id: an independent record of
+/// what the example was sent.
+type Raw = Arc<Mutex<Vec<(u64, serde_json::Value)>>>;
+
+fn record(port: u16) -> (Raw, impl Drop) {
+    let raw: Raw = Arc::default();
+    let r = raw.clone();
+    let (rt, task) = listen(port, &[TOPIC], move |_, payload| {
+        let json = if payload.starts_with(&GZIP_MAGIC) {
+            compress::decompress_gzip(payload).unwrap()
+        } else {
+            payload.to_vec()
+        };
+        let batch: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let mut r = r.lock().unwrap();
+        for e in batch["events"].as_array().unwrap() {
+            r.push((e["id"].as_u64().unwrap(), e.clone()));
+        }
+    });
+    struct Stop {
+        _rt: tokio::runtime::Runtime,
+        task: tokio::task::JoinHandle<()>,
+    }
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+    (raw, Stop { _rt: rt, task })
+}
+
+/// One example, one compression: see the file's header.
+fn example_dedupes_across_a_kill9(program: &str, script: &str, compression: &str) {
+    let started = Instant::now();
+    let up = Mosquitto::start("");
+    let (raw, _recorder) = record(up.port);
+    let mut ex = Example::start(program, script, up.port);
+    let mut gw = Gateway::start(&format!(
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\ncompression = \"{compression}\"\nbatch_max_wait = \"100ms\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n",
+        up.port
+    ));
+
+    // A first load, then a second with a kill -9 in its middle.
+    run_sim(gw.mqtt_port, 1_000, 0.0, &["--client-id", "first"]);
+    let acked_log = gw.dir.join("acked.log");
+    let mut sim = spawn_sim(
+        gw.mqtt_port,
+        2_000,
+        2_000.0,
+        &[
+            "--client-id",
+            "second",
+            "--acked-log",
+            acked_log.to_str().unwrap(),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    gw.proc.kill9();
+    gw.launch();
+    let until = Instant::now() + Duration::from_secs(10);
+    while sim.running() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sim.kill9();
+    let acked = kill_storm::acked_log(&acked_log);
+    assert!(
+        acked.len() >= 500,
+        "the kill must come under load: {} acknowledged",
+        acked.len()
+    );
+    let mut want: BTreeSet<(String, u64)> = (0..1_000).map(|n| ("mqtt:first".into(), n)).collect();
+    want.extend(acked.iter().map(|n| ("mqtt:second".to_string(), *n)));
+    let printed_all = |ex: &Example| {
+        let got: BTreeSet<_> = ex.lines().iter().map(key).collect();
+        want.is_subset(&got)
+    };
+    let until = Instant::now() + WAIT;
+    while !printed_all(&ex) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Then a batch sent again by hand (as a gateway would after a lost PUBACK), encoded as
+    // the gateway encodes it: a repeat the example must drop, whatever the kill gave.
+    let (first_id, first) = raw.lock().unwrap()[0].clone();
+    let again = serde_json::to_vec(
+        &serde_json::json!({"gateway": "test-gw", "batch": 1, "events": [first]}),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("again");
+    let mut args = vec!["-V", "mqttv5", "-q", "1", "-t", TOPIC];
+    args.extend([
+        "-D",
+        "publish",
+        "content-type",
+        "application/vnd.tidepool.batch+json",
+    ]);
+    if compression == "gzip" {
+        std::fs::write(
+            &file,
+            compress::compress(Compression::Gzip, DEFAULT_LEVEL, &again),
+        )
+        .unwrap();
+        args.extend(["-D", "publish", "user-property", "content-encoding", "gzip"]);
+    } else {
+        std::fs::write(&file, &again).unwrap();
+    }
+    args.extend(["-f", file.to_str().unwrap()]);
+    let before = raw.lock().unwrap().len();
+    mosquitto_pub_ok(up.port, &args);
+    let until = Instant::now() + Duration::from_secs(5);
+    while raw.lock().unwrap().len() == before && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // the example's copy, too
+    assert_eq!(
+        ex.proc.terminate(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        ex.stderr()
+    );
+
+    // Printed: each event once, all that arrived (every acknowledged one among them).
+    let lines = ex.lines();
+    let mut by_key: BTreeMap<(String, u64), Vec<u64>> = BTreeMap::new();
+    for l in &lines {
+        assert_eq!(l["gateway"], "test-gw", "{l}");
+        by_key
+            .entry(key(l))
+            .or_default()
+            .push(l["id"].as_u64().unwrap());
+    }
+    let twice: Vec<_> = by_key.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    assert!(twice.is_empty(), "printed more than once: {twice:?}");
+    let missing: Vec<_> = want.iter().filter(|k| !by_key.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} never printed (first: {:?}); stderr:\n{}\nlog:\n{}",
+        missing.len(),
+        missing.first(),
+        ex.stderr(),
+        gw.log()
+    );
+    // ... exactly the distinct (gateway, id)s Mosquitto delivered, repeats counted.
+    let raw = raw.lock().unwrap();
+    let distinct: BTreeSet<u64> = raw.iter().map(|(id, _)| *id).collect();
+    let printed: BTreeSet<u64> = lines.iter().map(|l| l["id"].as_u64().unwrap()).collect();
+    assert_eq!(printed, distinct, "printed ids vs delivered ids");
+    assert!(distinct.contains(&first_id));
+    let repeats = raw.len() - distinct.len();
+    assert!(repeats >= 1);
+    let summary = format!("{} events, {repeats} duplicates", distinct.len());
+    assert!(
+        ex.stderr().lines().any(|l| l == summary),
+        "want `{summary}` on stderr:\n{}",
+        ex.stderr()
+    );
+    eprintln!(
+        "{script} ({compression}): {summary} ({} by the kill), {:.1} s",
+        repeats - 1,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// paho-mqtt (MQTT 5), gzip batches: decoded by the content-encoding property or the magic.
+#[test]
+fn python_subscriber_gzip() {
+    example_dedupes_across_a_kill9("python3", "examples/python/subscriber.py", "gzip");
+}
+
+/// paho-mqtt (MQTT 5), plain JSON batches.
+#[test]
+fn python_subscriber_uncompressed() {
+    example_dedupes_across_a_kill9("python3", "examples/python/subscriber.py", "none");
+}
+
+/// MQTT.js (MQTT 5), gzip batches, `zlib.gunzipSync`.
+#[test]
+fn node_subscriber_gzip() {
+    example_dedupes_across_a_kill9("node", "examples/node/subscriber.js", "gzip");
+}
