@@ -719,6 +719,8 @@ impl Forwarder {
         let mut waiting_full = false;
         // A partial live batch not due yet: the backlog may use the wait.
         let mut live_deferred = false;
+        // A store read failed: when to read again.
+        let mut retry = None;
         // Fill the pipeline.
         while conn.inflight.len() < conn.max_inflight {
             let committed = *self.committed.borrow();
@@ -766,15 +768,15 @@ impl Forwarder {
                     break;
                 }
                 Err(crate::store::StoreError::Compacting) => {
-                    // The file is being compacted (briefly, after a drain): wait quietly, then
-                    // read again (no commit may come to wake the loop).
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
+                    // The file is being compacted (briefly, after a drain): wait quietly, and
+                    // read again on a timer (no commit may come to wake the loop).
+                    retry = Some(Instant::now() + Duration::from_millis(200));
+                    break;
                 }
                 Err(e) => {
                     warn!(error = %e, "forwarder: store read failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
+                    retry = Some(Instant::now() + Duration::from_millis(200));
+                    break;
                 }
             };
             for (id, reason) in &p.dead {
@@ -904,6 +906,7 @@ impl Forwarder {
             }
             _ = tokio::time::sleep_until(deadline), if room => {}
             _ = tokio::time::sleep_until(paced.unwrap_or(far)), if room && paced.is_some() => {}
+            _ = tokio::time::sleep_until(retry.unwrap_or(far)), if retry.is_some() => {}
             _ = tokio::time::sleep_until(progress_at.unwrap_or(far)), if progress_at.is_some() => {}
             _ = tokio::time::sleep_until(puback_due.unwrap_or(deadline)), if puback_due.is_some() => {
                 self.metrics.upstream_sizes.puback_timeouts.fetch_add(1, Relaxed);
