@@ -43,6 +43,8 @@ pub struct Config {
     pub buffer: BufferConfig,
     /// The admin HTTP endpoint.
     pub admin: AdminConfig,
+    /// Commands from the cloud.
+    pub commands: CommandsConfig,
     /// What loading noticed but accepted: renamed or removed keys, each naming the replacement.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -397,6 +399,33 @@ pub struct BufferConfig {
     pub card_endurance: ByteSize,
 }
 
+/// `[commands]`: commands from the cloud, delivered to local topics or serial ports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsConfig {
+    /// Off unless set.
+    pub enabled: bool,
+    /// Subscription on the upstream broker; ends in `/#`, what `#` matched is the target.
+    pub topic: String,
+    /// Where results go.
+    pub result_topic: String,
+    /// The commands connection's client id (persistent session).
+    pub client_id: String,
+    /// MQTT filters a target must match.
+    pub allow: Vec<String>,
+    /// Commands older than this are dropped with an `expired` result.
+    pub max_age: HumanDuration,
+    /// Prefix of the local topic a command goes to.
+    pub local_prefix: String,
+}
+
+impl CommandsConfig {
+    /// The subscription's prefix: `topic` without its `#` (ends in `/`).
+    pub fn prefix(&self) -> &str {
+        self.topic.strip_suffix('#').unwrap_or(&self.topic)
+    }
+}
+
 /// `[admin]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -737,6 +766,9 @@ impl Config {
             &mut self.ingest.mqtt.client_id,
             &mut self.upstream.topic,
             &mut self.upstream.client_id,
+            &mut self.commands.topic,
+            &mut self.commands.result_topic,
+            &mut self.commands.client_id,
         ] {
             *s = s.replace("{gateway}", &id);
         }
@@ -843,6 +875,7 @@ impl Config {
                 return Err(err(key, "must be more than 0, e.g. \"5s\"".into()));
             }
         }
+        self.check_commands().map_err(|(k, w)| err(k, w))?;
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.ingest.serial.iter().enumerate() {
             if !names.insert(s.name.clone()) {
@@ -851,6 +884,60 @@ impl Config {
                     format!("`{}` is used by two ports; names must be unique", s.name),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// `[commands]`: what serde cannot check.
+    fn check_commands(&self) -> Result<(), (&'static str, String)> {
+        let c = &self.commands;
+        if !c.enabled {
+            return Ok(());
+        }
+        if self.upstream.url.is_none() {
+            return Err((
+                "commands.enabled",
+                "commands come over the upstream broker: set [upstream] url too".into(),
+            ));
+        }
+        let prefix = c.prefix();
+        if !c.topic.ends_with("/#") || prefix.contains(['+', '#']) || prefix.len() < 2 {
+            return Err((
+                "commands.topic",
+                format!(
+                    "`{}` must be a topic ending in \"/#\" with no other wildcard, e.g. \"tidepool/{{gateway}}/commands/#\"",
+                    c.topic
+                ),
+            ));
+        }
+        if c.result_topic.is_empty() || c.result_topic.contains(['+', '#']) {
+            return Err((
+                "commands.result_topic",
+                "must be a topic without wildcards".into(),
+            ));
+        }
+        if c.client_id.is_empty() || c.client_id == self.upstream.client_id {
+            return Err((
+                "commands.client_id",
+                "must be set and differ from upstream.client_id (commands have a connection of their own)".into(),
+            ));
+        }
+        for f in &c.allow {
+            if !crate::broker::router::valid_filter(f) {
+                return Err((
+                    "commands.allow",
+                    format!("`{f}` is not an MQTT topic filter"),
+                ));
+            }
+        }
+        if c.local_prefix.contains(['+', '#']) {
+            return Err(("commands.local_prefix", "must not hold wildcards".into()));
+        }
+        if c.max_age.0.is_zero() {
+            return Err((
+                "commands.max_age",
+                "must be more than 0, e.g. \"10m\"".into(),
+            ));
         }
         Ok(())
     }
@@ -1003,6 +1090,17 @@ pub fn summary(cfg: &Config) -> BTreeMap<&'static str, String> {
             .unwrap_or_else(|| "(none: buffer only)".into()),
     );
     m.insert("buffer.max_bytes", cfg.buffer.max_bytes.to_string());
+    m.insert(
+        "commands",
+        if cfg.commands.enabled {
+            format!(
+                "on: {} (allow {:?})",
+                cfg.commands.topic, cfg.commands.allow
+            )
+        } else {
+            "off".into()
+        },
+    );
     m.insert("rules.dir", cfg.rules.dir.display().to_string());
     m
 }
@@ -1488,5 +1586,35 @@ mod tests {
         let e = Config::load(Some(&path)).unwrap_err();
         assert_eq!(e.origin, path.display().to_string());
         assert!(e.what.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn commands_are_off_by_default_and_checked_when_on() {
+        let c = Config::from_str_named("c.toml", "[gateway]\nid = \"g1\"\n").unwrap();
+        assert!(!c.commands.enabled);
+        assert_eq!(c.commands.topic, "tidepool/g1/commands/#");
+        assert_eq!(c.commands.prefix(), "tidepool/g1/commands/");
+        assert_eq!(c.commands.result_topic, "tidepool/g1/commands/result");
+        assert!(c.commands.allow.is_empty());
+        let on = |extra: &str| {
+            Config::from_str_named(
+                "c.toml",
+                &format!("[upstream]\nurl = \"mqtt://127.0.0.1:1883\"\n[commands]\nenabled = true\n{extra}"),
+            )
+        };
+        assert!(on("allow = [\"actuators/#\", \"serial/uart0\"]").is_ok());
+        let e = Config::from_str_named("c.toml", "[commands]\nenabled = true\n").unwrap_err();
+        assert!(e.what.contains("[upstream] url"), "{e}");
+        for (extra, key) in [
+            ("topic = \"cmds\"", "commands.topic"),
+            ("topic = \"a/+/b/#\"", "commands.topic"),
+            ("result_topic = \"r/#\"", "commands.result_topic"),
+            ("client_id = \"tidepool-{gateway}\"", "commands.client_id"),
+            ("allow = [\"a/#/b\"]", "commands.allow"),
+            ("max_age = \"0s\"", "commands.max_age"),
+        ] {
+            let e = on(extra).unwrap_err();
+            assert!(e.what.contains(key), "{extra}: {e}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod broker;
 pub mod check;
+pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod dlq;
@@ -106,6 +107,7 @@ pub async fn start_on(
     let mut broker_task = None;
     let mut client_task = None;
     let mut retained_log = None;
+    let local_out: commands::LocalOut;
     let publisher: store::commit::Publisher = match cfg.ingest.mqtt.mode {
         MqttMode::Embedded => {
             let log = Arc::new(store::retained::RetainedLog::default());
@@ -128,6 +130,16 @@ pub async fn start_on(
             .await?;
             broker_task = Some(task);
             retained_log = Some((log, acks));
+            let b = broker.clone();
+            local_out = Arc::new(move |topic: &str, payload: Vec<u8>| {
+                b.publish(
+                    topic,
+                    bytes::Bytes::from(payload),
+                    broker::packet::Qos::AtLeastOnce,
+                    false,
+                );
+                Ok(())
+            });
             Box::new(move |p: &rules::LocalPublish| {
                 broker.publish(
                     &p.topic,
@@ -147,6 +159,12 @@ pub async fn start_on(
             )
             .map_err(anyhow::Error::msg)?;
             client_task = Some(task);
+            let (c, o) = (client.clone(), own.clone());
+            local_out = Arc::new(move |topic: &str, payload: Vec<u8>| {
+                o.note(topic, &payload);
+                c.try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                    .map_err(|e| format!("the ingest broker's client is busy: {e}"))
+            });
             let own = own.clone();
             Box::new(move |p: &rules::LocalPublish| {
                 own.note(&p.topic, &p.payload);
@@ -169,13 +187,36 @@ pub async fn start_on(
     if let Some((log, acks)) = retained_log {
         commit_loop = commit_loop.with_retained(log).with_broker_acks(acks);
     }
+    let mut serial_out = std::collections::HashMap::new();
     let serial_tasks: Vec<_> = cfg
         .ingest
         .serial
         .iter()
-        .map(|p| ingest::serial::start(p.clone(), in_tx.clone(), metrics.clone(), shutdown.clone()))
+        .map(|p| {
+            let (out_tx, out_rx) = mpsc::unbounded_channel();
+            serial_out.insert(p.name.clone(), (p.framing, out_tx));
+            ingest::serial::start(
+                p.clone(),
+                in_tx.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+                out_rx,
+            )
+        })
         .collect();
     drop(in_tx);
+    let commands_task = commands::start(
+        &cfg,
+        commands::Links {
+            control: control_tx.clone(),
+            store: db.clone(),
+            local: local_out,
+            serial: serial_out,
+            metrics: metrics.clone(),
+        },
+        shutdown.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
 
     let store_thread = std::thread::Builder::new()
         .name("tidepool-store".into())
@@ -218,6 +259,9 @@ pub async fn start_on(
                 let _ = t.await;
             }
             for t in serial_tasks {
+                let _ = t.await;
+            }
+            if let Some(t) = commands_task {
                 let _ = t.await;
             }
             if let Some(t) = broker_task {

@@ -212,6 +212,34 @@ pub fn render(v: &Value) -> String {
             up["last_rejection"].as_str().unwrap_or("")
         );
     }
+    if let Some(c) = v["commands"].as_object() {
+        let results: Vec<String> = c["results"]
+            .as_object()
+            .map(|r| r.iter().map(|(k, n)| format!("{k} {n}")).collect())
+            .unwrap_or_default();
+        let err = c["last_error"].as_str().unwrap_or("");
+        let _ = writeln!(
+            o,
+            "commands  {}, received {}  {}  pending {}{}{}",
+            if c["connected"].as_bool() == Some(true) {
+                "subscribed"
+            } else {
+                "not connected"
+            },
+            c["received"],
+            results.join("  "),
+            c["pending"],
+            match c["last"].as_str().filter(|l| !l.is_empty()) {
+                Some(l) => format!(" — last: {l}"),
+                None => String::new(),
+            },
+            if err.is_empty() {
+                String::new()
+            } else {
+                format!(" — {err}")
+            }
+        );
+    }
     if running {
         let _ = writeln!(
             o,

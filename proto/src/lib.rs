@@ -112,6 +112,51 @@ pub struct Ack {
     pub seq: u32,
 }
 
+/// The first byte of a [`Command`] frame. Gateway → device frames start with a byte that says
+/// what they are: [`VERSION`] (1) for an [`Ack`], `COMMAND` for a [`Command`]. Firmware that
+/// knows only acks refuses a command frame as an unknown version, as it should.
+pub const COMMAND: u8 = 0xC1;
+
+/// Gateway → device: a command from the cloud (the gateway's `[commands]`), decoded in place
+/// without an allocator. Tell it from an [`Ack`] by its first byte ([`frame_kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command<'a> {
+    /// Always [`COMMAND`].
+    pub kind: u8,
+    /// The command's id, as the cloud gave it (its result upstream names it).
+    pub id: &'a str,
+    /// The command's payload: the text itself when the cloud sent a JSON string, else the
+    /// payload as compact JSON.
+    pub payload: &'a [u8],
+}
+
+/// What a gateway → device frame is, from its first byte (a postcard `u8` is that byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// An [`Ack`].
+    Ack,
+    /// A [`Command`].
+    Command,
+    /// Something this crate version does not know.
+    Unknown(u8),
+}
+
+/// The kind of a gateway → device frame as it came off the wire, still COBS-encoded (with or
+/// without its `0x00`): read before [`decode_cobs`], which then takes the matching type.
+pub fn frame_kind(cobs_frame: &[u8]) -> FrameKind {
+    // COBS: the first byte is the distance to the first zero; above 1, the next byte is the
+    // first byte of the frame itself.
+    let first = match cobs_frame {
+        [code, b, ..] if *code > 1 => *b,
+        _ => 0,
+    };
+    match first {
+        VERSION => FrameKind::Ack,
+        COMMAND => FrameKind::Command,
+        b => FrameKind::Unknown(b),
+    }
+}
+
 /// Encodes `value` as postcard, COBS-framed with the trailing `0x00`, into `buf`.
 pub fn encode_cobs<'b, T: Serialize>(
     value: &T,
@@ -217,5 +262,30 @@ mod tests {
         let mut b2 = [0u8; 16];
         let w = encode_cobs(&ack, &mut b2).unwrap();
         assert_eq!(decode_cobs::<Ack>(w).unwrap(), ack);
+    }
+
+    #[test]
+    fn commands_and_acks_tell_apart_by_their_first_byte() {
+        let c = Command {
+            kind: COMMAND,
+            id: "cmd-7",
+            payload: b"OPEN",
+        };
+        let mut buf = [0u8; 64];
+        let n = encode_cobs(&c, &mut buf).unwrap().len();
+        assert_eq!(frame_kind(&buf[..n]), FrameKind::Command);
+        assert_eq!(decode_cobs::<Command>(&mut buf[..n]).unwrap(), c);
+        let ack = Ack {
+            version: VERSION,
+            seq: 3,
+        };
+        let mut b2 = [0u8; 16];
+        let n = encode_cobs(&ack, &mut b2).unwrap().len();
+        assert_eq!(frame_kind(&b2[..n]), FrameKind::Ack);
+        assert_eq!(frame_kind(&[1, 0]), FrameKind::Unknown(0));
+        // Firmware that knows only acks refuses a command: its "version" is not 1.
+        let n = encode_cobs(&c, &mut buf).unwrap().len();
+        let as_ack: Option<Ack> = decode_cobs(&mut buf[..n]).ok();
+        assert!(as_ack.is_none_or(|a| a.version != VERSION));
     }
 }

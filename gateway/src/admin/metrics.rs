@@ -150,6 +150,8 @@ pub struct Metrics {
     pub upstream_info: Mutex<UpstreamInfo>,
     /// The embedded broker's connections, sessions and drops.
     pub broker: BrokerMetrics,
+    /// Commands from the cloud (`[commands]`); `None` while they are off.
+    pub commands: Mutex<Option<CommandsInfo>>,
     /// Bytes the store wrote to its file since start (what the card takes).
     pub store_bytes_written: AtomicU64,
     /// The commit window now (µs): `commit_max_wait`, or wider while the write budget is spent.
@@ -257,6 +259,61 @@ pub struct UpstreamInfo {
     pub last_rejection: String,
     /// The backlog being drained, if any.
     pub drain: Option<DrainProgress>,
+}
+
+/// Commands from the cloud: their connection, what became of them, the last one.
+#[derive(Debug, Default, Clone)]
+pub struct CommandsInfo {
+    /// The commands connection is up and subscribed.
+    pub connected: bool,
+    /// Commands taken (stored and acknowledged to the broker), resends of known ones not counted.
+    pub received: u64,
+    /// Results by status: `delivered`, `failed`, `expired`, `refused`.
+    pub results: BTreeMap<&'static str, u64>,
+    /// Resends of commands already taken (recognised by id, not delivered again).
+    pub duplicates: u64,
+    /// Commands not yet delivered, and results not yet acknowledged by the broker.
+    pub pending: u64,
+    /// The last result, for people: "cmd-7 → actuators/valve: delivered".
+    pub last: String,
+    /// The last connection error.
+    pub last_error: String,
+}
+
+impl CommandsInfo {
+    fn render(&self, o: &mut String) {
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_commands_total Commands from the cloud, by what became of them: received (stored, acknowledged), delivered, failed, expired, refused, duplicate (a resend of one already taken).\n# TYPE tidepool_commands_total counter\ntidepool_commands_total{{status=\"received\"}} {}\ntidepool_commands_total{{status=\"duplicate\"}} {}",
+            self.received, self.duplicates
+        );
+        for status in ["delivered", "failed", "expired", "refused"] {
+            let _ = writeln!(
+                o,
+                "tidepool_commands_total{{status=\"{status}\"}} {}",
+                self.results.get(status).copied().unwrap_or(0)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_commands_pending Commands not yet delivered plus results not yet acknowledged upstream.\n# TYPE tidepool_commands_pending gauge\ntidepool_commands_pending {}\n# HELP tidepool_commands_connected 1 while the commands connection is up.\n# TYPE tidepool_commands_connected gauge\ntidepool_commands_connected {}",
+            self.pending,
+            u8::from(self.connected)
+        );
+    }
+
+    /// For `/status`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connected": self.connected,
+            "received": self.received,
+            "results": self.results,
+            "duplicates": self.duplicates,
+            "pending": self.pending,
+            "last": self.last,
+            "last_error": self.last_error,
+        })
+    }
 }
 
 /// A backlog drain under way.
@@ -395,6 +452,7 @@ impl Default for Metrics {
             upstream_sizes: UpstreamSizeMetrics::default(),
             upstream_info: Mutex::default(),
             broker: BrokerMetrics::default(),
+            commands: Mutex::new(None),
             store_bytes_written: AtomicU64::new(0),
             commit_window_us: AtomicU64::new(0),
             wear: super::wear::Wear::default(),
@@ -746,6 +804,9 @@ impl Metrics {
         self.upstream_sizes.render(&mut o);
         self.upstream_info.lock().unwrap().render(&mut o);
         self.broker.render(&mut o);
+        if let Some(c) = self.commands.lock().unwrap().as_ref() {
+            c.render(&mut o);
+        }
         o
     }
 
@@ -780,6 +841,7 @@ impl Metrics {
             "commit_window_seconds": self.commit_window_us.load(Relaxed) as f64 / 1e6,
             "budget_spent": self.budget_spent.load(Relaxed),
             "wear": self.forecast(),
+            "commands": self.commands.lock().unwrap().as_ref().map(CommandsInfo::json),
             "rules": rules,
         })
     }

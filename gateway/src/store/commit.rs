@@ -102,6 +102,11 @@ pub enum Control {
         DlqRequest,
         tokio::sync::oneshot::Sender<Result<String, String>>,
     ),
+    /// A commands-table write, committed at once on its own (one fsync).
+    Command(
+        super::commands::CommandOp,
+        tokio::sync::oneshot::Sender<Result<super::commands::Applied, String>>,
+    ),
 }
 
 /// Which dead letters a retry or drop takes.
@@ -461,7 +466,30 @@ impl CommitLoop {
                     .map_err(|e| e.to_string());
                 let _ = reply.send(r);
             }
+            Control::Command(op, reply) => {
+                let r = self.write_command(&op);
+                if r.is_err() {
+                    // redb refuses every call after an I/O error until the file is reopened;
+                    // the commands task asks again.
+                    let _ = self.store.reopen();
+                }
+                let _ = reply.send(r.map_err(|e| e.to_string()));
+            }
         }
+    }
+
+    /// One commands-table write in a transaction of its own.
+    fn write_command(
+        &mut self,
+        op: &super::commands::CommandOp,
+    ) -> Result<super::commands::Applied, StoreError> {
+        let db = self.store.db()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .expect("no persistent savepoints are used");
+        let applied = super::commands::apply(&txn, op)?;
+        txn.commit()?;
+        Ok(applied)
     }
 
     /// Runs until both ingest and the forwarder have hung up, committing everything received:

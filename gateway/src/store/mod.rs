@@ -45,6 +45,10 @@
 //!     publish, removed by the commit after its PUBACK (PUBREC) was written, so a DUP resend
 //!     whose acknowledgement was lost is acknowledged, not stored twice; a refused publish
 //!     leaves no entry. Bounded by the publishes in flight.
+//! - `commands`: `command id → postcard row`, commands from the cloud (`[commands]`), stored
+//!   before their PUBACK, kept until their result is acknowledged, then remembered a while to
+//!   recognise a redelivery (see [`commands`]); one commit per step, asked for by the commands
+//!   task through [`commit::Control::Command`].
 //! - `retained`: `topic → postcard row`, the embedded broker's retained messages (see
 //!   [`retained`]), written with the next commit after a change.
 //! - `dead_letters`: `u64 →` a postcard row (older releases wrote JSON; both are read), the
@@ -87,6 +91,7 @@
 
 pub mod arrivals;
 pub mod budget;
+pub mod commands;
 pub mod commit;
 pub mod dedup;
 pub mod dlq;
@@ -180,6 +185,9 @@ pub enum StoreError {
         /// Why.
         source: postcard::Error,
     },
+    /// A stored command (`commands` table) could not be decoded.
+    #[error("corrupt command row: {0}")]
+    CommandRow(postcard::Error),
 }
 
 /// An event as stored: everything but the id, which is the key.

@@ -36,12 +36,30 @@ use crate::shutdown::Shutdown;
 use crate::store::dedup::SerialKey;
 use framing::{decode_cobs, decode_line, encode_ack, Chunk, Deframer};
 
-/// Starts reading one port; the task ends at shutdown.
+/// Bytes for a port from elsewhere in the gateway (a command from the cloud), written whole on
+/// the open connection; `done` says whether they were written, or why not (the port is not
+/// open, the write failed).
+#[derive(Debug)]
+pub struct PortOut {
+    /// Framed bytes.
+    pub bytes: Vec<u8>,
+    /// The outcome.
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// What a connection's writer task writes.
+enum Write {
+    Ack(u64),
+    Out(PortOut),
+}
+
+/// Starts reading one port; the task ends at shutdown. `out`: bytes to write to the port.
 pub fn start(
     cfg: SerialConfig,
     tx: IngestTx,
     metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
+    mut out: mpsc::UnboundedReceiver<PortOut>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let source = format!("serial:{}", cfg.name);
@@ -73,10 +91,19 @@ pub fn start(
                     conn += 1;
                     route.opened(conn);
                     let (mut rd, mut wr) = tokio::io::split(port);
-                    let (write_tx, mut write_rx) = mpsc::unbounded_channel::<u64>();
+                    let (write_tx, mut write_rx) = mpsc::unbounded_channel::<Write>();
                     let writer = tokio::spawn(async move {
-                        while let Some(seq) = write_rx.recv().await {
-                            if wr.write_all(&encode_ack(cobs, seq)).await.is_err() {
+                        while let Some(w) = write_rx.recv().await {
+                            let (bytes, done) = match w {
+                                Write::Ack(seq) => (encode_ack(cobs, seq), None),
+                                Write::Out(o) => (o.bytes, Some(o.done)),
+                            };
+                            let r = wr.write_all(&bytes).await;
+                            let failed = r.is_err();
+                            if let Some(done) = done {
+                                let _ = done.send(r.map_err(|e| format!("write failed: {e}")));
+                            }
+                            if failed {
                                 return;
                             }
                         }
@@ -96,7 +123,13 @@ pub fn start(
                             },
                             Some(a) = ack_rx.recv() => {
                                 if let Some(seq) = route.ack(a.conn, &a.device, a.seq) {
-                                    let _ = write_tx.send(seq);
+                                    let _ = write_tx.send(Write::Ack(seq));
+                                }
+                                continue;
+                            }
+                            Some(o) = out.recv() => {
+                                if let Err(mpsc::error::SendError(Write::Out(o))) = write_tx.send(Write::Out(o)) {
+                                    let _ = o.done.send(Err("the port closed".into()));
                                 }
                                 continue;
                             }
@@ -108,7 +141,7 @@ pub fn start(
                             if let Some(m) = m {
                                 if let Some(Dedup::Serial(k)) = &m.dedup {
                                     for seq in route.heard(&k.device) {
-                                        let _ = write_tx.send(seq);
+                                        let _ = write_tx.send(Write::Ack(seq));
                                     }
                                 }
                                 metrics.ingested(&source, 1);
@@ -133,9 +166,15 @@ pub fn start(
                 }
             }
             let wait = Duration::from_millis((100u64 << failures.min(6)).min(5_000));
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait() => return,
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    Some(o) = out.recv() => {
+                        let _ = o.done.send(Err(format!("serial port {} is not open", cfg.name)));
+                    }
+                    _ = shutdown.wait() => return,
+                }
             }
         }
     })
