@@ -30,6 +30,12 @@
 //! frame twice (an ack lost in the crash), with the same `device` and `seq` for receivers to
 //! deduplicate.
 //!
+//! # Commands (gateway → device)
+//! With the gateway's `[commands]` on, the cloud can send a device a [`Command`]: its first
+//! byte is [`COMMAND`] where an ack's is [`VERSION`], so a device reads [`frame_kind`] of each
+//! frame from the gateway first, then decodes the matching type. Firmware that knows only acks
+//! refuses a command as a frame of an unknown version.
+//!
 //! # Versions
 //! The first field is [`VERSION`]. A receiver refuses a frame of a version it does not know
 //! (the gateway counts and dead-letters it), so the layout can change without misreading.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tidepool::forward::compress::{self, Compression, DEFAULT_LEVEL, GZIP_MAGIC};
-use tidepool_e2e::mqtt_clients::{clients_dir, mosquitto_pub_ok};
+use tidepool_e2e::mqtt_clients::{self, clients_dir, mosquitto_pub_ok};
 use tidepool_e2e::*;
 
 const TOPIC: &str = "tidepool/test-gw/events";
@@ -268,4 +268,120 @@ fn python_subscriber_uncompressed() {
 #[test]
 fn node_subscriber_gzip() {
     example_dedupes_across_a_kill9("node", "examples/node/subscriber.js", "gzip");
+}
+
+/// A command example against a gateway with `[commands]` on: (exit status, result printed).
+fn send_command(
+    program: &str,
+    script: &str,
+    port: u16,
+    target: &str,
+    payload: &str,
+) -> (i32, serde_json::Value) {
+    let bin = which(program).unwrap_or_else(|| panic!("{program} is not installed"));
+    let mut c = Command::new(bin);
+    c.arg(root().join(script))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--gateway",
+            "test-gw",
+            "--target",
+            target,
+            "--payload",
+            payload,
+        ])
+        .args(["--timeout", "20"])
+        .env("NODE_PATH", clients_dir().join("node_modules"));
+    let out = mqtt_clients::run_within(c, Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "{script} printed no result: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), result)
+}
+
+/// Each command example gets its command delivered and its result: with the gateway up, for a
+/// refused target, and sent while the gateway is down after a `kill -9` (the broker keeps the
+/// command for the gateway's persistent session).
+fn command_example(program: &str, script: &str) {
+    let up = Mosquitto::start("");
+    let mut gw = Gateway::start(&format!(
+        // Client-mode ingest on the same Mosquitto: the local broker outlives the kill below.
+        "[ingest.mqtt]\nmode = \"client\"\nbroker = \"mqtt://127.0.0.1:{port}\"\ntopics = [\"sensors/#\"]\n[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nreconnect_max = \"1s\"\n[commands]\nenabled = true\nallow = [\"actuators/#\"]\n",
+        port = up.port
+    ));
+    let until = Instant::now() + WAIT;
+    while gw.status()["commands"]["connected"] != true {
+        assert!(
+            Instant::now() < until,
+            "commands never subscribed:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let local = Arc::new(Mutex::new(Vec::new()));
+    let l = local.clone();
+    let (_rt, _task) = listen(up.port, &["actuators/#"], move |t, p| {
+        l.lock()
+            .unwrap()
+            .push((t.to_string(), String::from_utf8_lossy(p).to_string()))
+    });
+
+    let (code, r) = send_command(
+        program,
+        script,
+        up.port,
+        "actuators/valve-3",
+        r#"{"open":true}"#,
+    );
+    assert_eq!((code, r["status"].as_str()), (0, Some("delivered")), "{r}");
+    assert_eq!(r["target"], "actuators/valve-3");
+    assert!(local
+        .lock()
+        .unwrap()
+        .contains(&("actuators/valve-3".into(), r#"{"open":true}"#.into())));
+
+    let (code, r) = send_command(program, script, up.port, "doors/front", r#""OPEN""#);
+    assert_eq!((code, r["status"].as_str()), (1, Some("refused")), "{r}");
+
+    // Sent while the gateway is down: it comes when the gateway does.
+    gw.proc.kill9();
+    let (p, s, port) = (program.to_string(), script.to_string(), up.port);
+    let sender =
+        std::thread::spawn(move || send_command(&p, &s, port, "actuators/pump", r#""ON""#));
+    std::thread::sleep(Duration::from_millis(1_000));
+    gw.launch();
+    let until = Instant::now() + WAIT;
+    while !local
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(t, _)| t == "actuators/pump")
+    {
+        assert!(
+            Instant::now() < until,
+            "the command sent while down never came"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, r) = sender.join().unwrap();
+    assert_eq!((code, r["status"].as_str()), (0, Some("delivered")), "{r}");
+    assert!(local
+        .lock()
+        .unwrap()
+        .contains(&("actuators/pump".into(), "ON".into())));
+    gw.proc.terminate(Duration::from_secs(10));
+}
+
+#[test]
+fn python_send_command() {
+    command_example("python3", "examples/python/send_command.py");
+}
+
+#[test]
+fn node_send_command() {
+    command_example("node", "examples/node/send_command.js");
 }
