@@ -45,6 +45,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Commands from the cloud.
     pub commands: CommandsConfig,
+    /// `[[sink]]`: more places batches go (HTTP functions), beside `[upstream]`.
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<SinkConfig>,
     /// What loading noticed but accepted: renamed or removed keys, each naming the replacement.
     #[serde(skip)]
     pub warnings: Vec<String>,
@@ -399,6 +402,96 @@ pub struct BufferConfig {
     pub card_endurance: ByteSize,
 }
 
+/// What a `[[sink]]` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// `POST` each batch to `url`.
+    Http,
+}
+
+fn default_all_topics() -> Vec<String> {
+    vec!["#".into()]
+}
+fn default_batch_max_events() -> usize {
+    500
+}
+fn default_batch_max_bytes() -> ByteSize {
+    ByteSize(256 * 1024)
+}
+fn default_second() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_sink_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_reconnect_min() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
+}
+fn default_reconnect_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_json() -> Encoding {
+    Encoding::Json
+}
+fn default_unlimited() -> DrainRate {
+    DrainRate::Unlimited
+}
+
+/// `[[sink]]`: an HTTP function or webhook batches are posted to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Its name: in `status`, metrics (`sink` label), the dead-letter queue (`sink:NAME`).
+    pub name: String,
+    /// `http`.
+    pub kind: SinkKind,
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// Extra request headers (an API key); values are redacted in logs and `status`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Filters of the events it takes.
+    #[serde(default = "default_all_topics")]
+    pub topics: Vec<String>,
+    /// Most events per batch.
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// Most bytes of encoded events per batch (the body, before compression).
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: ByteSize,
+    /// Longest an event waits for its batch to fill.
+    #[serde(default = "default_second")]
+    pub batch_max_wait: HumanDuration,
+    /// Body encoding.
+    #[serde(default = "default_json")]
+    pub encoding: Encoding,
+    /// Body compression (`Content-Encoding`).
+    #[serde(default)]
+    pub compression: crate::forward::compress::Compression,
+    /// The whole exchange of one `POST`.
+    #[serde(default = "default_sink_timeout")]
+    pub timeout: HumanDuration,
+    /// Most the backlog is sent at.
+    #[serde(default = "default_unlimited")]
+    pub drain_rate: DrainRate,
+    /// First retry delay.
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min: HumanDuration,
+    /// Largest retry delay.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: HumanDuration,
+    /// CA certificate (PEM); empty: system roots.
+    #[serde(default)]
+    pub ca_file: PathBuf,
+    /// Client certificate (PEM) for mTLS; empty: none.
+    #[serde(default)]
+    pub cert_file: PathBuf,
+    /// Client key (PEM) for mTLS.
+    #[serde(default)]
+    pub key_file: PathBuf,
+}
+
 /// `[commands]`: commands from the cloud, delivered to local topics or serial ports.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -478,7 +571,14 @@ impl AdminConfig {
 fn holds_secret(line_or_key: &str) -> bool {
     let l = line_or_key.to_ascii_lowercase();
     // `users` entries hold passwords too, whatever shape a wrong one has.
-    l.contains("password") || l.contains("token") || l.contains("users")
+    // `[[sink]] headers` carry API keys and `Authorization`.
+    l.contains("password")
+        || l.contains("token")
+        || l.contains("users")
+        || l.contains("headers")
+        || l.contains("authorization")
+        || l.contains("key =")
+        || l.contains("-key\"")
 }
 
 /// A token must fit in an HTTP header unchanged: visible ASCII, no spaces.
@@ -876,6 +976,7 @@ impl Config {
             }
         }
         self.check_commands().map_err(|(k, w)| err(k, w))?;
+        self.check_sinks().map_err(|(k, w)| err(&k, w))?;
         let mut names = std::collections::HashSet::new();
         for (i, s) in self.ingest.serial.iter().enumerate() {
             if !names.insert(s.name.clone()) {
@@ -886,6 +987,82 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `[[sink]]`: what serde cannot check.
+    fn check_sinks(&self) -> Result<(), (String, String)> {
+        let mut names = std::collections::HashSet::new();
+        for (i, s) in self.sinks.iter().enumerate() {
+            let key = |k: &str| format!("sink[{i}].{k}");
+            if s.name.is_empty()
+                || s.name == crate::store::sinks::UPSTREAM
+                || !s
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err((
+                    key("name"),
+                    format!(
+                        "`{}`: a sink needs a name of letters, digits, - and _, other than `upstream` (the [upstream] broker's)",
+                        s.name
+                    ),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err((key("name"), format!("`{}` is used by two sinks", s.name)));
+            }
+            crate::forward::http::HttpUrl::parse(&s.url).map_err(|e| (key("url"), e))?;
+            for (h, v) in &s.headers {
+                crate::forward::http::check_header(h, v)
+                    .map_err(|e| (key("headers"), format!("`{h}`: {e}")))?;
+            }
+            if s.topics.is_empty() {
+                return Err((
+                    key("topics"),
+                    "needs at least one filter, e.g. [\"#\"]".into(),
+                ));
+            }
+            for f in &s.topics {
+                if !crate::broker::router::valid_filter(f) {
+                    return Err((key("topics"), format!("`{f}` is not an MQTT topic filter")));
+                }
+            }
+            if s.batch_max_events == 0 {
+                return Err((key("batch_max_events"), "must be at least 1".into()));
+            }
+            if s.timeout.0 < Duration::from_millis(100) {
+                return Err((
+                    key("timeout"),
+                    "must be at least 100ms, e.g. \"10s\"".into(),
+                ));
+            }
+            if s.cert_file.as_os_str().is_empty() != s.key_file.as_os_str().is_empty() {
+                return Err((
+                    key("cert_file"),
+                    "cert_file and key_file go together (mTLS); set both or neither".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The sinks in the order the store and the forwarders number them: `upstream` first
+    /// when `[upstream] url` is set, then each `[[sink]]`.
+    pub fn sink_specs(&self) -> Vec<crate::store::sinks::SinkSpec> {
+        let mut v = Vec::new();
+        if self.upstream.url.is_some() {
+            v.push(crate::store::sinks::SinkSpec::all(
+                crate::store::sinks::UPSTREAM,
+            ));
+        }
+        for s in &self.sinks {
+            v.push(crate::store::sinks::SinkSpec {
+                name: s.name.clone(),
+                filters: s.topics.clone(),
+            });
+        }
+        v
     }
 
     /// `[commands]`: what serde cannot check.

@@ -85,7 +85,24 @@ pub async fn start_on(
         committed_tx,
         tokio::runtime::Handle::current(),
     )?
-    .with_tick(cfg.rules.tick.0);
+    .with_tick(cfg.rules.tick.0)
+    .with_sinks(&cfg.sink_specs())?;
+    let mut sink_tasks = Vec::new();
+    let first_sink = usize::from(cfg.upstream.url.is_some());
+    for (i, s) in cfg.sinks.iter().enumerate() {
+        let sink = forward::sink::HttpSink::new(
+            &cfg,
+            s.clone(),
+            first_sink + i,
+            db.clone(),
+            metrics.clone(),
+            committed_rx.clone(),
+            ack_tx.clone(),
+            shutdown.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        sink_tasks.push(sink);
+    }
     let forwarder = forward::Forwarder::new(
         cfg.upstream.clone(),
         cfg.gateway.id.clone(),
@@ -94,7 +111,8 @@ pub async fn start_on(
         committed_rx,
         ack_tx,
         shutdown.clone(),
-    )?;
+    )?
+    .with_sink(0)?;
     let admin_listener = match cfg.admin.addr() {
         Some(a) => Some((
             admin::bind(a).await.map_err(anyhow::Error::msg)?,
@@ -223,6 +241,10 @@ pub async fn start_on(
         .spawn(move || commit_loop.run())
         .context("spawning the store thread")?;
     let fwd = tokio::spawn(forwarder.run());
+    let sink_tasks: Vec<_> = sink_tasks
+        .into_iter()
+        .map(|s| tokio::spawn(s.run()))
+        .collect();
     let admin_task = admin_listener.map(|(l, settings)| {
         tokio::spawn(admin::serve(
             l,
@@ -268,6 +290,9 @@ pub async fn start_on(
                 let _ = t.await;
             }
             let _ = fwd.await;
+            for t in sink_tasks {
+                let _ = t.await;
+            }
             let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
         };
         if tokio::time::timeout(deadline, stop).await.is_err() {

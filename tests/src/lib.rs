@@ -18,6 +18,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 pub mod admin;
 pub mod fault_proxy;
+pub mod http_sink;
 pub mod ingest;
 pub mod kill_storm;
 pub mod mqtt_clients;

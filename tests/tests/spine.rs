@@ -307,7 +307,7 @@ fn caps_drop_oldest_counted_and_the_rest_arrive_later() {
     // Now an upstream appears: the newest `backlog` events arrive.
     let up = Mosquitto::start("");
     let sub = Subscriber::start(up.port, &[TOPIC]);
-    let text = std::fs::read_to_string(&gw.config).unwrap() + &upstream_cfg(up.port);
+    let text = std::fs::read_to_string(&gw.config).unwrap() + upstream_cfg(up.port).as_str();
     std::fs::write(&gw.config, text).unwrap();
     gw.launch();
     assert!(sub.wait_for(Duration::from_secs(30), |g| g.len() as u64 >= backlog));

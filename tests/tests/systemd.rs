@@ -68,8 +68,8 @@ fn unit_exposure_is_at_most_2_5() {
         .arg(&unit)
         .output()
         .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout).to_string()
+        + String::from_utf8_lossy(&out.stderr).as_ref();
     let score: f64 = text
         .lines()
         .find_map(|l| l.split("tidepool.service: ").nth(1))

@@ -26,11 +26,13 @@ pub enum DropReason {
     IngestOverflow,
     /// A dead letter went (oldest first) to keep the dead-letter queue under `dlq_max_bytes`.
     DlqFull,
+    /// Sinks are configured and none of them takes the event's topic (their `topics`).
+    NoSink,
 }
 
 impl DropReason {
     /// Every reason, in label order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Rule,
         DropReason::BufferFull,
         DropReason::MaxAge,
@@ -39,6 +41,7 @@ impl DropReason {
         DropReason::MinFree,
         DropReason::IngestOverflow,
         DropReason::DlqFull,
+        DropReason::NoSink,
     ];
 
     /// The label value.
@@ -52,6 +55,7 @@ impl DropReason {
             DropReason::MinFree => "min_free",
             DropReason::IngestOverflow => "ingest_overflow",
             DropReason::DlqFull => "dlq_full",
+            DropReason::NoSink => "no_sink",
         }
     }
 
@@ -150,6 +154,8 @@ pub struct Metrics {
     pub upstream_info: Mutex<UpstreamInfo>,
     /// The embedded broker's connections, sessions and drops.
     pub broker: BrokerMetrics,
+    /// The `[[sink]]` forwarders, in configuration order.
+    pub sinks: Mutex<Vec<SinkInfo>>,
     /// Commands from the cloud (`[commands]`); `None` while they are off.
     pub commands: Mutex<Option<CommandsInfo>>,
     /// Bytes the store wrote to its file since start (what the card takes).
@@ -259,6 +265,115 @@ pub struct UpstreamInfo {
     pub last_rejection: String,
     /// The backlog being drained, if any.
     pub drain: Option<DrainProgress>,
+}
+
+/// A `[[sink]]`: where it posts, its state, what it delivered and what failed.
+#[derive(Debug, Default, Clone)]
+pub struct SinkInfo {
+    /// Its name (the `sink` label).
+    pub name: String,
+    /// `http`.
+    pub kind: &'static str,
+    /// Where it posts.
+    pub url: String,
+    /// Its topic filters.
+    pub topics: Vec<String>,
+    /// Its headers, values redacted.
+    pub headers: Vec<(String, String)>,
+    /// `idle`, `posting`, `delivering`, `retrying`, `credentials refused`, `unreachable`.
+    pub state: String,
+    /// The last answer was a status (not a failure to connect), credentials not refused.
+    pub up: bool,
+    /// The last HTTP status.
+    pub last_status: Option<u16>,
+    /// The last failure, for people.
+    pub last_error: String,
+    /// Events delivered (2xx).
+    pub events: u64,
+    /// Batches delivered.
+    pub batches: u64,
+    /// Events sent to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Failed posts by kind: `retry` (408, 429, 5xx), `credentials` (401, 403), `rejected`
+    /// (other 4xx: dead-lettered), `unreachable` (connect, TLS, timeout).
+    pub failures: BTreeMap<&'static str, u64>,
+}
+
+impl SinkInfo {
+    fn render(sinks: &[SinkInfo], o: &mut String) {
+        if sinks.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_sink_forwarded_events_total Events a [[sink]] acknowledged (2xx).\n# TYPE tidepool_sink_forwarded_events_total counter"
+        );
+        for s in sinks {
+            let _ = writeln!(
+                o,
+                "tidepool_sink_forwarded_events_total{{sink=\"{}\"}} {}",
+                escape_label(&s.name),
+                s.events
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_sink_dead_lettered_total Events a [[sink]] refused for good (4xx), now in the dead-letter queue.\n# TYPE tidepool_sink_dead_lettered_total counter"
+        );
+        for s in sinks {
+            let _ = writeln!(
+                o,
+                "tidepool_sink_dead_lettered_total{{sink=\"{}\"}} {}",
+                escape_label(&s.name),
+                s.dead_lettered
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_sink_failures_total Posts that failed, by reason: retry (408, 429, 5xx), credentials (401, 403), rejected (other 4xx), unreachable (connect, TLS, timeout).\n# TYPE tidepool_sink_failures_total counter"
+        );
+        for s in sinks {
+            for reason in ["retry", "credentials", "rejected", "unreachable"] {
+                let _ = writeln!(
+                    o,
+                    "tidepool_sink_failures_total{{sink=\"{}\",reason=\"{reason}\"}} {}",
+                    escape_label(&s.name),
+                    s.failures.get(reason).copied().unwrap_or(0)
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_sink_up 1 while a [[sink]]'s last post got an answer that is not a refusal of its credentials.\n# TYPE tidepool_sink_up gauge"
+        );
+        for s in sinks {
+            let _ = writeln!(
+                o,
+                "tidepool_sink_up{{sink=\"{}\"}} {}",
+                escape_label(&s.name),
+                u8::from(s.up)
+            );
+        }
+    }
+
+    /// For `/status`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "kind": self.kind,
+            "url": self.url,
+            "topics": self.topics,
+            "headers": self.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>(),
+            "state": self.state,
+            "up": self.up,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "forwarded": self.events,
+            "batches": self.batches,
+            "dead_lettered": self.dead_lettered,
+            "failures": self.failures,
+        })
+    }
 }
 
 /// Commands from the cloud: their connection, what became of them, the last one.
@@ -453,6 +568,7 @@ impl Default for Metrics {
             upstream_info: Mutex::default(),
             broker: BrokerMetrics::default(),
             commands: Mutex::new(None),
+            sinks: Mutex::new(Vec::new()),
             store_bytes_written: AtomicU64::new(0),
             commit_window_us: AtomicU64::new(0),
             wear: super::wear::Wear::default(),
@@ -627,7 +743,7 @@ impl Metrics {
             "Events dropped, by reason: rule (a rule returned ()), buffer_full (max_bytes), max_age, \
              oversize, bad_frame, min_free (the disk below [buffer] min_free), ingest_overflow (acknowledged \
              by the embedded broker, lost when its memory log wrapped), dlq_full (the oldest dead letters, \
-             past dlq_max_bytes).",
+             past dlq_max_bytes), no_sink (sinks are configured and none takes the event's topic).",
         );
         for r in DropReason::ALL {
             let _ = writeln!(
@@ -807,6 +923,7 @@ impl Metrics {
         if let Some(c) = self.commands.lock().unwrap().as_ref() {
             c.render(&mut o);
         }
+        SinkInfo::render(&self.sinks.lock().unwrap(), &mut o);
         o
     }
 
@@ -842,6 +959,7 @@ impl Metrics {
             "budget_spent": self.budget_spent.load(Relaxed),
             "wear": self.forecast(),
             "commands": self.commands.lock().unwrap().as_ref().map(CommandsInfo::json),
+            "sinks": self.sinks.lock().unwrap().iter().map(SinkInfo::json).collect::<Vec<_>>(),
             "rules": rules,
         })
     }

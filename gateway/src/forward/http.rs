@@ -443,8 +443,8 @@ fn shown(bytes: &[u8]) -> String {
 }
 
 /// A byte stream the client can speak HTTP over: TCP, or TLS over TCP.
-trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+trait Stream: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> Stream for T {}
 
 /// An open connection, buffered for reading (writes pass through).
 type Conn = BufReader<Pin<Box<dyn Stream>>>;

@@ -50,6 +50,7 @@ pub mod client;
 pub mod compress;
 pub mod http;
 pub mod limits;
+pub mod sink;
 pub mod tls;
 pub mod wire;
 
@@ -364,6 +365,8 @@ pub struct Forwarder {
     /// Average stored row size, to guess when a batch is full by bytes.
     avg_row: u64,
     drain: DrainState,
+    /// Its index among the configured sinks (0 when it is the only one).
+    sink: usize,
 }
 
 impl Forwarder {
@@ -424,7 +427,20 @@ impl Forwarder {
             partial_since: None,
             avg_row: 256,
             drain: DrainState::new(),
+            sink: 0,
         })
+    }
+
+    /// This forwarder is sink `index` among several: it skips what the store says it has
+    /// acknowledged already, and what came before it was added.
+    pub fn with_sink(mut self, index: usize) -> Result<Self, store::StoreError> {
+        let (start, acked) = store::sinks::load(&*self.db.db()?, store::sinks::UPSTREAM)?;
+        self.sink = index;
+        self.acked = acked;
+        if start > 0 {
+            note_range(&mut self.acked, 0, start - 1);
+        }
+        Ok(self)
     }
 
     /// Runs the state machine until shutdown.
@@ -1004,6 +1020,7 @@ impl Forwarder {
                 reason, "upstream cannot take this event: dead-lettering it"
             );
             let _ = self.acks.send(ForwardMsg::DeadLetter {
+                sink: self.sink,
                 id,
                 reason: reason.to_string(),
             });
@@ -1047,6 +1064,7 @@ impl Forwarder {
                 backlog_acked = true;
             }
             let _ = self.acks.send(ForwardMsg::Ack(ForwardAck {
+                sink: self.sink,
                 from: b.from,
                 up_to: b.last_id,
                 batch: b.batch,
@@ -1086,6 +1104,7 @@ impl Forwarder {
         let skip = Skip {
             dead: self.dead_sent.clone(),
             acked: self.acked.clone(),
+            filters: None,
         };
         let (p, lowest) = tokio::task::spawn_blocking(move || {
             let r = read_batch(
@@ -1192,6 +1211,8 @@ fn describe(e: &ConnectionError) -> String {
 struct Skip {
     dead: BTreeSet<u64>,
     acked: BTreeMap<u64, u64>,
+    /// A sink's topic filters: events on other topics are not its own.
+    filters: Option<Vec<String>>,
 }
 
 impl Skip {
@@ -1207,23 +1228,7 @@ impl Skip {
     }
 }
 
-/// Adds `from..=to` to the acknowledged ranges, merging it with its neighbours.
-fn note_range(ranges: &mut BTreeMap<u64, u64>, mut from: u64, mut to: u64) {
-    if let Some((&f, &t)) = ranges.range(..=from).next_back() {
-        if t.saturating_add(1) >= from {
-            from = f;
-            to = to.max(t);
-        }
-    }
-    while let Some((&f, &t)) = ranges.range(from..).next() {
-        if f > to.saturating_add(1) {
-            break;
-        }
-        to = to.max(t);
-        ranges.remove(&f);
-    }
-    ranges.insert(from, to);
-}
+use store::sinks::note_range;
 
 /// A batch read: the events, whether more rows follow them, and the oldest stored id.
 struct Read {
@@ -1265,6 +1270,15 @@ fn read_batch(
                 continue;
             }
             let len = v.value().len() as u64;
+            let e = store::decode(id, v.value())?;
+            if let Some(f) = &skip.filters {
+                if !f
+                    .iter()
+                    .any(|f| crate::broker::router::matches(f, &e.topic))
+                {
+                    continue;
+                }
+            }
             if out.len() >= max_events || (!out.is_empty() && bytes + len > max_bytes) {
                 return Ok(Read {
                     events: out,
@@ -1273,7 +1287,7 @@ fn read_batch(
                 });
             }
             bytes += len;
-            out.push(store::decode(id, v.value())?);
+            out.push(e);
         }
         break;
     }
@@ -1423,6 +1437,7 @@ mod tests {
         let skip = Skip {
             dead: BTreeSet::from([50]),
             acked: r,
+            filters: None,
         };
         assert_eq!(skip.skip(1), Some(40));
         assert_eq!(skip.skip(40), Some(40));

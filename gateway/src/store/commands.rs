@@ -87,7 +87,7 @@ pub enum Applied {
 
 /// Decodes a row.
 pub fn decode(bytes: &[u8]) -> Result<CommandRow, StoreError> {
-    postcard::from_bytes(bytes).map_err(StoreError::CommandRow)
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Row("command", e))
 }
 
 /// Applies `op` in `txn`.

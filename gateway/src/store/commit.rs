@@ -1,5 +1,6 @@
 //! The commit loop: the store's only writer, on a thread of its own.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ use crate::rules::{LocalPublish, RuleStage, StepOutput};
 /// backlog); each covers its own range of ids.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardAck {
+    /// Which sink (its index in the configured sinks; 0 with one).
+    pub sink: usize,
     /// Lowest id the batch covers (0: everything up to `up_to`).
     pub from: u64,
     /// Highest acknowledged id.
@@ -41,6 +44,8 @@ pub enum ForwardMsg {
     /// Upstream cannot take this event (over its packet size limit): move it from `events` to
     /// the dead-letter table (rule `upstream`, the reason as error).
     DeadLetter {
+        /// Which sink cannot take it.
+        sink: usize,
         /// The event's id.
         id: u64,
         /// Why, e.g. "exceeds upstream max_packet 128000 B: packet 140213 B".
@@ -86,6 +91,10 @@ pub struct CommitLoop {
     last_group_bytes: usize,
     /// `dlq_full` drops not yet reported in the log, and when it last was.
     dlq_full_warned: u64,
+    /// The sinks and what each still owes.
+    sinks: super::sinks::Sinks,
+    /// The sinks changed since the last run: the next commit sweeps what nobody owes.
+    pending_sweep: bool,
     last_dlq_warn: Option<Instant>,
 }
 
@@ -145,11 +154,12 @@ pub struct Plan {
     pub tick: Option<i64>,
     /// Dead letters to remove (retried or dropped).
     pub dlq_remove: Vec<u64>,
-    /// Events stored again as they are, without the rules (upstream dead letters retried).
-    pub reinsert: Vec<Event>,
-    /// Events upstream cannot take (id, why): moved to the dead-letter table, before the
+    /// Events stored again as they are, without the rules (sink dead letters retried), each
+    /// for one sink only (its index) or, `None`, for all.
+    pub reinsert: Vec<(Event, Option<usize>)>,
+    /// Events a sink cannot take (sink, id, why): to the dead-letter table, before the
     /// acknowledgements of this plan delete anything (the forwarder sent them in that order).
-    pub upstream_dead: Vec<(u64, String)>,
+    pub upstream_dead: Vec<(usize, u64, String)>,
     /// The filesystem is below `min_free` (or was full): the buffer may not grow.
     pub tight: bool,
     /// Evict at least this many stored bytes, oldest first, making room on a full disk.
@@ -181,6 +191,10 @@ struct Tally {
     tight: bool,
     first_stored: Option<u64>,
     last_stored: Option<u64>,
+    /// The sinks' views, worked on: kept only if the transaction commits.
+    sinks: super::sinks::Sinks,
+    /// Sinks whose ranges changed (their ranges before).
+    ranges_before: BTreeMap<usize, BTreeMap<u64, u64>>,
 }
 
 /// What one commit did.
@@ -212,6 +226,8 @@ pub struct CommitReport {
     pub dropped_dlq_full: u64,
     /// Events moved to the dead-letter table because upstream cannot take them.
     pub upstream_dead_lettered: u64,
+    /// Dropped because no configured sink takes their topic.
+    pub dropped_no_sink: u64,
 }
 
 /// A transaction that committed, and what must follow it.
@@ -312,6 +328,8 @@ impl CommitLoop {
             spent_since: None,
             last_group_bytes: 0,
             dlq_full_warned: 0,
+            sinks: super::sinks::Sinks::default(),
+            pending_sweep: false,
             last_dlq_warn: None,
         })
     }
@@ -340,6 +358,24 @@ impl CommitLoop {
         self
     }
 
+    /// The configured sinks (`upstream` first when set), registered in the store: a new one
+    /// starts with the next id, one gone releases what only it held (swept by the first commit).
+    pub fn with_sinks(mut self, specs: &[super::sinks::SinkSpec]) -> Result<Self, StoreError> {
+        let db = self.store.db()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .expect("no persistent savepoints are used");
+        let r = super::sinks::register(&txn, specs, self.next_id)?;
+        txn.commit()?;
+        drop(db);
+        if r.sweep {
+            info!("store: the sinks changed; events no sink owes any more are released");
+        }
+        self.sinks = r.sinks;
+        self.pending_sweep = r.sweep;
+        Ok(self)
+    }
+
     /// The period of `on_tick`.
     pub fn with_tick(mut self, every: Duration) -> Self {
         self.tick = every.max(Duration::from_millis(10));
@@ -365,28 +401,45 @@ impl CommitLoop {
         self.dlq_pages(req, |lp, rows| {
             // What upstream could not take already went through the rules: it goes back to
             // the buffer as it is. The rest runs through the whole chain again.
-            let (forwarded, inputs): (Vec<_>, Vec<_>) = rows
+            // A sink's dead letter goes back to that sink only (a sink no longer configured:
+            // it stays).
+            enum To {
+                Rules(Event),
+                Sink(Event, Option<usize>),
+                Stay,
+            }
+            let sinks = lp.sinks.clone();
+            let to: Vec<(u64, To)> = rows
                 .iter()
-                .filter_map(|(_, d)| d.as_ref().ok())
-                .map(|d| {
+                .filter_map(|(id, d)| d.as_ref().ok().map(|d| (*id, d)))
+                .map(|(id, d)| {
                     let mut e = d.event.clone();
                     e.id = 0;
-                    (d.rule == UPSTREAM_RULE, e)
+                    let to = if d.rule == UPSTREAM_RULE {
+                        To::Sink(e, sinks.index(super::sinks::UPSTREAM))
+                    } else if let Some(name) = d.rule.strip_prefix(SINK_RULE_PREFIX) {
+                        match sinks.index(name) {
+                            Some(i) => To::Sink(e, Some(i)),
+                            None => To::Stay,
+                        }
+                    } else {
+                        To::Rules(e)
+                    };
+                    (id, to)
                 })
-                .partition(|(upstream, _)| *upstream);
-            let n = (forwarded.len() + inputs.len()) as u64;
-            let mut plan = Plan::with_group(
-                inputs
-                    .into_iter()
-                    .map(|(_, e)| Incoming::plain(e))
-                    .collect(),
-            );
-            plan.reinsert = forwarded.into_iter().map(|(_, e)| e).collect();
-            plan.dlq_remove = rows
-                .iter()
-                .filter(|(_, d)| d.is_ok())
-                .map(|(id, _)| *id)
                 .collect();
+            let mut plan = Plan::default();
+            let mut inputs = Vec::new();
+            for (id, t) in to {
+                match t {
+                    To::Rules(e) => inputs.push(Incoming::plain(e)),
+                    To::Sink(e, only) => plan.reinsert.push((e, only)),
+                    To::Stay => continue,
+                }
+                plan.dlq_remove.push(id);
+            }
+            let n = plan.dlq_remove.len() as u64;
+            plan.group = Plan::with_group(inputs).group;
             let r = lp.commit_plan(plan)?;
             retried += n;
             again += r.dead_lettered;
@@ -623,6 +676,7 @@ impl CommitLoop {
             && plan.upstream_dead.is_empty()
             && plan.tick.is_none()
             && !arrivals_due
+            && !self.pending_sweep
             && !self.retained.as_ref().is_some_and(|l| l.has_pending())
         {
             return None;
@@ -814,7 +868,7 @@ impl CommitLoop {
     fn take_acks(
         &mut self,
         acked: &mut Vec<ForwardAck>,
-        dead: &mut Vec<(u64, String)>,
+        dead: &mut Vec<(usize, u64, String)>,
         open: &mut Open,
     ) {
         loop {
@@ -1026,8 +1080,16 @@ impl CommitLoop {
             m.upstream_sizes
                 .dead_lettered
                 .fetch_add(r.upstream_dead_lettered, Relaxed);
-            for (id, reason) in &plan_upstream_dead {
-                warn!(id, reason, "event dead-lettered: upstream cannot take it");
+            for (sink, id, reason) in &plan_upstream_dead {
+                let sink = self
+                    .sinks
+                    .list
+                    .get(*sink)
+                    .map_or(super::sinks::UPSTREAM, |s| s.spec.name.as_str());
+                warn!(
+                    id,
+                    reason, sink, "event dead-lettered: the sink cannot take it"
+                );
             }
         }
         if r.dropped_full > 0 {
@@ -1072,6 +1134,8 @@ impl CommitLoop {
             tight: plan.tight,
             first_stored: None,
             last_stored: None,
+            sinks: self.sinks.clone(),
+            ranges_before: BTreeMap::new(),
         };
         // Worked on a copy: kept only if the transaction commits.
         let mut arrivals = self.arrivals.clone();
@@ -1095,6 +1159,7 @@ impl CommitLoop {
             && plan.dlq_remove.is_empty()
             && plan.reinsert.is_empty()
             && plan.evict_bytes == 0
+            && !self.pending_sweep
             && !arrivals.needs_commit(wall)
             && retained.as_ref().is_none_or(|(_, c)| c.is_empty())
             && broker_acks.as_ref().is_none_or(|(_, w)| w.is_empty());
@@ -1108,38 +1173,102 @@ impl CommitLoop {
             }
             let mut arr = txn.open_table(ARRIVALS)?;
 
-            // 0. What upstream cannot take moves to the dead-letter table.
+            // 0. What a sink cannot take goes to the dead-letter table (moved, or copied when
+            // another sink still owes it).
             let mut upstream_letters = Vec::new();
-            for (id, reason) in &plan.upstream_dead {
-                let Some(value) = events.remove(*id)? else {
+            for (sink, id, reason) in &plan.upstream_dead {
+                let Some(value) = events.get(*id)?.map(|v| v.value().to_vec()) else {
                     continue; // already gone (max_age, drop_oldest)
                 };
-                t.bytes = t.bytes.saturating_sub(row_size(value.value().len()));
-                t.backlog = t.backlog.saturating_sub(1);
+                let event = super::decode(*id, &value)?;
+                let multi = t.sinks.multi();
+                if multi {
+                    let s = &mut t.sinks.list[*sink];
+                    t.ranges_before
+                        .entry(*sink)
+                        .or_insert_with(|| s.acked.clone());
+                    super::sinks::note_range(&mut s.acked, *id, *id);
+                }
+                if !multi || !t.sinks.owed_by_other(*sink, *id, &event.topic) {
+                    events.remove(*id)?;
+                    t.bytes = t.bytes.saturating_sub(row_size(value.len()));
+                    t.backlog = t.backlog.saturating_sub(1);
+                }
                 upstream_letters.push(crate::rules::DeadLetter {
-                    rule: UPSTREAM_RULE.into(),
+                    rule: sink_rule(&t.sinks, *sink),
                     error: reason.clone(),
                     at: now_ms(),
-                    event: super::decode(*id, value.value())?,
+                    event,
                 });
             }
             report.upstream_dead_lettered = upstream_letters.len() as u64;
 
-            // 1. What upstream acknowledged goes.
+            // 1. What the sinks acknowledged goes: with one sink, its ranges; with more, what
+            // no other sink still owes.
             let mut next_batch = None;
             for a in &plan.acked {
-                while let Some((k, v)) = first_in(&mut events, a.from, a.up_to)? {
-                    t.bytes = t.bytes.saturating_sub(row_size(v));
-                    t.backlog = t.backlog.saturating_sub(1);
-                    events.remove(k)?;
-                    report.acked += 1;
+                if !t.sinks.multi() {
+                    while let Some((k, v)) = first_in(&mut events, a.from, a.up_to)? {
+                        t.bytes = t.bytes.saturating_sub(row_size(v));
+                        t.backlog = t.backlog.saturating_sub(1);
+                        events.remove(k)?;
+                        report.acked += 1;
+                    }
+                } else if a.sink < t.sinks.list.len() {
+                    let s = &mut t.sinks.list[a.sink];
+                    t.ranges_before
+                        .entry(a.sink)
+                        .or_insert_with(|| s.acked.clone());
+                    super::sinks::note_range(&mut s.acked, a.from, a.up_to);
+                    let mut done = Vec::new();
+                    for row in events.range(a.from..=a.up_to)? {
+                        let (k, v) = row?;
+                        let e = super::decode(k.value(), v.value())?;
+                        if !t.sinks.owed_by_other(a.sink, e.id, &e.topic) {
+                            done.push((e.id, v.value().len()));
+                        }
+                    }
+                    for (id, len) in done {
+                        events.remove(id)?;
+                        t.bytes = t.bytes.saturating_sub(row_size(len));
+                        t.backlog = t.backlog.saturating_sub(1);
+                        report.acked += 1;
+                    }
                 }
-                next_batch = next_batch.max(Some(a.batch + 1));
+                match t.sinks.list.get(a.sink).map(|s| s.spec.name.as_str()) {
+                    None | Some(super::sinks::UPSTREAM) => {
+                        next_batch = next_batch.max(Some(a.batch + 1));
+                    }
+                    Some(name) => {
+                        let key = super::sinks::next_batch_key(name);
+                        let stored = meta.get(key.as_str())?.map(|v| v.value()).unwrap_or(0);
+                        if a.batch + 1 > stored {
+                            meta.insert(key.as_str(), a.batch + 1)?;
+                        }
+                    }
+                }
             }
             if let Some(n) = next_batch {
                 let stored = meta.get("next_batch")?.map(|v| v.value()).unwrap_or(0);
                 if n > stored {
                     meta.insert("next_batch", n)?;
+                }
+            }
+            // Sinks changed (filters, one gone): what nobody owes any more goes.
+            if self.pending_sweep {
+                let mut gone = Vec::new();
+                for row in events.iter()? {
+                    let (k, v) = row?;
+                    let e = super::decode(k.value(), v.value())?;
+                    if !t.sinks.owed(e.id, &e.topic) {
+                        gone.push((e.id, v.value().len()));
+                    }
+                }
+                for (id, len) in gone {
+                    events.remove(id)?;
+                    t.bytes = t.bytes.saturating_sub(row_size(len));
+                    t.backlog = t.backlog.saturating_sub(1);
+                    report.dropped_no_sink += 1;
                 }
             }
             // On a full disk, room first.
@@ -1196,8 +1325,20 @@ impl CommitLoop {
                     append(&self.cfg, &mut events, e, &mut t, &mut report)?;
                 }
             }
-            for e in &plan.reinsert {
+            for (e, only) in &plan.reinsert {
+                let before = t.last_stored;
                 append(&self.cfg, &mut events, e.clone(), &mut t, &mut report)?;
+                // For one sink only: the others count it as theirs done.
+                if let (Some(only), true) = (only, t.sinks.multi()) {
+                    if let Some(id) = t.last_stored.filter(|id| Some(*id) != before) {
+                        for (i, s) in t.sinks.list.iter_mut().enumerate() {
+                            if i != *only {
+                                t.ranges_before.entry(i).or_insert_with(|| s.acked.clone());
+                                super::sinks::note_range(&mut s.acked, id, id);
+                            }
+                        }
+                    }
+                }
             }
             report.dropped_rule += out.dropped;
 
@@ -1244,7 +1385,25 @@ impl CommitLoop {
             t.backlog = t.backlog.saturating_sub(aged);
             arrivals.prune(&mut arr, &events, wall)?;
 
-            // 4. Meta.
+            // 4. The sinks' ranges: pruned below the oldest stored event, written if changed.
+            if t.sinks.multi() {
+                let lowest = events.first()?.map(|(k, _)| k.value()).unwrap_or(t.next_id);
+                for (i, s) in t.sinks.list.iter_mut().enumerate() {
+                    if s.acked
+                        .first_key_value()
+                        .is_some_and(|(_, to)| *to < lowest)
+                    {
+                        t.ranges_before.entry(i).or_insert_with(|| s.acked.clone());
+                        super::sinks::prune(&mut s.acked, lowest);
+                    }
+                }
+                for (i, before) in &t.ranges_before {
+                    let s = &t.sinks.list[*i];
+                    super::sinks::write_ranges(&txn, &s.spec.name, before, &s.acked)?;
+                }
+            }
+
+            // 5. Meta.
             meta.insert("next_id", t.next_id)?;
             meta.insert("stored_bytes", t.bytes)?;
             for (reason, n) in report.drops() {
@@ -1290,6 +1449,8 @@ impl CommitLoop {
         self.next_id = t.next_id;
         self.stored_bytes = t.bytes;
         self.backlog = t.backlog;
+        self.sinks = t.sinks;
+        self.pending_sweep = false;
         Ok(Written {
             report,
             publishes,
@@ -1339,11 +1500,26 @@ const COMPACT_AGAIN: Duration = Duration::from_secs(600);
 /// The `rule` of a dead letter upstream could not take.
 pub const UPSTREAM_RULE: &str = "upstream";
 
+/// The `rule` prefix of a dead letter a `[[sink]]` could not take: `sink:NAME`.
+pub const SINK_RULE_PREFIX: &str = "sink:";
+
+/// The `rule` of a dead letter sink `i` could not take.
+fn sink_rule(sinks: &super::sinks::Sinks, i: usize) -> String {
+    match sinks.list.get(i).map(|s| s.spec.name.as_str()) {
+        None | Some(super::sinks::UPSTREAM) => UPSTREAM_RULE.into(),
+        Some(name) => format!("{SINK_RULE_PREFIX}{name}"),
+    }
+}
+
 /// Adds one message of the forwarder to a plan.
-fn note_forward(msg: ForwardMsg, acked: &mut Vec<ForwardAck>, dead: &mut Vec<(u64, String)>) {
+fn note_forward(
+    msg: ForwardMsg,
+    acked: &mut Vec<ForwardAck>,
+    dead: &mut Vec<(usize, u64, String)>,
+) {
     match msg {
         ForwardMsg::Ack(a) => acked.push(a),
-        ForwardMsg::DeadLetter { id, reason } => dead.push((id, reason)),
+        ForwardMsg::DeadLetter { sink, id, reason } => dead.push((sink, id, reason)),
     }
 }
 
@@ -1355,8 +1531,9 @@ struct Open {
 
 impl CommitReport {
     /// The drops of this commit, by reason (zeros included).
-    pub fn drops(&self) -> [(DropReason, u64); 7] {
+    pub fn drops(&self) -> [(DropReason, u64); 8] {
         [
+            (DropReason::NoSink, self.dropped_no_sink),
             (DropReason::DlqFull, self.dropped_dlq_full),
             (DropReason::Rule, self.dropped_rule),
             (DropReason::BufferFull, self.dropped_full),
@@ -1376,6 +1553,11 @@ fn append(
     t: &mut Tally,
     report: &mut CommitReport,
 ) -> Result<bool, StoreError> {
+    if !t.sinks.wanted(&e.topic) {
+        // No configured sink takes it: there is nowhere it could ever go.
+        report.dropped_no_sink += 1;
+        return Ok(true);
+    }
     let value = encode(&e);
     let size = row_size(value.len());
     let count = |report: &mut CommitReport| {

@@ -100,6 +100,7 @@ pub mod retained;
 pub mod schema;
 #[cfg(test)]
 pub mod simdisk;
+pub mod sinks;
 pub mod space;
 pub mod wear;
 
@@ -185,9 +186,9 @@ pub enum StoreError {
         /// Why.
         source: postcard::Error,
     },
-    /// A stored command (`commands` table) could not be decoded.
-    #[error("corrupt command row: {0}")]
-    CommandRow(postcard::Error),
+    /// A stored command or sink row could not be decoded.
+    #[error("corrupt {0} row: {1}")]
+    Row(&'static str, postcard::Error),
 }
 
 /// An event as stored: everything but the id, which is the key.

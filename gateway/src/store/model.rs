@@ -853,7 +853,11 @@ fn real_plan(p: &MPlan, acks: &Arc<Mutex<Vec<(u64, Taken)>>>) -> Plan {
         .collect();
     let mut plan = Plan::with_group(group);
     plan.acked = p.acked.clone();
-    plan.upstream_dead = p.upstream_dead.clone();
+    plan.upstream_dead = p
+        .upstream_dead
+        .iter()
+        .map(|(id, r)| (0, *id, r.clone()))
+        .collect();
     plan.tight = p.tight;
     plan.evict_bytes = p.evict_bytes;
     plan.dlq_remove = p.dlq_remove.clone();
@@ -1038,6 +1042,7 @@ impl Run {
                 };
                 Some(MPlan {
                     acked: vec![ForwardAck {
+                        sink: 0,
                         from,
                         up_to,
                         batch: self.batch,
@@ -1138,6 +1143,7 @@ impl Run {
         self.batch += 1;
         self.m.last_acked = Some((from, up_to));
         ForwardAck {
+            sink: 0,
             from,
             up_to,
             batch: self.batch,

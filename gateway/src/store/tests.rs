@@ -509,6 +509,7 @@ fn a_lone_upstream_dead_letter_is_committed_by_the_run_loop() {
     .unwrap();
     let runner = std::thread::spawn(move || lp.run());
     atx.send(ForwardMsg::DeadLetter {
+        sink: 0,
         id: 2,
         reason: "too large".into(),
     })
@@ -516,6 +517,7 @@ fn a_lone_upstream_dead_letter_is_committed_by_the_run_loop() {
     // Give the loop time to take it alone, then acknowledge past it.
     std::thread::sleep(Duration::from_millis(300));
     atx.send(ForwardMsg::Ack(ForwardAck {
+        sink: 0,
         from: 0,
         up_to: 3,
         batch: 1,
@@ -592,6 +594,7 @@ fn what_one_small_commit_writes() {
         (
             "one event + an ack",
             Some(ForwardAck {
+                sink: 0,
                 from: 0,
                 up_to: 1,
                 batch: 1,
@@ -748,6 +751,7 @@ fn a_drained_file_is_compacted_and_keeps_every_buffered_event() {
     h.lp.commit(
         vec![],
         Some(ForwardAck {
+            sink: 0,
             from: 0,
             up_to: 24_900,
             batch: 1,
