@@ -48,8 +48,150 @@ use crate::store::commands::{Applied, CommandOp, CommandRow, CommandState};
 use crate::store::commit::Control;
 use crate::store::Store;
 
-/// Publishes to the local broker (embedded, or the one ingest subscribes to) at QoS 1.
-pub type LocalOut = Arc<dyn Fn(&str, Vec<u8>) -> Result<(), String> + Send + Sync>;
+/// The local broker commands go to.
+pub enum Local {
+    /// The embedded broker: delivered when queued to a session (a subscriber's, online or
+    /// with a persistent session); with no subscriber it is tried again until `max_age`.
+    Embedded(crate::broker::Broker),
+    /// The broker ingest subscribes to (client mode): delivered at its PUBACK, through a
+    /// connection of the commands' own.
+    Client(LocalClient),
+}
+
+/// A QoS 1 publisher on the ingest broker, one publish at a time.
+pub struct LocalClient {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<LocalEv>,
+    own: crate::ingest::OwnPublishes,
+}
+
+enum LocalEv {
+    Sent(u16),
+    PubAck(u16),
+    Lost,
+}
+
+impl LocalClient {
+    /// Connects to `[ingest.mqtt] broker` as `[commands] client_id` + `-local`.
+    pub fn start(
+        cfg: &Config,
+        own: crate::ingest::OwnPublishes,
+        mut shutdown: Shutdown,
+    ) -> Result<LocalClient, String> {
+        let m = &cfg.ingest.mqtt;
+        let url = crate::config::parse_mqtt_url(&m.broker)
+            .map_err(|e| format!("key `ingest.mqtt.broker`: {e}"))?;
+        let mut opts = MqttOptions::new(
+            format!("{}-local", cfg.commands.client_id),
+            &url.host,
+            url.port,
+        );
+        opts.set_keep_alive(m.keep_alive.0.max(Duration::from_secs(5)));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        if !m.username.is_empty() {
+            opts.set_credentials(&m.username, &m.password);
+        }
+        let (client, mut el) = AsyncClient::new(opts, 16);
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    ev = el.poll() => ev,
+                    _ = shutdown.wait() => return,
+                };
+                match ev {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        let _ = tx.send(LocalEv::Sent(pkid));
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        let _ = tx.send(LocalEv::PubAck(a.pkid));
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        let _ = tx.send(LocalEv::Lost);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Ok(LocalClient {
+            client,
+            events,
+            own,
+        })
+    }
+
+    async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        while self.events.try_recv().is_ok() {}
+        // Noted first: ingest may see it come back before the PUBACK.
+        self.own.note(topic, &payload);
+        if let Err(e) = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload.clone())
+        {
+            self.own.take(topic, &payload);
+            return Err(format!("the local broker's client is busy: {e}"));
+        }
+        let events = &mut self.events;
+        let wait = async {
+            let mut mine = None;
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    LocalEv::Sent(p) if mine.is_none() => mine = Some(p),
+                    LocalEv::PubAck(p) if mine == Some(p) => return Ok(()),
+                    LocalEv::Lost => {
+                        return Err("the connection to the local broker dropped".to_string())
+                    }
+                    _ => {}
+                }
+            }
+            Err("the local broker's client stopped".to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), wait).await {
+            Ok(r) => r,
+            Err(_) => Err("no PUBACK from the local broker within 5 s".into()),
+        }
+    }
+}
+
+impl Local {
+    async fn deliver(&mut self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Local::Embedded(b) => {
+                let n = b.publish(
+                    topic,
+                    bytes::Bytes::from(payload),
+                    crate::broker::packet::Qos::AtLeastOnce,
+                    false,
+                );
+                if n == 0 {
+                    Err(format!("no local subscriber to {topic}"))
+                } else {
+                    Ok(())
+                }
+            }
+            Local::Client(c) => c.publish(topic, payload).await,
+        }
+    }
+}
+
+/// The largest command taken (its whole message); larger ones are refused with a result.
+pub const MAX_COMMAND: usize = 256 * 1024;
+
+/// A crash on purpose at a step of a command's life, for tests: `TIDEPOOL_FAULT_COMMANDS` =
+/// `after_stash` | `after_deliver`, once per file named by `TIDEPOOL_FAULT_COMMANDS_ONCE`
+/// (removed by the crash). Unset in production.
+fn crash_for_tests(step: &str) {
+    if std::env::var("TIDEPOOL_FAULT_COMMANDS").is_ok_and(|v| v == step) {
+        if let Ok(f) = std::env::var("TIDEPOOL_FAULT_COMMANDS_ONCE") {
+            if std::fs::remove_file(&f).is_err() {
+                return;
+            }
+        }
+        eprintln!("crashing on purpose {step} (TIDEPOOL_FAULT_COMMANDS)");
+        std::process::abort();
+    }
+}
 
 /// What the commands task needs from the rest of the gateway.
 pub struct Links {
@@ -57,8 +199,8 @@ pub struct Links {
     pub control: mpsc::UnboundedSender<Control>,
     /// For reading what a restart left unfinished.
     pub store: Store,
-    /// The local broker.
-    pub local: LocalOut,
+    /// The local broker (`None` only while commands are off).
+    pub local: Option<Local>,
     /// Serial ports by name: their framing and their writer.
     pub serial: HashMap<String, (Framing, mpsc::UnboundedSender<PortOut>)>,
     /// Counters and `status`.
@@ -106,25 +248,50 @@ pub struct Parsed {
     pub payload: Value,
 }
 
+/// Why a message is not a command: what is wrong, and its id when it had a good one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bad {
+    /// The id, if one could be read.
+    pub id: Option<String>,
+    /// What is wrong, for the result.
+    pub why: String,
+}
+
 /// Reads `{"id", "payload", "ts"?}`; the error says what is wrong, for the result.
-pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| {
-        format!("not a JSON command ({e}); send {{\"id\": \"...\", \"payload\": ...}}")
+pub fn parse(bytes: &[u8]) -> Result<Parsed, Bad> {
+    let bad = |id: Option<&str>, why: &str| Bad {
+        id: id.map(String::from),
+        why: why.into(),
+    };
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| Bad {
+        id: None,
+        why: format!("not a JSON command ({e}); send {{\"id\": \"...\", \"payload\": ...}}"),
     })?;
     let Value::Object(mut o) = v else {
-        return Err("a command is a JSON object {\"id\": \"...\", \"payload\": ...}".into());
+        return Err(bad(
+            None,
+            "a command is a JSON object {\"id\": \"...\", \"payload\": ...}",
+        ));
     };
     let id = match o.remove("id") {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s,
         Some(Value::Number(n)) => n.to_string(),
         _ => {
-            return Err("a command needs an \"id\": a string of 1 to 256 bytes, or a number".into())
+            return Err(bad(
+                None,
+                "a command needs an \"id\": a string of 1 to 256 bytes, or a number",
+            ))
         }
     };
     let ts = match o.remove("ts") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64(),
-        Some(_) => return Err("\"ts\" is milliseconds since the Unix epoch, an integer".into()),
+        Some(_) => {
+            return Err(bad(
+                Some(&id),
+                "\"ts\" is milliseconds since the Unix epoch, an integer",
+            ))
+        }
     };
     let payload = o.remove("payload").unwrap_or(Value::Null);
     Ok(Parsed { id, ts, payload })
@@ -188,20 +355,25 @@ enum In {
 /// Starts the commands connection and its worker; `None` when `[commands]` is off.
 pub fn start(
     cfg: &Config,
-    links: Links,
+    mut links: Links,
     shutdown: Shutdown,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
     let c = cfg.commands.clone();
     if !c.enabled {
         return Ok(None);
     }
+    let Some(local) = links.local.take() else {
+        return Err("commands: no local broker to deliver to".into());
+    };
     let url = cfg.upstream.url.as_deref().unwrap_or_default();
     let url = crate::config::parse_mqtt_url(url).map_err(|e| format!("key `upstream.url`: {e}"))?;
     let mut opts = MqttOptions::new(&c.client_id, &url.host, url.port);
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
     opts.set_keep_alive(cfg.upstream.keep_alive.0.max(Duration::from_secs(5)));
-    opts.set_max_packet_size(1 << 20, 1 << 20);
+    // Larger than MAX_COMMAND, so an oversize command is read and refused with a result
+    // rather than breaking the connection each time the broker resends it.
+    opts.set_max_packet_size(16 << 20, 1 << 20);
     opts.set_inflight(16);
     if !cfg.upstream.username.is_empty() {
         opts.set_credentials(&cfg.upstream.username, &cfg.upstream.password);
@@ -226,6 +398,7 @@ pub fn start(
         shutdown.clone(),
     ));
     let worker = Worker {
+        local,
         cfg: c,
         gateway: cfg.gateway.id.clone(),
         client,
@@ -235,6 +408,7 @@ pub fn start(
         results: VecDeque::new(),
         inflight: InFlight::default(),
         connected: false,
+        last_purge: None,
     };
     Ok(Some(tokio::spawn(async move {
         worker.run(rx, shutdown).await;
@@ -293,7 +467,21 @@ async fn poll(
             }
             Ok(_) => {}
             Err(e) => {
-                gate.lock().unwrap().disconnected();
+                {
+                    // This connection is over: none of its PUBACKs may go out on the next.
+                    // What it read before the error is handed on under its own epoch (stored,
+                    // not acknowledged: the broker resends it), then rumqttc's queued PUBACKs
+                    // are dropped under the lock, so none that the worker adds slips through.
+                    let mut g = gate.lock().unwrap();
+                    let epoch = g.epoch();
+                    while let Some(ev) = el.state.events.pop_front() {
+                        if let Event::Incoming(Packet::Publish(p)) = ev {
+                            let _ = tx.send(In::Command(p, epoch));
+                        }
+                    }
+                    g.disconnected();
+                    el.clean();
+                }
                 let _ = tx.send(In::Lost(e.to_string()));
                 failures = failures.saturating_add(1);
                 let wait = Duration::from_millis(
@@ -333,6 +521,7 @@ struct InFlight {
 const MAX_RESULTS_IN_FLIGHT: usize = 8;
 
 struct Worker {
+    local: Local,
     cfg: CommandsConfig,
     gateway: String,
     client: AsyncClient,
@@ -342,6 +531,7 @@ struct Worker {
     results: VecDeque<(String, Vec<u8>)>,
     inflight: InFlight,
     connected: bool,
+    last_purge: Option<std::time::Instant>,
 }
 
 impl Worker {
@@ -453,10 +643,17 @@ impl Worker {
                     return;
                 };
                 if self.inflight.results.remove(&id).is_some() {
+                    let purge = self
+                        .last_purge
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                    if purge {
+                        self.last_purge = Some(std::time::Instant::now());
+                    }
                     let op = CommandOp::Finish {
                         id,
                         now_ms: now_ms(),
                         keep_ms: keep_ms(&self.cfg),
+                        purge,
                     };
                     // Not stored: the result goes out again after a restart (a duplicate).
                     let _ = self.write(op, shutdown, 3).await;
@@ -500,7 +697,7 @@ impl Worker {
     async fn take(&mut self, p: Publish, epoch: u64, shutdown: &Shutdown) {
         if p.topic == self.cfg.result_topic {
             // Our own results, when the result topic is under the commands filter.
-            self.ack(&p, epoch);
+            self.ack(&p, epoch).await;
             return;
         }
         let target = p
@@ -508,7 +705,19 @@ impl Worker {
             .strip_prefix(self.cfg.prefix())
             .unwrap_or_default()
             .to_string();
-        let (id, row) = match parse(&p.payload) {
+        let hash = crate::ingest::stable_hash(&[p.topic.as_bytes(), &p.payload]);
+        let parsed = if p.payload.len() > MAX_COMMAND {
+            Err(Bad {
+                id: None,
+                why: format!(
+                    "the command is {} B; at most {MAX_COMMAND} B are taken",
+                    p.payload.len()
+                ),
+            })
+        } else {
+            parse(&p.payload)
+        };
+        let (id, row) = match parsed {
             Ok(c) if !target.is_empty() => (
                 c.id,
                 CommandRow {
@@ -516,32 +725,34 @@ impl Worker {
                     ts: c.ts,
                     target,
                     payload: serde_json::to_vec(&c.payload).expect("JSON encodes"),
+                    hash,
                     state: CommandState::Pending,
                 },
             ),
             other => {
-                let why = match other {
-                    Err(e) => e,
-                    Ok(_) => format!("no target: publish to {}TARGET", self.cfg.prefix()),
+                let bad = match other {
+                    Err(b) => b,
+                    Ok(c) => Bad {
+                        id: Some(c.id),
+                        why: format!("no target: publish to {}TARGET", self.cfg.prefix()),
+                    },
                 };
-                let id = format!(
-                    "bad-{:016x}",
-                    crate::ingest::stable_hash(&[p.topic.as_bytes(), &p.payload])
-                );
                 let result = result_json(
                     &self.gateway,
-                    None,
+                    bad.id.as_deref(),
                     &target,
-                    &Outcome::not("refused", why.clone()),
+                    &Outcome::not("refused", bad.why.clone()),
                 );
-                warn!(topic = %p.topic, why = %why, "commands: refused a command");
+                warn!(topic = %p.topic, why = %bad.why, "commands: refused a command");
                 (
-                    id,
+                    // A key of its own: a resend of the same bad message is recognised.
+                    format!("bad-{hash:016x}"),
                     CommandRow {
                         received_ms: now_ms(),
                         ts: None,
                         target,
                         payload: Vec::new(),
+                        hash,
                         state: CommandState::Resolved(result),
                     },
                 )
@@ -552,14 +763,35 @@ impl Worker {
             id: id.clone(),
             row: row.clone(),
         };
-        match self.write(op, shutdown, 0).await {
-            None => {} // stopping: no PUBACK, the broker resends it
-            Some(Applied::Known(_)) => {
-                self.info(|i| i.duplicates += 1);
-                self.ack(&p, epoch);
+        let Some(applied) = self.write(op, shutdown, 0).await else {
+            return; // stopping: no PUBACK, the broker resends it
+        };
+        crash_for_tests("after_stash");
+        self.ack(&p, epoch).await;
+        match applied {
+            Applied::Known(_, known) if known != hash => {
+                // Another command under an id already taken: refused, said so under that id
+                // (not stored: best effort).
+                let why = format!(
+                    "the id {id} was already used by another command (ids are remembered for max_age, at least an hour)"
+                );
+                warn!(id = %id, "commands: {why}");
+                let result = result_json(
+                    &self.gateway,
+                    Some(&id),
+                    &row.target,
+                    &Outcome::not("refused", why),
+                );
+                self.info(|i| *i.results.entry("refused").or_default() += 1);
+                let _ = self.client.try_publish(
+                    &self.cfg.result_topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    result,
+                );
             }
-            Some(_) => {
-                self.ack(&p, epoch);
+            Applied::Known(..) => self.info(|i| i.duplicates += 1),
+            Applied::Written => {
                 self.info(|i| i.received += 1);
                 match state {
                     CommandState::Pending => self.queue.push_back(Queued {
@@ -577,16 +809,26 @@ impl Worker {
         }
     }
 
-    /// The PUBACK of `p`, unless its connection is gone (then the broker resends it).
-    fn ack(&self, p: &Publish, epoch: u64) {
+    /// The PUBACK of `p`, unless its connection is gone (then the broker resends it). The
+    /// request channel may be full for a moment: tried for a few seconds.
+    async fn ack(&self, p: &Publish, epoch: u64) {
         let t = AckToken {
             pkid: p.pkid,
             epoch,
             tag: None,
         };
-        let mut g = self.gate.lock().unwrap();
-        if g.admit(&t) == Admit::Send && self.client.try_ack(p).is_ok() {
-            g.queued(&t);
+        for _ in 0..1_000 {
+            {
+                let mut g = self.gate.lock().unwrap();
+                if g.admit(&t) != Admit::Send {
+                    return;
+                }
+                if self.client.try_ack(p).is_ok() {
+                    g.queued(&t);
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -601,6 +843,9 @@ impl Worker {
             }
             match self.deliver(&q.id, &q.row).await {
                 Some(o) => {
+                    if o.status == "delivered" {
+                        crash_for_tests("after_deliver");
+                    }
                     let result = result_json(&self.gateway, Some(&q.id), &q.row.target, &o);
                     let op = CommandOp::Resolve {
                         id: q.id.clone(),
@@ -635,8 +880,11 @@ impl Worker {
 
     /// Delivers one command: its outcome, or `None` to try again later (the target is not
     /// there yet, and the command has not expired).
-    async fn deliver(&self, id: &str, row: &CommandRow) -> Option<Outcome> {
-        let age_ms = (now_ms() - row.ts.unwrap_or(row.received_ms)).max(0);
+    async fn deliver(&mut self, id: &str, row: &CommandRow) -> Option<Outcome> {
+        // From when it was issued, or stored if that is earlier: a `ts` ahead of our clock
+        // (or in the wrong unit) must not keep it alive.
+        let since = row.ts.map_or(row.received_ms, |ts| ts.min(row.received_ms));
+        let age_ms = (now_ms() - since).max(0);
         let max_ms = self.cfg.max_age.0.as_millis() as i64;
         let expired = |why: String| {
             Some(Outcome::not(
@@ -684,7 +932,7 @@ impl Worker {
             if !valid_topic(&topic) {
                 return Some(Outcome::not("failed", format!("{topic} is not a topic")));
             }
-            (self.links.local)(&topic, payload_bytes(&payload))
+            self.local.deliver(&topic, payload_bytes(&payload)).await
         };
         match tried {
             Ok(()) => Some(Outcome::delivered()),
@@ -730,12 +978,17 @@ mod tests {
         assert_eq!(c.payload, serde_json::json!({"open": true}));
         assert_eq!(parse(br#"{"id":7}"#).unwrap().id, "7");
         assert_eq!(parse(br#"{"id":7}"#).unwrap().payload, Value::Null);
-        assert!(parse(b"OPEN").unwrap_err().contains("not a JSON command"));
-        assert!(parse(br#"{"payload":1}"#).unwrap_err().contains("\"id\""));
-        assert!(parse(br#"{"id":""}"#).is_err());
-        assert!(parse(br#"{"id":"x","ts":"now"}"#)
+        assert!(parse(b"OPEN")
             .unwrap_err()
-            .contains("ts"));
+            .why
+            .contains("not a JSON command"));
+        assert!(parse(br#"{"payload":1}"#)
+            .unwrap_err()
+            .why
+            .contains("\"id\""));
+        assert!(parse(br#"{"id":""}"#).is_err());
+        let bad = parse(br#"{"id":"x","ts":"now"}"#).unwrap_err();
+        assert!(bad.why.contains("ts") && bad.id.as_deref() == Some("x"));
         assert!(parse(b"[1]").is_err());
     }
 

@@ -125,7 +125,7 @@ pub async fn start_on(
     let mut broker_task = None;
     let mut client_task = None;
     let mut retained_log = None;
-    let local_out: commands::LocalOut;
+    let local_out: Option<commands::Local>;
     let publisher: store::commit::Publisher = match cfg.ingest.mqtt.mode {
         MqttMode::Embedded => {
             let log = Arc::new(store::retained::RetainedLog::default());
@@ -148,16 +148,7 @@ pub async fn start_on(
             .await?;
             broker_task = Some(task);
             retained_log = Some((log, acks));
-            let b = broker.clone();
-            local_out = Arc::new(move |topic: &str, payload: Vec<u8>| {
-                b.publish(
-                    topic,
-                    bytes::Bytes::from(payload),
-                    broker::packet::Qos::AtLeastOnce,
-                    false,
-                );
-                Ok(())
-            });
+            local_out = Some(commands::Local::Embedded(broker.clone()));
             Box::new(move |p: &rules::LocalPublish| {
                 broker.publish(
                     &p.topic,
@@ -177,12 +168,14 @@ pub async fn start_on(
             )
             .map_err(anyhow::Error::msg)?;
             client_task = Some(task);
-            let (c, o) = (client.clone(), own.clone());
-            local_out = Arc::new(move |topic: &str, payload: Vec<u8>| {
-                o.note(topic, &payload);
-                c.try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-                    .map_err(|e| format!("the ingest broker's client is busy: {e}"))
-            });
+            local_out = if cfg.commands.enabled {
+                Some(commands::Local::Client(
+                    commands::LocalClient::start(&cfg, own.clone(), shutdown.clone())
+                        .map_err(anyhow::Error::msg)?,
+                ))
+            } else {
+                None
+            };
             let own = own.clone();
             Box::new(move |p: &rules::LocalPublish| {
                 own.note(&p.topic, &p.payload);
@@ -277,13 +270,14 @@ pub async fn start_on(
         // Bounded: sources first, then the forwarder, then the store drains and stops.
         let deadline = Duration::from_secs(10);
         let stop = async {
+            // Commands first: a delivery under way finishes while its port is still open.
+            if let Some(t) = commands_task {
+                let _ = t.await;
+            }
             if let Some(t) = client_task {
                 let _ = t.await;
             }
             for t in serial_tasks {
-                let _ = t.await;
-            }
-            if let Some(t) = commands_task {
                 let _ = t.await;
             }
             if let Some(t) = broker_task {

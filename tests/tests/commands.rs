@@ -436,6 +436,16 @@ allow = ["actuators/#", "serial/uart0"]
         undelivered.is_empty(),
         "never reached their target: {undelivered:?}"
     );
+    // Every result was acknowledged and recorded: nothing is left pending.
+    let until = Instant::now() + Duration::from_secs(20);
+    while g.status()["commands"]["pending"] != 0 {
+        assert!(
+            Instant::now() < until,
+            "still pending: {}",
+            g.status()["commands"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let repeats: usize = deliveries.values().map(|c| c - 1).sum();
     let results = seen.results.lock().unwrap().len();
     println!(
@@ -444,4 +454,75 @@ allow = ["actuators/#", "serial/uart0"]
     );
     g.proc.terminate(Duration::from_secs(10));
     pty.unplug();
+}
+
+/// A crash at a chosen step of a command's life (`TIDEPOOL_FAULT_COMMANDS`), once each:
+/// after it is stored but before its PUBACK, the broker resends it and it is recognised, so it
+/// is delivered once; after its delivery but before its result is stored, it is delivered
+/// again (at least once), and each gets one `delivered` result.
+#[test]
+fn a_crash_between_steps_repeats_only_the_interrupted_one() {
+    for (step, deliveries) in [("after_stash", 1), ("after_deliver", 2)] {
+        let mosq = Mosquitto::start("");
+        let gw_dir = tempfile::tempdir().unwrap();
+        let mut g = Gateway::configure(
+            gw_dir.path().to_path_buf(),
+            &format!(
+                r#"
+[ingest.mqtt]
+mode = "client"
+broker = "mqtt://127.0.0.1:{port}"
+topics = ["sensors/#"]
+[upstream]
+url = "mqtt://127.0.0.1:{port}"
+reconnect_max = "1s"
+[commands]
+enabled = true
+allow = ["actuators/#"]
+"#,
+                port = mosq.port
+            ),
+        );
+        let once = gw_dir.path().join("crash-once");
+        std::fs::write(&once, "").unwrap();
+        g.set_env("TIDEPOOL_FAULT_COMMANDS", step);
+        g.set_env("TIDEPOOL_FAULT_COMMANDS_ONCE", once.to_str().unwrap());
+        g.launch();
+        let (seen, _stop) = Seen::listen(
+            mosq.port,
+            &["tidepool/test-gw/commands/result", "actuators/#"],
+        );
+        wait_subscribed(&g);
+        send(
+            mosq.port,
+            "actuators/door",
+            &json!({"id": "x1", "payload": "OPEN"}),
+        );
+        let until = Instant::now() + Duration::from_secs(10);
+        while g.proc.running() {
+            assert!(Instant::now() < until, "{step}: no crash\n{}", g.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(g.log().contains("crashing on purpose"), "{}", g.log());
+        g.launch();
+        let r = seen.wait_result("x1", Duration::from_secs(15));
+        assert_eq!(r["status"], "delivered", "{step}: {r}");
+        std::thread::sleep(Duration::from_millis(500));
+        let got = seen
+            .local
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, p)| t == "actuators/door" && p == "OPEN")
+            .count();
+        assert_eq!(got, deliveries, "{step}: delivered {got} times");
+        if step == "after_stash" {
+            assert_eq!(
+                g.metric("tidepool_commands_total{status=\"duplicate\"}"),
+                Some(1.0),
+                "the resend is recognised"
+            );
+        }
+        g.proc.terminate(Duration::from_secs(10));
+    }
 }

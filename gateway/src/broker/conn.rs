@@ -788,7 +788,7 @@ fn publish_will(
                     ),
                     ack: Some(Box::new(move |taken| {
                         if taken == crate::ingest::Taken::Stored {
-                            s2.route(msg)
+                            s2.route(msg);
                         }
                     })),
                     dedup: None,
@@ -796,7 +796,9 @@ fn publish_will(
                 };
                 let _ = tx.send(incoming).await;
             }
-            _ => shared.route(msg),
+            _ => {
+                shared.route(msg);
+            }
         }
     };
     // MQTT 5 §3.1.3.2.2: sent when the delay or the session ends, whichever is first.

@@ -280,8 +280,9 @@ impl Broker {
         self.addr
     }
 
-    /// Publishes to local subscribers (rule `publish()`: QoS 1, not retained).
-    pub fn publish(&self, topic: &str, payload: Bytes, qos: Qos, retain: bool) {
+    /// Publishes to local subscribers (rule `publish()`: QoS 1, not retained); returns the
+    /// sessions it was queued to.
+    pub fn publish(&self, topic: &str, payload: Bytes, qos: Qos, retain: bool) -> usize {
         let msg = Message {
             topic: topic.into(),
             payload,
@@ -291,14 +292,14 @@ impl Broker {
             expires_at: None,
             from: None,
         };
-        self.shared.route(msg);
+        self.shared.route(msg)
     }
 }
 
 impl Shared {
     /// Routes a message to local subscribers, wakes their connections, notes a retained
-    /// change for the store.
-    fn route(&self, msg: Message) {
+    /// change for the store. Returns the sessions it was queued to.
+    fn route(&self, msg: Message) -> usize {
         let now = Instant::now();
         let (routed, stats) = {
             let mut r = self.router.lock().unwrap();
@@ -325,6 +326,7 @@ impl Shared {
                 }
             }
         }
+        routed.matched
     }
 
     /// Whether `topic` is ingested.

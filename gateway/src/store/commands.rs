@@ -33,6 +33,9 @@ pub struct CommandRow {
     pub target: String,
     /// What it carries, as the cloud sent it (JSON).
     pub payload: Vec<u8>,
+    /// Hash of the topic and the message it came in: a resend has the same, another command
+    /// that reuses the id does not.
+    pub hash: u64,
     /// How far it got.
     pub state: CommandState,
 }
@@ -65,7 +68,8 @@ pub enum CommandOp {
         /// The result JSON.
         result: Vec<u8>,
     },
-    /// The result is acknowledged upstream; forget `Done` rows older than `keep_ms`.
+    /// The result is acknowledged upstream; with `purge`, forget `Done` rows older than
+    /// `keep_ms` (and the oldest past [`MAX_DONE`]).
     Finish {
         /// The command's id.
         id: String,
@@ -73,6 +77,9 @@ pub enum CommandOp {
         now_ms: i64,
         /// How long a `Done` row is remembered.
         keep_ms: i64,
+        /// Look through the table for rows to forget (a scan: the commands task asks at most
+        /// once a minute).
+        purge: bool,
     },
 }
 
@@ -81,8 +88,8 @@ pub enum CommandOp {
 pub enum Applied {
     /// Stored (or updated).
     Written,
-    /// `Stash` of an id already stored: in this state.
-    Known(CommandState),
+    /// `Stash` of an id already stored: in this state, with this hash.
+    Known(CommandState, u64),
 }
 
 /// Decodes a row.
@@ -95,14 +102,16 @@ pub fn apply(txn: &WriteTransaction, op: &CommandOp) -> Result<Applied, StoreErr
     let mut t = txn.open_table(COMMANDS)?;
     match op {
         CommandOp::Stash { id, row } => {
-            if let Some(v) = t.get(id.as_str())? {
-                return Ok(Applied::Known(decode(v.value())?.state));
+            let known = t.get(id.as_str())?.map(|v| decode(v.value()));
+            // A row that cannot be read (a damaged page) is written over, not refused forever.
+            if let Some(Ok(k)) = known {
+                return Ok(Applied::Known(k.state, k.hash));
             }
             let bytes = postcard::to_stdvec(row).expect("a command row encodes");
             t.insert(id.as_str(), bytes.as_slice())?;
         }
         CommandOp::Resolve { id, result } => {
-            let row = t.get(id.as_str())?.map(|v| decode(v.value())).transpose()?;
+            let row = t.get(id.as_str())?.and_then(|v| decode(v.value()).ok());
             if let Some(mut row) = row {
                 if row.state == CommandState::Pending {
                     row.state = CommandState::Resolved(result.clone());
@@ -115,14 +124,21 @@ pub fn apply(txn: &WriteTransaction, op: &CommandOp) -> Result<Applied, StoreErr
             id,
             now_ms,
             keep_ms,
+            purge,
         } => {
-            let row = t.get(id.as_str())?.map(|v| decode(v.value())).transpose()?;
-            if let Some(mut row) = row {
+            let row = t.get(id.as_str())?.map(|v| decode(v.value()));
+            if let Some(Err(_)) = row {
+                t.remove(id.as_str())?;
+            }
+            if let Some(Ok(mut row)) = row {
                 // The payload is not needed to recognise a resend.
                 row.payload.clear();
                 row.state = CommandState::Done(*now_ms);
                 let bytes = postcard::to_stdvec(&row).expect("a command row encodes");
                 t.insert(id.as_str(), bytes.as_slice())?;
+            }
+            if !purge {
+                return Ok(Applied::Written);
             }
             let mut done: Vec<(i64, String)> = Vec::new();
             for r in t.iter()? {
@@ -195,6 +211,7 @@ mod tests {
             ts: None,
             target: "actuators/valve".into(),
             payload: b"\"OPEN\"".to_vec(),
+            hash: 7,
             state: CommandState::Pending,
         }
     }
@@ -208,7 +225,7 @@ mod tests {
             row: row(at),
         };
         assert_eq!(op(&db, stash(1)), Applied::Written);
-        assert_eq!(op(&db, stash(2)), Applied::Known(CommandState::Pending));
+        assert_eq!(op(&db, stash(2)), Applied::Known(CommandState::Pending, 7));
         assert_eq!(unfinished(&db).unwrap()[0].1.received_ms, 1);
         op(
             &db,
@@ -227,10 +244,14 @@ mod tests {
                 id: "c1".into(),
                 now_ms: 100,
                 keep_ms: 50,
+                purge: true,
             },
         );
         assert!(unfinished(&db).unwrap().is_empty());
-        assert_eq!(op(&db, stash(3)), Applied::Known(CommandState::Done(100)));
+        assert_eq!(
+            op(&db, stash(3)),
+            Applied::Known(CommandState::Done(100), 7)
+        );
         // A later finish forgets it once `keep` has passed.
         op(
             &db,
@@ -245,6 +266,7 @@ mod tests {
                 id: "c2".into(),
                 now_ms: 200,
                 keep_ms: 50,
+                purge: true,
             },
         );
         assert_eq!(op(&db, stash(5)), Applied::Written, "c1 was forgotten");

@@ -96,6 +96,9 @@ pub fn start(
                         while let Some(w) = write_rx.recv().await {
                             let (bytes, done) = match w {
                                 Write::Ack(seq) => (encode_ack(cobs, seq), None),
+                                // Its sender gave up waiting (and may try again): not written
+                                // late, so the device does not get it twice.
+                                Write::Out(o) if o.done.is_closed() => continue,
                                 Write::Out(o) => (o.bytes, Some(o.done)),
                             };
                             let r = wr.write_all(&bytes).await;
@@ -108,6 +111,7 @@ pub fn start(
                             }
                         }
                     });
+                    let mut writer = writer;
                     let acks = cfg.ack.then_some(AckTo {
                         port: &cfg.name,
                         conn,
@@ -134,6 +138,8 @@ pub fn start(
                                 continue;
                             }
                             _ = shutdown.wait() => { writer.abort(); return; }
+                            // A write failed: the port is gone; open it again.
+                            _ = &mut writer => break,
                         };
                         deframer.push(&buf[..n], &mut chunks);
                         for c in chunks.drain(..) {
