@@ -1105,6 +1105,7 @@ impl Forwarder {
             dead: self.dead_sent.clone(),
             acked: self.acked.clone(),
             filters: None,
+            sink: Some(store::sinks::UPSTREAM.into()),
         };
         let (p, lowest) = tokio::task::spawn_blocking(move || {
             let r = read_batch(
@@ -1213,6 +1214,9 @@ struct Skip {
     acked: BTreeMap<u64, u64>,
     /// A sink's topic filters: events on other topics are not its own.
     filters: Option<Vec<String>>,
+    /// The sink's name: the ranges the store counts as done for it are skipped too (the
+    /// commit loop marks a dead letter retried for another sink as done for this one).
+    sink: Option<String>,
 }
 
 impl Skip {
@@ -1251,6 +1255,26 @@ fn read_batch(
     let txn = db.begin_read()?;
     let events = txn.open_table(store::EVENTS)?;
     let lowest = events.first()?.map(|(k, _)| k.value());
+    let stored = match &skip.sink {
+        Some(name) => store::sinks::ranges_in(&txn, name)?,
+        None => BTreeMap::new(),
+    };
+    let merged;
+    let skip = if stored.is_empty() {
+        skip
+    } else {
+        let mut acked = skip.acked.clone();
+        for (from, to) in stored {
+            note_range(&mut acked, from, to);
+        }
+        merged = Skip {
+            dead: skip.dead.clone(),
+            acked,
+            filters: skip.filters.clone(),
+            sink: None,
+        };
+        &merged
+    };
     let mut out = Vec::new();
     let mut bytes = 0u64;
     let mut from = after.saturating_add(1);
@@ -1438,6 +1462,7 @@ mod tests {
             dead: BTreeSet::from([50]),
             acked: r,
             filters: None,
+            sink: None,
         };
         assert_eq!(skip.skip(1), Some(40));
         assert_eq!(skip.skip(40), Some(40));

@@ -285,6 +285,7 @@ impl HttpSink {
             dead: self.dead.clone(),
             acked: self.acked.clone(),
             filters: Some(self.cfg.topics.clone()),
+            sink: Some(self.cfg.name.clone()),
         };
         let after = self.cursor;
         let max_events = self.cfg.batch_max_events;

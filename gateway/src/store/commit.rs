@@ -365,7 +365,16 @@ impl CommitLoop {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .expect("no persistent savepoints are used");
-        let r = super::sinks::register(&txn, specs, self.next_id)?;
+        let mut r = super::sinks::register(&txn, specs, self.next_id)?;
+        {
+            // Remembered until the commit that sweeps: a crash before it must not forget it.
+            let mut meta = txn.open_table(META)?;
+            if r.sweep {
+                meta.insert(SWEEP_KEY, 1)?;
+            } else if meta.get(SWEEP_KEY)?.is_some() && !r.sinks.list.is_empty() {
+                r.sweep = true;
+            }
+        }
         txn.commit()?;
         drop(db);
         if r.sweep {
@@ -1256,6 +1265,7 @@ impl CommitLoop {
             }
             // Sinks changed (filters, one gone): what nobody owes any more goes.
             if self.pending_sweep {
+                meta.remove(SWEEP_KEY)?;
                 let mut gone = Vec::new();
                 for row in events.iter()? {
                     let (k, v) = row?;
@@ -1499,6 +1509,9 @@ const COMPACT_AGAIN: Duration = Duration::from_secs(600);
 
 /// The `rule` of a dead letter upstream could not take.
 pub const UPSTREAM_RULE: &str = "upstream";
+
+/// `meta` key: the sinks changed and what nobody owes is still to be swept.
+const SWEEP_KEY: &str = "sinks.sweep";
 
 /// The `rule` prefix of a dead letter a `[[sink]]` could not take: `sink:NAME`.
 pub const SINK_RULE_PREFIX: &str = "sink:";

@@ -101,6 +101,8 @@ pub mod schema;
 #[cfg(test)]
 pub mod simdisk;
 pub mod sinks;
+#[cfg(test)]
+mod sinks_model;
 pub mod space;
 pub mod wear;
 

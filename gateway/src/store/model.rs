@@ -91,7 +91,7 @@ pub(super) enum Act {
 /// The name the scripted stage writes state and dead letters under.
 pub(super) const RULE: &str = "scripted";
 
-type State = BTreeMap<(String, String), Vec<u8>>;
+pub(super) type State = BTreeMap<(String, String), Vec<u8>>;
 
 /// The stage: state committed and pending, as the Rhai stage keeps them; `seen` shows the
 /// committed state to the test.

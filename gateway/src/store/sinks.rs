@@ -268,6 +268,25 @@ pub fn prune(ranges: &mut BTreeMap<u64, u64>, lowest: u64) {
     ranges.retain(|_, to| *to >= lowest);
 }
 
+/// A sink's stored ranges, in a read transaction the caller holds (a forwarder's read).
+pub fn ranges_in(
+    txn: &redb::ReadTransaction,
+    name: &str,
+) -> Result<BTreeMap<u64, u64>, StoreError> {
+    let mut acked = BTreeMap::new();
+    match txn.open_table(SINK_ACKS) {
+        Ok(t) => {
+            for r in t.range((name, 0)..=(name, u64::MAX))? {
+                let (k, v) = r?;
+                acked.insert(k.value().1, v.value());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(acked)
+}
+
 /// A sink's start and acknowledged ranges as stored (for its forwarder at start-up).
 pub fn load<D: ReadableDatabase>(
     db: &D,
