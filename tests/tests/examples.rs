@@ -385,3 +385,94 @@ fn python_send_command() {
 fn node_send_command() {
     command_example("node", "examples/node/send_command.js");
 }
+
+/// The HTTP function example (Python, standard library) behind a gateway's `[[sink]]`: it
+/// checks the API key, decodes gzip, and prints each event once, across a `kill -9` of the
+/// gateway mid-load (repeated batches recognised by their Idempotency-Key).
+#[test]
+fn python_http_function_takes_every_batch_once() {
+    let bin = which("python3").expect("python3 is not installed");
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let child = Command::new(bin)
+        .arg(root().join("examples/python/http_function.py"))
+        .args(["--port", "0", "--api-key", "k-123"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("start the HTTP function");
+    let mut function = Proc {
+        child: Some(child),
+        name: "http_function.py".into(),
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    let port: u16 = loop {
+        let e = std::fs::read_to_string(&err).unwrap_or_default();
+        if let Some(p) = e.lines().find_map(|l| l.strip_prefix("listening ")) {
+            break p.trim().parse().unwrap();
+        }
+        assert!(Instant::now() < until, "the function did not start: {e}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut gw = Gateway::start(&format!(
+        "[[sink]]\nname = \"fn\"\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/ingest\"\nheaders = {{ \"X-Api-Key\" = \"k-123\" }}\ncompression = \"gzip\"\nbatch_max_wait = \"100ms\"\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\n"
+    ));
+    let printed = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    run_sim(gw.mqtt_port, 1_000, 0.0, &["--client-id", "first"]);
+    let acked_log = gw.dir.join("acked.log");
+    let mut sim = spawn_sim(
+        gw.mqtt_port,
+        2_000,
+        2_000.0,
+        &[
+            "--client-id",
+            "second",
+            "--acked-log",
+            acked_log.to_str().unwrap(),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    gw.proc.kill9();
+    gw.launch();
+    let until = Instant::now() + Duration::from_secs(10);
+    while sim.running() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sim.kill9();
+    let acked = kill_storm::acked_log(&acked_log);
+    let mut want: BTreeSet<(String, u64)> = (0..1_000).map(|n| ("mqtt:first".into(), n)).collect();
+    want.extend(acked.iter().map(|n| ("mqtt:second".to_string(), *n)));
+    let seen = |p: &[serde_json::Value]| -> BTreeSet<(String, u64)> {
+        p.iter()
+            .filter_map(|e| {
+                Some((
+                    e["source"].as_str()?.to_string(),
+                    e["payload"]["n"].as_u64()?,
+                ))
+            })
+            .collect()
+    };
+    let until = Instant::now() + WAIT;
+    while !want.is_subset(&seen(&printed())) {
+        assert!(
+            Instant::now() < until,
+            "missing {} events; stderr: {}",
+            want.difference(&seen(&printed())).count(),
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = printed();
+    let ids: BTreeSet<u64> = p.iter().filter_map(|e| e["id"].as_u64()).collect();
+    assert_eq!(ids.len(), p.len(), "an id was printed twice");
+    assert!(p.iter().all(|e| e["gateway"] == "test-gw"));
+    gw.proc.terminate(Duration::from_secs(10));
+    function.kill9();
+}
