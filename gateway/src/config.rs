@@ -807,7 +807,9 @@ impl Config {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            match line.filter(|&l| text.lines().nth(l - 1).is_some_and(holds_secret)) {
+            // A file with sink headers: any line may be one (`[sink.headers]` tables).
+            let headers = text.contains("headers");
+            match line.filter(|&l| headers || text.lines().nth(l - 1).is_some_and(holds_secret)) {
                 Some(l) => ConfigError {
                     origin: format!("{name}:{l}"),
                     what: format!(
@@ -1012,7 +1014,15 @@ impl Config {
             if !names.insert(s.name.clone()) {
                 return Err((key("name"), format!("`{}` is used by two sinks", s.name)));
             }
-            crate::forward::http::HttpUrl::parse(&s.url).map_err(|e| (key("url"), e))?;
+            // The message may quote the URL, whose query can hold a key (`?code=...`).
+            crate::forward::http::HttpUrl::parse(&s.url).map_err(|e| {
+                let e = if s.url.contains('?') {
+                    e.replace(&s.url, "<the url, not shown: its query may hold a key>")
+                } else {
+                    e
+                };
+                (key("url"), e)
+            })?;
             for (h, v) in &s.headers {
                 crate::forward::http::check_header(h, v)
                     .map_err(|e| (key("headers"), format!("`{h}`: {e}")))?;

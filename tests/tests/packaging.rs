@@ -18,11 +18,12 @@ fn dpkg_deb(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The most the stripped aarch64 `tidepool` may weigh: 7 MiB (6.5 MiB until the MQTT 5
+/// The most the stripped aarch64 `tidepool` may weigh: 7.25 MiB (7 MiB until commands from
+/// the cloud, HTTP sinks and the HTTP client took it to 7.07 MiB; 6.5 MiB until the MQTT 5
 /// upstream and gzip took it to 6.63 MiB; 6.26 MiB when the budget was first set). The aim is
 /// 6 MiB; README, "The release profile", says what takes the space, why it was raised and
 /// what the rest would cost. Lower it as cuts land; raise it only with a reason in the README.
-const ARM64_TIDEPOOL_BUDGET: u64 = 7 * 1024 * 1024;
+const ARM64_TIDEPOOL_BUDGET: u64 = 7 * 1024 * 1024 + 256 * 1024;
 
 /// ELF `e_machine` values of the Pi's two architectures.
 const EM_ARM: u16 = 0x28;

@@ -46,6 +46,7 @@ fn an_http_sink_retries_honours_retry_after_dead_letters_4xx_and_loses_nothing()
             "slow down".into(),
         ),
         2 => (400, vec![], "bad batch: field x".into()),
+        3 => (401, vec![], "who are you".into()),
         _ => (200, vec![], "ok".into()),
     });
     let mut g = Gateway::start(&format!(
@@ -56,6 +57,7 @@ kind = "http"
 url = "{}"
 headers = {{ "X-Api-Key" = "s3cret-key" }}
 batch_max_events = 50
+batch_max_bytes = "4KiB"
 batch_max_wait = "100ms"
 reconnect_min = "100ms"
 reconnect_max = "500ms"
@@ -84,7 +86,7 @@ compression = "gzip"
         (c.body.clone(), c.body.clone())
     );
     let ids = a.ids();
-    assert_eq!(key, format!("test-gw-{}-{}", ids[0], ids[ids.len() - 1]));
+    assert_eq!(key, format!("test-gw-fn-{}-{}", ids[0], ids[ids.len() - 1]));
     assert!(
         c.at.duration_since(b.at) >= Duration::from_millis(950),
         "Retry-After: 1 honoured"
@@ -109,6 +111,14 @@ compression = "gzip"
     assert!(
         err.contains("HTTP 400") && err.contains("bad batch"),
         "{err}"
+    );
+    // The 401 after it was kept and counted, the batch sent again with its key.
+    let d = &p[3];
+    assert_eq!(d.status, 401);
+    assert_eq!(p[4].header("idempotency-key"), d.header("idempotency-key"));
+    assert_eq!(
+        g.metric("tidepool_sink_failures_total{sink=\"fn\",reason=\"credentials\"}"),
+        Some(1.0)
     );
     let status = g.status();
     let sink = &status["sinks"][0];

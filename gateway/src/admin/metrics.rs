@@ -280,7 +280,8 @@ pub struct SinkInfo {
     pub topics: Vec<String>,
     /// Its headers, values redacted.
     pub headers: Vec<(String, String)>,
-    /// `idle`, `posting`, `delivering`, `retrying`, `credentials refused`, `unreachable`.
+    /// `idle`, `posting`, `delivering`, `retrying`, `credentials refused`, `redirected`,
+    /// `unreachable`.
     pub state: String,
     /// The last answer was a status (not a failure to connect), credentials not refused.
     pub up: bool,
@@ -294,8 +295,8 @@ pub struct SinkInfo {
     pub batches: u64,
     /// Events sent to the dead-letter queue.
     pub dead_lettered: u64,
-    /// Failed posts by kind: `retry` (408, 429, 5xx), `credentials` (401, 403), `rejected`
-    /// (other 4xx: dead-lettered), `unreachable` (connect, TLS, timeout).
+    /// Failed posts by kind: `retry` (408, 429, 5xx), `credentials` (401, 403), `redirect`
+    /// (3xx), `rejected` (other 4xx: dead-lettered), `unreachable` (connect, TLS, timeout).
     pub failures: BTreeMap<&'static str, u64>,
 }
 
@@ -304,36 +305,47 @@ impl SinkInfo {
         if sinks.is_empty() {
             return;
         }
+        let mut series = |name: &str, kind: &str, help: &str, value: &dyn Fn(&SinkInfo) -> u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in sinks {
+                let _ = writeln!(
+                    o,
+                    "{name}{{sink=\"{}\"}} {}",
+                    escape_label(&s.name),
+                    value(s)
+                );
+            }
+        };
+        series(
+            "tidepool_sink_forwarded_events_total",
+            "counter",
+            "Events a [[sink]] acknowledged (2xx).",
+            &|s| s.events,
+        );
+        series(
+            "tidepool_sink_dead_lettered_total",
+            "counter",
+            "Events a [[sink]] refused for good (4xx), now in the dead-letter queue.",
+            &|s| s.dead_lettered,
+        );
+        series(
+            "tidepool_sink_up",
+            "gauge",
+            "1 while a [[sink]]'s last post got an answer that is neither a refusal of its credentials nor a redirect.",
+            &|s| u64::from(s.up),
+        );
         let _ = writeln!(
             o,
-            "# HELP tidepool_sink_forwarded_events_total Events a [[sink]] acknowledged (2xx).\n# TYPE tidepool_sink_forwarded_events_total counter"
+            "# HELP tidepool_sink_failures_total Posts that failed, by reason: retry (408, 429, 5xx), credentials (401, 403), redirect (3xx), rejected (other 4xx), unreachable (connect, TLS, timeout).\n# TYPE tidepool_sink_failures_total counter"
         );
         for s in sinks {
-            let _ = writeln!(
-                o,
-                "tidepool_sink_forwarded_events_total{{sink=\"{}\"}} {}",
-                escape_label(&s.name),
-                s.events
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP tidepool_sink_dead_lettered_total Events a [[sink]] refused for good (4xx), now in the dead-letter queue.\n# TYPE tidepool_sink_dead_lettered_total counter"
-        );
-        for s in sinks {
-            let _ = writeln!(
-                o,
-                "tidepool_sink_dead_lettered_total{{sink=\"{}\"}} {}",
-                escape_label(&s.name),
-                s.dead_lettered
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP tidepool_sink_failures_total Posts that failed, by reason: retry (408, 429, 5xx), credentials (401, 403), rejected (other 4xx), unreachable (connect, TLS, timeout).\n# TYPE tidepool_sink_failures_total counter"
-        );
-        for s in sinks {
-            for reason in ["retry", "credentials", "rejected", "unreachable"] {
+            for reason in [
+                "retry",
+                "credentials",
+                "redirect",
+                "rejected",
+                "unreachable",
+            ] {
                 let _ = writeln!(
                     o,
                     "tidepool_sink_failures_total{{sink=\"{}\",reason=\"{reason}\"}} {}",
@@ -341,18 +353,6 @@ impl SinkInfo {
                     s.failures.get(reason).copied().unwrap_or(0)
                 );
             }
-        }
-        let _ = writeln!(
-            o,
-            "# HELP tidepool_sink_up 1 while a [[sink]]'s last post got an answer that is not a refusal of its credentials.\n# TYPE tidepool_sink_up gauge"
-        );
-        for s in sinks {
-            let _ = writeln!(
-                o,
-                "tidepool_sink_up{{sink=\"{}\"}} {}",
-                escape_label(&s.name),
-                u8::from(s.up)
-            );
         }
     }
 

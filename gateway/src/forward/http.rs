@@ -298,8 +298,10 @@ pub enum Outcome {
     Retry,
     /// 401, 403: the API key or certificate is refused; kept and retried, shown in `status`.
     Credentials,
-    /// The server will never take this batch (any other 4xx, and every 3xx: redirects are
-    /// not followed, so a moved endpoint must be fixed in the sink's url); dead-lettered.
+    /// 3xx: the endpoint moved (redirects are not followed: the sink's url must be fixed);
+    /// kept and retried like refused credentials, shown in `status`.
+    Redirect,
+    /// The server will never take this batch (any other 4xx); dead-lettered.
     Reject,
 }
 
@@ -310,7 +312,8 @@ pub fn classify(status: u16) -> Outcome {
         200..=299 => Outcome::Delivered,
         401 | 403 => Outcome::Credentials,
         408 | 429 | 500..=599 => Outcome::Retry,
-        300..=499 => Outcome::Reject,
+        300..=399 => Outcome::Redirect,
+        400..=499 => Outcome::Reject,
         _ => Outcome::Retry,
     }
 }
@@ -1440,9 +1443,9 @@ mod tests {
             (201, Delivered),
             (204, Delivered),
             (299, Delivered),
-            (301, Reject),
-            (307, Reject),
-            (308, Reject),
+            (301, Redirect),
+            (307, Redirect),
+            (308, Redirect),
             (400, Reject),
             (404, Reject),
             (413, Reject),

@@ -1239,6 +1239,8 @@ struct Read {
     events: Vec<crate::event::Event>,
     more: bool,
     lowest: Option<u64>,
+    /// The highest id looked at (a sink's cursor may move past what it does not take).
+    scanned: u64,
 }
 
 /// Up to `max_events` events with `after` < id <= `upper` (passing over `skip`), stopping
@@ -1278,11 +1280,13 @@ fn read_batch(
     let mut out = Vec::new();
     let mut bytes = 0u64;
     let mut from = after.saturating_add(1);
+    let mut scanned = after;
     'ranges: while from <= upper {
         for row in events.range(from..=upper)? {
             let (k, v) = row?;
             let id = k.value();
             if let Some(end) = skip.skip(id) {
+                scanned = scanned.max(id);
                 if end > id {
                     // A whole acknowledged range: jump past it.
                     from = end.saturating_add(1);
@@ -1300,6 +1304,7 @@ fn read_batch(
                     .iter()
                     .any(|f| crate::broker::router::matches(f, &e.topic))
                 {
+                    scanned = id;
                     continue;
                 }
             }
@@ -1308,9 +1313,11 @@ fn read_batch(
                     events: out,
                     more: true,
                     lowest,
+                    scanned,
                 });
             }
             bytes += len;
+            scanned = id;
             out.push(e);
         }
         break;
@@ -1319,6 +1326,7 @@ fn read_batch(
         events: out,
         more: false,
         lowest,
+        scanned,
     })
 }
 

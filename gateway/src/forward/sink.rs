@@ -157,14 +157,14 @@ impl HttpSink {
         self.info(|i| i.state = "idle".into());
         let mut held: Option<Ready> = None;
         while !self.shutdown.is_set() {
-            let ready = match held.take() {
-                Some(r) => r,
+            let (ready, again) = match held.take() {
+                Some(r) => (r, true),
                 None => match self.next_ready().await {
-                    Some(r) => r,
+                    Some(r) => (r, false),
                     None => continue,
                 },
             };
-            if ready.backlog && self.cfg.drain_rate != DrainRate::Unlimited {
+            if !again && ready.backlog && self.cfg.drain_rate != DrainRate::Unlimited {
                 let now = Instant::now();
                 if self.next_at > now {
                     let mut sd = self.shutdown.clone();
@@ -297,9 +297,10 @@ impl HttpSink {
         let r = tokio::task::spawn_blocking(move || {
             let r = read_batch(&*db.db()?, after, u64::MAX, max_events, max_bytes, &skip)?;
             if r.events.is_empty() {
-                return Ok((None, r.lowest));
+                return Ok((None, r.lowest, r.scanned));
             }
-            let backlog = r.events.last().is_some_and(|e| e.id <= top);
+            // A batch that starts in the backlog is backlog.
+            let backlog = r.events.first().is_some_and(|e| e.id <= top);
             let limits = Limits {
                 encoding,
                 topic_len: 0,
@@ -309,11 +310,21 @@ impl HttpSink {
             };
             let guard = SizeGuard::new(usize::MAX / 4);
             let p = limits::plan(&gateway, batch, &r.events, r.more, limits, &guard);
-            Ok::<_, store::StoreError>((Some((p, r.events, backlog)), r.lowest))
+            // Only what the batch holds (the plan may stop before the read did).
+            let events: Vec<_> = r
+                .events
+                .into_iter()
+                .filter(|e| e.id <= p.upto && !p.dead.iter().any(|(d, _)| *d == e.id))
+                .collect();
+            Ok::<_, store::StoreError>((Some((p, events, backlog)), r.lowest, r.scanned))
         })
         .await
         .expect("sink reader panicked")?;
-        let (p, lowest) = r;
+        let (p, lowest, scanned) = r;
+        if p.is_none() {
+            // Nothing it takes up to there: the next read starts after it.
+            self.cursor = self.cursor.max(scanned);
+        }
         let lowest = lowest.unwrap_or(u64::MAX);
         self.dead = self.dead.split_off(&lowest);
         self.acked.retain(|_, to| *to >= lowest);
@@ -351,7 +362,7 @@ impl HttpSink {
             ("Content-Type".to_string(), content_type.to_string()),
             (
                 "Idempotency-Key".to_string(),
-                idempotency_key(&self.gateway, r.first_id, r.last_id),
+                idempotency_key(&self.gateway, &self.cfg.name, r.first_id, r.last_id),
             ),
             ("X-Tidepool-Gateway".to_string(), self.gateway.clone()),
             ("X-Tidepool-Batch".to_string(), r.batch.to_string()),
@@ -418,27 +429,26 @@ impl HttpSink {
                     self.failures = self.failures.saturating_add(1);
                     let wait =
                         backoff(self.failures, &self.cfg).max(resp.retry_after.unwrap_or_default());
-                    let (what, state) = if outcome == Outcome::Credentials {
-                        ("credentials", "credentials refused")
-                    } else {
-                        ("retry", "retrying")
+                    let (what, state, hint) = match outcome {
+                        Outcome::Credentials => (
+                            "credentials",
+                            "credentials refused",
+                            " (check the sink's headers or certificate)",
+                        ),
+                        Outcome::Redirect => (
+                            "redirect",
+                            "redirected",
+                            " (redirects are not followed: fix the sink's url)",
+                        ),
+                        _ => ("retry", "retrying", ""),
                     };
-                    let why = format!(
-                        "HTTP {}{}: {}",
-                        resp.status,
-                        if outcome == Outcome::Credentials {
-                            " (check the sink's headers or certificate)"
-                        } else {
-                            ""
-                        },
-                        resp.excerpt.trim()
-                    );
+                    let why = format!("HTTP {}{hint}: {}", resp.status, resp.excerpt.trim());
                     if self.failures == 1 {
                         warn!(sink = %self.cfg.name, status = resp.status, retry_in_ms = wait.as_millis() as u64, "sink: batch not taken; kept and sent again");
                     }
                     let status = resp.status;
                     self.info(|i| {
-                        i.up = outcome != Outcome::Credentials;
+                        i.up = outcome == Outcome::Retry;
                         i.state = state.into();
                         i.last_status = Some(status);
                         *i.failures.entry(what).or_default() += 1;
@@ -466,10 +476,11 @@ impl HttpSink {
     }
 }
 
-/// The `Idempotency-Key` of the batch of events `first..=last` of `gateway`: the same for the
-/// same events, across retries and restarts.
-pub fn idempotency_key(gateway: &str, first: u64, last: u64) -> String {
-    format!("{gateway}-{first}-{last}")
+/// The `Idempotency-Key` of the batch of events `first..=last` of `gateway` to `sink`: the
+/// same for the same events, across retries and restarts; two sinks posting to one endpoint
+/// never share one.
+pub fn idempotency_key(gateway: &str, sink: &str, first: u64, last: u64) -> String {
+    format!("{gateway}-{sink}-{first}-{last}")
 }
 
 /// The content type of a sink's body.
@@ -483,8 +494,18 @@ mod tests {
 
     #[test]
     fn the_idempotency_key_is_the_gateway_and_the_id_range() {
-        assert_eq!(idempotency_key("pi-1", 1001, 1500), "pi-1-1001-1500");
-        assert_ne!(idempotency_key("pi-1", 1, 2), idempotency_key("pi-1", 1, 3));
+        assert_eq!(
+            idempotency_key("pi-1", "fn", 1001, 1500),
+            "pi-1-fn-1001-1500"
+        );
+        assert_ne!(
+            idempotency_key("pi-1", "fn", 1, 2),
+            idempotency_key("pi-1", "fn", 1, 3)
+        );
+        assert_ne!(
+            idempotency_key("pi-1", "fn", 1, 2),
+            idempotency_key("pi-1", "g", 1, 2)
+        );
         assert_eq!(
             content_type(Encoding::Json),
             "application/vnd.tidepool.batch+json"

@@ -424,15 +424,20 @@ impl CommitLoop {
                 .map(|(id, d)| {
                     let mut e = d.event.clone();
                     e.id = 0;
-                    let to = if d.rule == UPSTREAM_RULE {
-                        To::Sink(e, sinks.index(super::sinks::UPSTREAM))
-                    } else if let Some(name) = d.rule.strip_prefix(SINK_RULE_PREFIX) {
-                        match sinks.index(name) {
-                            Some(i) => To::Sink(e, Some(i)),
-                            None => To::Stay,
-                        }
+                    // Back to its sink, if that sink is still configured and takes it; with
+                    // no sinks at all it waits in the buffer, as everything does.
+                    let sink = if d.rule == UPSTREAM_RULE {
+                        Some(super::sinks::UPSTREAM)
                     } else {
-                        To::Rules(e)
+                        d.rule.strip_prefix(SINK_RULE_PREFIX)
+                    };
+                    let to = match sink {
+                        None => To::Rules(e),
+                        Some(_) if sinks.list.is_empty() => To::Sink(e, None),
+                        Some(name) => match sinks.index(name) {
+                            Some(i) if sinks.list[i].spec.takes(&e.topic) => To::Sink(e, Some(i)),
+                            _ => To::Stay,
+                        },
                     };
                     (id, to)
                 })
@@ -1086,18 +1091,32 @@ impl CommitLoop {
             }
         }
         if r.upstream_dead_lettered > 0 {
-            m.upstream_sizes
-                .dead_lettered
-                .fetch_add(r.upstream_dead_lettered, Relaxed);
+            // One line per sink and reason (a refused batch is many events).
+            let mut by: BTreeMap<(String, &str), (u64, u64, u64)> = BTreeMap::new();
             for (sink, id, reason) in &plan_upstream_dead {
                 let sink = self
                     .sinks
                     .list
                     .get(*sink)
                     .map_or(super::sinks::UPSTREAM, |s| s.spec.name.as_str());
+                let e = by
+                    .entry((sink.to_string(), reason.as_str()))
+                    .or_insert((0, *id, *id));
+                e.0 += 1;
+                e.1 = e.1.min(*id);
+                e.2 = e.2.max(*id);
+            }
+            for ((sink, reason), (n, first, last)) in by {
+                if sink == super::sinks::UPSTREAM {
+                    m.upstream_sizes.dead_lettered.fetch_add(n, Relaxed);
+                }
                 warn!(
-                    id,
-                    reason, sink, "event dead-lettered: the sink cannot take it"
+                    sink,
+                    events = n,
+                    first_id = first,
+                    last_id = last,
+                    reason,
+                    "events dead-lettered: the sink cannot take them"
                 );
             }
         }
@@ -1225,17 +1244,31 @@ impl CommitLoop {
                     }
                 } else if a.sink < t.sinks.list.len() {
                     let s = &mut t.sinks.list[a.sink];
-                    t.ranges_before
-                        .entry(a.sink)
-                        .or_insert_with(|| s.acked.clone());
+                    let had = s.acked.clone();
+                    t.ranges_before.entry(a.sink).or_insert_with(|| had.clone());
                     super::sinks::note_range(&mut s.acked, a.from, a.up_to);
+                    // Only what this sink had not acknowledged yet can change hands: what it
+                    // had is passed over a range at a time.
                     let mut done = Vec::new();
-                    for row in events.range(a.from..=a.up_to)? {
-                        let (k, v) = row?;
-                        let e = super::decode(k.value(), v.value())?;
-                        if !t.sinks.owed_by_other(a.sink, e.id, &e.topic) {
-                            done.push((e.id, v.value().len()));
+                    let mut from = a.from;
+                    'ranges: while from <= a.up_to {
+                        for row in events.range(from..=a.up_to)? {
+                            let (k, v) = row?;
+                            let id = k.value();
+                            let skip = had.range(..=id).next_back().map(|(_, to)| *to);
+                            if let Some(to) = skip.filter(|to| *to >= id) {
+                                if to >= a.up_to {
+                                    break 'ranges;
+                                }
+                                from = to + 1;
+                                continue 'ranges;
+                            }
+                            let e = super::decode(id, v.value())?;
+                            if !t.sinks.owed_by_other(a.sink, e.id, &e.topic) {
+                                done.push((e.id, v.value().len()));
+                            }
                         }
+                        break;
                     }
                     for (id, len) in done {
                         events.remove(id)?;
@@ -1271,14 +1304,24 @@ impl CommitLoop {
                     let (k, v) = row?;
                     let e = super::decode(k.value(), v.value())?;
                     if !t.sinks.owed(e.id, &e.topic) {
-                        gone.push((e.id, v.value().len()));
+                        // Delivered to a remaining sink that takes it, or dropped.
+                        let delivered = t
+                            .sinks
+                            .list
+                            .iter()
+                            .any(|s| e.id >= s.start && s.spec.takes(&e.topic));
+                        gone.push((e.id, v.value().len(), delivered));
                     }
                 }
-                for (id, len) in gone {
+                for (id, len, delivered) in gone {
                     events.remove(id)?;
                     t.bytes = t.bytes.saturating_sub(row_size(len));
                     t.backlog = t.backlog.saturating_sub(1);
-                    report.dropped_no_sink += 1;
+                    if delivered {
+                        report.acked += 1;
+                    } else {
+                        report.dropped_no_sink += 1;
+                    }
                 }
             }
             // On a full disk, room first.

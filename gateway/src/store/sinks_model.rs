@@ -34,10 +34,13 @@ fn config(c: u8) -> Vec<SinkSpec> {
         name: "x".into(),
         filters: vec!["a/#".into(), "b/1/#".into()],
     };
-    match c % 3 {
+    match c % 5 {
         0 => vec![SinkSpec::all(sinks::UPSTREAM), fnk],
         1 => vec![SinkSpec::all(sinks::UPSTREAM), fnk, x],
-        _ => vec![fnk, x],
+        2 => vec![fnk, x],
+        // One sink: its acknowledgements delete outright, no ranges are kept.
+        3 => vec![SinkSpec::all(sinks::UPSTREAM)],
+        _ => vec![fnk],
     }
 }
 
@@ -92,6 +95,36 @@ impl Model {
         self.sinks.iter().any(|s| s.owes(id, topic))
     }
 
+    fn multi(&self) -> bool {
+        self.sinks.len() > 1
+    }
+
+    /// Sink `s` acknowledged `from..=to`.
+    fn ack(&mut self, s: usize, from: u64, to: u64) {
+        if self.multi() {
+            // What it had acknowledged before changes hands no more (the store passes over it).
+            let had = self.sinks[s].acked.clone();
+            note_range(&mut self.sinks[s].acked, from, to);
+            let gone: Vec<u64> = self
+                .rows
+                .range(from..=to)
+                .filter(
+                    |(id, _)| !matches!(had.range(..=**id).next_back(), Some((_, &t)) if t >= **id),
+                )
+                .filter(|(id, t)| !self.owed(**id, t))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                self.rows.remove(&id);
+            }
+        } else {
+            let gone: Vec<u64> = self.rows.range(from..=to).map(|(id, _)| *id).collect();
+            for id in gone {
+                self.rows.remove(&id);
+            }
+        }
+    }
+
     fn rule(&self, i: usize) -> String {
         match self.sinks[i].spec.name.as_str() {
             sinks::UPSTREAM => commit::UPSTREAM_RULE.into(),
@@ -109,14 +142,19 @@ impl Model {
                 .map(|(id, _)| *id)
                 .collect();
             for id in gone {
-                self.rows.remove(&id);
-                self.no_sink += 1;
+                let t = self.rows.remove(&id).unwrap();
+                // Delivered to a remaining sink that takes it, or dropped.
+                if !self.sinks.iter().any(|s| id >= s.start && s.spec.takes(&t)) {
+                    self.no_sink += 1;
+                }
             }
             self.sweep = false;
         }
-        let lowest = self.rows.keys().next().copied().unwrap_or(self.next_id);
-        for s in &mut self.sinks {
-            sinks::prune(&mut s.acked, lowest);
+        if self.multi() {
+            let lowest = self.rows.keys().next().copied().unwrap_or(self.next_id);
+            for s in &mut self.sinks {
+                sinks::prune(&mut s.acked, lowest);
+            }
         }
     }
 
@@ -316,6 +354,12 @@ struct Run {
     rng: fastrand::Rng,
     /// What the next cut keeps of the unsynced writes, and whether one is torn.
     cut: (Keep, bool),
+    /// Independent of the model: per sink name, the ids it acknowledged or dead-lettered in
+    /// commits that took effect, and the ids it never owed (retried for another sink).
+    got_by: BTreeMap<String, std::collections::BTreeSet<u64>>,
+    exempt: BTreeMap<String, std::collections::BTreeSet<u64>>,
+    /// The real store's rows after the last step.
+    last_rows: BTreeMap<u64, String>,
 }
 
 fn topic(kind: u8, n: u64) -> String {
@@ -341,12 +385,12 @@ impl Run {
             no_sink: 0,
             sweep: false,
         };
-        // The first sinks get the (empty) buffer: start 0.
+        // The first time: `upstream` starts at 0, the others at the next id (1, a new store).
         m.sinks = specs
             .iter()
             .map(|s| MSink {
                 spec: s.clone(),
-                start: 0,
+                start: u64::from(s.name != sinks::UPSTREAM),
                 acked: BTreeMap::new(),
             })
             .collect();
@@ -360,6 +404,9 @@ impl Run {
             batch: 0,
             rng: fastrand::Rng::with_seed(seed),
             cut: (Keep::Nothing, false),
+            got_by: BTreeMap::new(),
+            exempt: BTreeMap::new(),
+            last_rows: BTreeMap::new(),
         };
         r.fresh_views();
         r
@@ -389,11 +436,40 @@ impl Run {
             .collect();
     }
 
-    fn check(&self, at: &str) {
-        assert_eq!(self.real.seen(&self.names()), seen_of(&self.m), "at {at}");
+    fn check(&mut self, at: &str) {
+        let seen = self.real.seen(&self.names());
+        assert_eq!(seen, seen_of(&self.m), "at {at}");
+        // Whatever left the store left it with every sink that takes it done with it.
+        for (id, topic) in &self.last_rows {
+            if seen.rows.contains_key(id) {
+                continue;
+            }
+            for s in &self.m.sinks {
+                let name = &s.spec.name;
+                if *id < s.start || !s.spec.takes(topic) {
+                    continue;
+                }
+                let done = self.got_by.get(name).is_some_and(|g| g.contains(id))
+                    || self.exempt.get(name).is_some_and(|g| g.contains(id));
+                assert!(
+                    done,
+                    "{id} ({topic}) left the store before sink {name} had it, at {at}"
+                );
+            }
+        }
+        self.last_rows = seen.rows;
+    }
+
+    fn got(&mut self, sink: usize, ids: &[u64]) {
+        let name = self.m.sinks[sink].spec.name.clone();
+        self.got_by
+            .entry(name)
+            .or_default()
+            .extend(ids.iter().copied());
     }
 
     /// The real commit of `plan` and the model's `f`; a cut during it is recovered.
+    /// Whether the commit took effect (returned, or survived the cut).
     fn commit(&mut self, plan: Plan, f: impl FnOnce(&mut Model), at: &str) -> bool {
         let before = self.m.clone();
         let mut after = self.m.clone();
@@ -409,13 +485,13 @@ impl Run {
                     self.disk.is_down(),
                     "a commit failed by itself: {e} at {at}"
                 );
-                self.recover(before, Some(after), at);
-                false
+                self.recover(before, Some(after), at)
             }
         }
     }
 
-    fn recover(&mut self, before: Model, after: Option<Model>, at: &str) {
+    /// Whether the store came back with the commit in flight made.
+    fn recover(&mut self, before: Model, after: Option<Model>, at: &str) -> bool {
         self.disk.disarm();
         let (keep, tear) = self.cut;
         self.disk.restore(keep, tear, &mut self.rng);
@@ -431,6 +507,7 @@ impl Run {
         self.real = Real::open(&self.disk, &specs);
         let names = self.names();
         let got = self.real.seen(&names);
+        let made = after.is_some() && got != seen_of(&before);
         self.m = match after {
             Some(a) if got != seen_of(&before) => {
                 assert_eq!(
@@ -450,6 +527,7 @@ impl Run {
             }
         };
         self.fresh_views();
+        made
     }
 
     fn step(&mut self, step: &Step, at: &str) {
@@ -547,7 +625,7 @@ impl Run {
                     return;
                 }
                 let i = i % self.views[s].inflight.len();
-                let (from, to, _) = self.views[s].inflight.remove(i);
+                let (from, to, ids) = self.views[s].inflight.remove(i);
                 note_range(&mut self.views[s].skip, from, to);
                 self.batch += 1;
                 let plan = Plan {
@@ -559,14 +637,9 @@ impl Run {
                     }],
                     ..Plan::default()
                 };
-                self.commit(
-                    plan,
-                    |m| {
-                        note_range(&mut m.sinks[s].acked, from, to);
-                        m.delete_unowed(from, to);
-                    },
-                    at,
-                );
+                if self.commit(plan, |m| m.ack(s, from, to), at) {
+                    self.got(s, &ids);
+                }
             }
             Step::Dead(s, i) => {
                 let s = s % k;
@@ -581,17 +654,24 @@ impl Run {
                     ..Plan::default()
                 };
                 let rule = self.m.rule(s);
-                self.commit(
+                let made = self.commit(
                     plan,
                     |m| {
                         if let Some(t) = m.rows.get(&id).cloned() {
                             m.dlq.push((rule, t));
-                            note_range(&mut m.sinks[s].acked, id, id);
-                            m.delete_unowed(id, id);
+                            if m.multi() {
+                                note_range(&mut m.sinks[s].acked, id, id);
+                                m.delete_unowed(id, id);
+                            } else {
+                                m.rows.remove(&id);
+                            }
                         }
                     },
                     at,
                 );
+                if made {
+                    self.got(s, &[id]);
+                }
             }
             Step::Reconnect(s) => {
                 let v = &mut self.views[s % k];
@@ -602,30 +682,29 @@ impl Run {
                 let before = self.m.clone();
                 let mut after = self.m.clone();
                 let mut stay = Vec::new();
+                let mut targets = Vec::new();
                 for (rule, t) in std::mem::take(&mut after.dlq) {
-                    let only = if rule == commit::UPSTREAM_RULE {
-                        Some(
-                            after
-                                .sinks
-                                .iter()
-                                .position(|x| x.spec.name == sinks::UPSTREAM),
-                        )
+                    let name = if rule == commit::UPSTREAM_RULE {
+                        sinks::UPSTREAM
                     } else {
-                        let name = rule.strip_prefix(commit::SINK_RULE_PREFIX).unwrap();
-                        after
-                            .sinks
-                            .iter()
-                            .position(|x| x.spec.name == name)
-                            .map(Some)
+                        rule.strip_prefix(commit::SINK_RULE_PREFIX).unwrap()
                     };
-                    let Some(only) = only else {
+                    // Back to its sink only if that sink is here and takes it.
+                    let Some(only) = after
+                        .sinks
+                        .iter()
+                        .position(|x| x.spec.name == name && x.spec.takes(&t))
+                    else {
                         stay.push((rule, t));
                         continue;
                     };
-                    if let (Some(id), Some(only)) = (after.append(t), only) {
-                        for (j, x) in after.sinks.iter_mut().enumerate() {
-                            if j != only {
-                                note_range(&mut x.acked, id, id);
+                    if let Some(id) = after.append(t) {
+                        targets.push((id, only));
+                        if after.multi() {
+                            for (j, x) in after.sinks.iter_mut().enumerate() {
+                                if j != only {
+                                    note_range(&mut x.acked, id, id);
+                                }
                             }
                         }
                     }
@@ -633,7 +712,7 @@ impl Run {
                 after.dlq = stay;
                 let had = !before.dlq.is_empty();
                 after.finish_commit();
-                match self
+                let made = match self
                     .real
                     .lp
                     .retry_dead_letters(&commit::DlqRequest::default())
@@ -642,10 +721,24 @@ impl Run {
                         if had {
                             self.m = after;
                         }
+                        had
                     }
                     Err(e) => {
                         assert!(self.disk.is_down(), "a retry failed by itself: {e} at {at}");
-                        self.recover(before, had.then_some(after), at);
+                        self.recover(before, had.then_some(after), at)
+                    }
+                };
+                if made {
+                    // A letter retried for one sink was never the others' to deliver.
+                    for (id, only) in targets {
+                        for (j, x) in self.m.sinks.iter().enumerate() {
+                            if j != only {
+                                self.exempt
+                                    .entry(x.spec.name.clone())
+                                    .or_default()
+                                    .insert(id);
+                            }
+                        }
                     }
                 }
             }
@@ -673,7 +766,7 @@ impl Run {
                     // The cut came after the step's commit (or it wrote nothing): the power
                     // goes now, with the step done.
                     let m = self.m.clone();
-                    self.recover(m, None, at);
+                    let _ = self.recover(m, None, at);
                 } else {
                     self.disk.disarm();
                 }
@@ -694,7 +787,7 @@ fn step() -> impl Strategy<Value = Step> {
         10 => commits.clone(),
         4 => (0usize..3, 1usize..5).prop_map(|(s, n)| Step::Read(s, n)),
         1 => (0usize..3).prop_map(Step::Reconnect),
-        1 => (0u8..3).prop_map(Step::Restart),
+        1 => (0u8..5).prop_map(Step::Restart),
         2 => (
             commits,
             1u64..40,
