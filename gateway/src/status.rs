@@ -212,6 +212,26 @@ pub fn render(v: &Value) -> String {
             up["last_rejection"].as_str().unwrap_or("")
         );
     }
+    for sk in v["sinks"].as_array().into_iter().flatten() {
+        if sk["name"] == crate::store::sinks::UPSTREAM {
+            continue; // the upstream lines above
+        }
+        let err = sk["last_error"].as_str().unwrap_or("");
+        let _ = writeln!(
+            o,
+            "sink      {} ({}): {}, {} forwarded, {} dead-lettered{}",
+            sk["name"].as_str().unwrap_or("?"),
+            sk["kind"].as_str().unwrap_or("?"),
+            sk["state"].as_str().unwrap_or("?"),
+            sk["forwarded"],
+            sk["dead_lettered"],
+            if err.is_empty() {
+                String::new()
+            } else {
+                format!(" — {err}")
+            }
+        );
+    }
     if let Some(c) = v["commands"].as_object() {
         let results: Vec<String> = c["results"]
             .as_object()

@@ -129,6 +129,8 @@ compression = "gzip"
         "{sink}"
     );
     assert!(!status.to_string().contains("s3cret-key"));
+    let text = String::from_utf8_lossy(&g.cli(&["status"]).stdout).to_string();
+    assert!(text.contains("sink      fn (http)"), "{text}");
     assert!(!g.log().contains("s3cret-key"));
     assert!(g.wait_metric("tidepool_backlog_events", 0.0, WAIT));
     // Retried: to this sink, delivered this time.
@@ -260,6 +262,9 @@ reconnect_max = "300ms"
         "the store keeps what the function owes: {:?} of {backlog}",
         g.metric("tidepool_backlog_events")
     );
+    assert!(g
+        .metric("tidepool_sink_forwarded_events_total{sink=\"upstream\"}")
+        .is_some_and(|n| n >= 400.0));
     // Killed: the ranges the upstream acknowledged are in the store, so it does not send it
     // all again, and the store still holds exactly the function's share.
     let before = sub.snapshot().len();
@@ -272,6 +277,18 @@ reconnect_max = "300ms"
         resent < 100,
         "the upstream resent {resent} events after the restart"
     );
+    // Both sinks in /status and under the `sink` label, upstream first.
+    let st = g.status();
+    assert_eq!(st["sinks"][0]["name"], "upstream");
+    assert_eq!(st["sinks"][0]["kind"], "mqtt");
+    assert_eq!(st["sinks"][1]["name"], "fn");
+    assert_eq!(st["sinks"][1]["up"], true, "{}", st["sinks"][1]);
+    assert!(g
+        .metric("tidepool_sink_forwarded_events_total{sink=\"upstream\"}")
+        .is_some());
+    assert!(g
+        .metric("tidepool_sink_failures_total{sink=\"fn\",reason=\"retry\"}")
+        .is_some_and(|n| n > 0.0));
     // The function comes back: it gets its share, then the store is empty.
     f.answer(|_| (200, vec![], "ok".into()));
     assert!(g.wait_metric("tidepool_backlog_events", 0.0, WAIT));

@@ -257,6 +257,8 @@ impl BrokerMetrics {
 /// publishes the broker refused (MQTT 5 reason codes) and the drain of a backlog.
 #[derive(Debug, Default, Clone)]
 pub struct UpstreamInfo {
+    /// The broker's URL, as configured.
+    pub url: String,
     /// `5`, `3.1.1`, or `3.1.1` with why (a broker that does not speak 5).
     pub protocol: String,
     /// Publishes refused by PUBACK reason code, by reason name.
@@ -923,8 +925,40 @@ impl Metrics {
         if let Some(c) = self.commands.lock().unwrap().as_ref() {
             c.render(&mut o);
         }
-        SinkInfo::render(&self.sinks.lock().unwrap(), &mut o);
+        SinkInfo::render(&self.all_sinks(), &mut o);
         o
+    }
+
+    /// Every sink, `upstream` (the MQTT broker, when configured) first, for the `sink`-labelled
+    /// metrics and `/status`.
+    pub fn all_sinks(&self) -> Vec<SinkInfo> {
+        let mut v = Vec::new();
+        let state = self.upstream();
+        if state != UpstreamState::Disabled {
+            let info = self.upstream_info.lock().unwrap();
+            let mut failures = BTreeMap::new();
+            let rejected: u64 = info.rejected.values().sum();
+            if rejected > 0 {
+                failures.insert("rejected", rejected);
+            }
+            v.push(SinkInfo {
+                name: crate::store::sinks::UPSTREAM.into(),
+                kind: "mqtt",
+                url: info.url.clone(),
+                topics: vec!["#".into()],
+                headers: Vec::new(),
+                state: state.name().into(),
+                up: self.upstream_connected(),
+                last_status: None,
+                last_error: self.upstream_error.lock().unwrap().clone(),
+                events: self.forwarded.load(Relaxed),
+                batches: self.batches_forwarded.load(Relaxed),
+                dead_lettered: self.upstream_sizes.dead_lettered.load(Relaxed),
+                failures,
+            });
+        }
+        v.extend(self.sinks.lock().unwrap().iter().cloned());
+        v
     }
 
     /// The `/status` document.
@@ -959,7 +993,7 @@ impl Metrics {
             "budget_spent": self.budget_spent.load(Relaxed),
             "wear": self.forecast(),
             "commands": self.commands.lock().unwrap().as_ref().map(CommandsInfo::json),
-            "sinks": self.sinks.lock().unwrap().iter().map(SinkInfo::json).collect::<Vec<_>>(),
+            "sinks": self.all_sinks().iter().map(SinkInfo::json).collect::<Vec<_>>(),
             "rules": rules,
         })
     }

@@ -403,7 +403,11 @@ impl Forwarder {
             .upstream_sizes
             .packet_limit
             .store(guard.limit() as u64, Relaxed);
-        metrics.upstream_info.lock().unwrap().protocol = cfg.protocol.name().into();
+        {
+            let mut info = metrics.upstream_info.lock().unwrap();
+            info.protocol = cfg.protocol.name().into();
+            info.url = cfg.url.clone().unwrap_or_default();
+        }
         Ok(Forwarder {
             protocol: cfg.protocol,
             cfg,
