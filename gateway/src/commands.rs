@@ -536,7 +536,7 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<In>, mut shutdown: Shutdown) {
-        self.resume();
+        self.resume().await;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -555,13 +555,17 @@ impl Worker {
     }
 
     /// Picks up what a restart interrupted.
-    fn resume(&mut self) {
-        let rows = self
-            .links
-            .store
-            .db()
-            .map_err(|e| e.to_string())
-            .and_then(|db| crate::store::commands::unfinished(&*db).map_err(|e| e.to_string()));
+    async fn resume(&mut self) {
+        // A store read: off the executor.
+        let store = self.links.store.clone();
+        let rows = tokio::task::spawn_blocking(move || {
+            store
+                .db()
+                .map_err(|e| e.to_string())
+                .and_then(|db| crate::store::commands::unfinished(&*db).map_err(|e| e.to_string()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         match rows {
             Ok(rows) => {
                 for (id, row) in rows {

@@ -153,7 +153,7 @@ impl HttpSink {
 
     /// Posts batches until shutdown.
     pub async fn run(mut self) {
-        self.top = self.stored_top();
+        self.top = self.stored_top().await;
         self.info(|i| i.state = "idle".into());
         let mut held: Option<Ready> = None;
         while !self.shutdown.is_set() {
@@ -188,18 +188,21 @@ impl HttpSink {
     }
 
     /// The highest id stored now.
-    fn stored_top(&self) -> u64 {
+    async fn stored_top(&self) -> u64 {
         use redb::{ReadableDatabase, ReadableTable};
-        self.db
-            .db()
-            .ok()
-            .and_then(|d| {
-                let txn = d.begin_read().ok()?;
-                let t = txn.open_table(store::EVENTS).ok()?;
-                let last = t.last().ok()??;
-                Some(last.0.value())
-            })
-            .unwrap_or(0)
+        // A store read (it may wait on a reopen): off the executor, as every forwarder read.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let d = db.db().ok()?;
+            let txn = d.begin_read().ok()?;
+            let t = txn.open_table(store::EVENTS).ok()?;
+            let last = t.last().ok()??;
+            Some(last.0.value())
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(0)
     }
 
     /// Waits for, reads and encodes the next batch; `None` to look again (woken, or a read
@@ -389,7 +392,7 @@ impl HttpSink {
                     if self.failures > 0 {
                         info!(sink = %self.cfg.name, status = resp.status, "sink: delivering again");
                         // Back: what is stored now is backlog, paced.
-                        self.top = self.stored_top();
+                        self.top = self.stored_top().await;
                     }
                     self.failures = 0;
                     self.done(r);

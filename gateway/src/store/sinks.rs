@@ -308,18 +308,7 @@ pub fn load<D: ReadableDatabase>(
         Err(redb::TableError::TableDoesNotExist(_)) => 0,
         Err(e) => return Err(e.into()),
     };
-    let mut acked = BTreeMap::new();
-    match txn.open_table(SINK_ACKS) {
-        Ok(t) => {
-            for r in t.range((name, 0)..=(name, u64::MAX))? {
-                let (k, v) = r?;
-                acked.insert(k.value().1, v.value());
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(e.into()),
-    }
-    Ok((start, acked))
+    Ok((start, ranges_in(&txn, name)?))
 }
 
 #[cfg(test)]
