@@ -52,6 +52,18 @@ pub fn check(path: Option<&Path>) -> Findings {
             f.errors.push(format!("{name}: {e}"));
         }
     }
+    for (i, s) in cfg.sinks.iter().enumerate() {
+        if s.url.starts_with("mqtts://") || s.url.starts_with("https://") {
+            if let Err(e) = crate::forward::tls::client_config(&s.upstream_config()) {
+                let e = crate::forward::tls::error_for(&e, &format!("sink[{i}]"));
+                f.errors.push(format!(
+                    "{}: sink `{}`: {e}",
+                    at(&format!("sink[{i}].ca_file")),
+                    s.name
+                ));
+            }
+        }
+    }
     if let Err(e) = cfg.admin.token() {
         f.errors.push(format!("{}: {e}", at("admin.token_file")));
     }

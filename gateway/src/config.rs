@@ -408,6 +408,18 @@ pub struct BufferConfig {
 pub enum SinkKind {
     /// `POST` each batch to `url`.
     Http,
+    /// Publish each batch to the MQTT broker at `url` (a second broker), as `[upstream]` does.
+    Mqtt,
+}
+
+impl SinkKind {
+    /// Its name in config, `status` and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Http => "http",
+            SinkKind::Mqtt => "mqtt",
+        }
+    }
 }
 
 fn default_all_topics() -> Vec<String> {
@@ -438,16 +450,40 @@ fn default_unlimited() -> DrainRate {
     DrainRate::Unlimited
 }
 
-/// `[[sink]]`: an HTTP function or webhook batches are posted to.
+/// `[[sink]]`: an HTTP function or webhook batches are posted to, or another MQTT broker.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinkConfig {
     /// Its name: in `status`, metrics (`sink` label), the dead-letter queue (`sink:NAME`).
     pub name: String,
-    /// `http`.
+    /// `http` or `mqtt`.
     pub kind: SinkKind,
-    /// `http://` or `https://` URL.
+    /// `http://` or `https://` URL (`http`); `mqtt://` or `mqtts://` (`mqtt`).
     pub url: String,
+    /// `mqtt`: the topic batches are published to; empty: `[upstream]`'s default.
+    #[serde(default)]
+    pub topic: String,
+    /// `mqtt`: the client id; empty: `tidepool-{gateway}-NAME`.
+    #[serde(default)]
+    pub client_id: String,
+    /// `mqtt`: credentials; empty means none.
+    #[serde(default)]
+    pub username: String,
+    /// `mqtt`: the password.
+    #[serde(default)]
+    pub password: String,
+    /// `mqtt`: MQTT protocol (default `"5"`, falling back to 3.1.1 as `[upstream]` does).
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    /// `mqtt`: largest whole PUBLISH packet (default `[upstream]`'s default).
+    #[serde(default)]
+    pub max_packet: Option<ByteSize>,
+    /// `mqtt`: batches published and not yet acknowledged at once.
+    #[serde(default)]
+    pub max_inflight: Option<usize>,
+    /// `mqtt`: `live_first` (default) or `fifo` after an outage.
+    #[serde(default)]
+    pub drain: Option<Drain>,
     /// Extra request headers (an API key); values are redacted in logs and `status`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -469,7 +505,7 @@ pub struct SinkConfig {
     /// Body compression (`Content-Encoding`).
     #[serde(default)]
     pub compression: crate::forward::compress::Compression,
-    /// The whole exchange of one `POST`.
+    /// The whole exchange of one `POST` (`http`); the PUBACK timeout (`mqtt`).
     #[serde(default = "default_sink_timeout")]
     pub timeout: HumanDuration,
     /// Most the backlog is sent at.
@@ -510,6 +546,38 @@ pub struct CommandsConfig {
     pub max_age: HumanDuration,
     /// Prefix of the local topic a command goes to.
     pub local_prefix: String,
+}
+
+impl SinkConfig {
+    /// A `kind = "mqtt"` sink as the forwarder takes it: an `[upstream]` of the built-in
+    /// defaults with this sink's keys (its `timeout` is the PUBACK timeout).
+    pub fn upstream_config(&self) -> UpstreamConfig {
+        let d = Config::defaults().upstream;
+        UpstreamConfig {
+            url: Some(self.url.clone()),
+            topic: self.topic.clone(),
+            client_id: self.client_id.clone(),
+            batch_max_events: self.batch_max_events,
+            batch_max_bytes: self.batch_max_bytes,
+            batch_max_wait: self.batch_max_wait,
+            encoding: self.encoding,
+            protocol: self.protocol.unwrap_or(d.protocol),
+            compression: self.compression,
+            drain: self.drain.unwrap_or(d.drain),
+            drain_rate: self.drain_rate,
+            max_packet: self.max_packet.unwrap_or(d.max_packet),
+            puback_timeout: self.timeout,
+            max_inflight: self.max_inflight.unwrap_or(d.max_inflight),
+            keep_alive: d.keep_alive,
+            reconnect_min: self.reconnect_min,
+            reconnect_max: self.reconnect_max,
+            username: self.username.clone(),
+            password: self.password.clone(),
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
 }
 
 impl CommandsConfig {
@@ -864,6 +932,16 @@ impl Config {
             ));
         }
         let id = self.gateway.id.clone();
+        for s in self.sinks.iter_mut().filter(|s| s.kind == SinkKind::Mqtt) {
+            if s.topic.is_empty() {
+                s.topic = "tidepool/{gateway}/events".into();
+            }
+            if s.client_id.is_empty() {
+                s.client_id = format!("tidepool-{{gateway}}-{}", s.name);
+            }
+            s.topic = s.topic.replace("{gateway}", &id);
+            s.client_id = s.client_id.replace("{gateway}", &id);
+        }
         for s in [
             &mut self.ingest.mqtt.client_id,
             &mut self.upstream.topic,
@@ -1014,15 +1092,61 @@ impl Config {
             if !names.insert(s.name.clone()) {
                 return Err((key("name"), format!("`{}` is used by two sinks", s.name)));
             }
-            // The message may quote the URL, whose query can hold a key (`?code=...`).
-            crate::forward::http::HttpUrl::parse(&s.url).map_err(|e| {
-                let e = if s.url.contains('?') {
-                    e.replace(&s.url, "<the url, not shown: its query may hold a key>")
-                } else {
-                    e
-                };
-                (key("url"), e)
-            })?;
+            if s.kind == SinkKind::Mqtt {
+                parse_mqtt_url(&s.url).map_err(|e| (key("url"), e))?;
+                if !s.headers.is_empty() {
+                    return Err((
+                        key("headers"),
+                        "headers are for kind = \"http\"; an MQTT sink takes username and password"
+                            .into(),
+                    ));
+                }
+                if s.topic.is_empty() || s.topic.contains(['+', '#']) {
+                    return Err((
+                        key("topic"),
+                        format!("`{}` must be a topic without wildcards", s.topic),
+                    ));
+                }
+                if let Some(p) = s.max_packet {
+                    if !(1024..=MQTT_MAX_PACKET).contains(&p.0) {
+                        return Err((
+                            key("max_packet"),
+                            format!("must be between 1KiB and {MQTT_MAX_PACKET} B, e.g. \"128KB\""),
+                        ));
+                    }
+                }
+                if s.max_inflight == Some(0) {
+                    return Err((key("max_inflight"), "must be at least 1".into()));
+                }
+            } else {
+                // The message may quote the URL, whose query can hold a key (`?code=...`).
+                crate::forward::http::HttpUrl::parse(&s.url).map_err(|e| {
+                    let e = if s.url.contains('?') {
+                        e.replace(&s.url, "<the url, not shown: its query may hold a key>")
+                    } else {
+                        e
+                    };
+                    (key("url"), e)
+                })?;
+                for (k, set) in [
+                    ("topic", !s.topic.is_empty()),
+                    ("client_id", !s.client_id.is_empty()),
+                    ("username", !s.username.is_empty()),
+                    ("password", !s.password.is_empty()),
+                    ("protocol", s.protocol.is_some()),
+                    ("max_packet", s.max_packet.is_some()),
+                    ("max_inflight", s.max_inflight.is_some()),
+                    ("drain", s.drain.is_some()),
+                ] {
+                    if set {
+                        return Err((
+                            key(k),
+                            "is for kind = \"mqtt\" sinks (an HTTP sink sends credentials in headers)"
+                                .into(),
+                        ));
+                    }
+                }
+            }
             for (h, v) in &s.headers {
                 crate::forward::http::check_header(h, v)
                     .map_err(|e| (key("headers"), format!("`{h}`: {e}")))?;
@@ -1332,6 +1456,65 @@ mod tests {
         let e =
             Config::from_str_named("c.toml", "[upstream]\ndrain_rate = \"soon\"\n").unwrap_err();
         assert!(e.to_string().contains("not a drain rate"), "{e}");
+    }
+
+    #[test]
+    fn sinks_of_each_kind_take_their_own_keys() {
+        let c = Config::from_str_named(
+            "c.toml",
+            "[gateway]\nid = \"g1\"\n[[sink]]\nname = \"b2\"\nkind = \"mqtt\"\nurl = \"mqtts://b2.example:8883\"\n\
+             topics = [\"alerts/#\"]\nusername = \"u\"\npassword = \"p\"\nprotocol = \"3.1.1\"\ntimeout = \"5s\"\n\
+             [[sink]]\nname = \"fn\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n",
+        )
+        .unwrap();
+        let b2 = &c.sinks[0];
+        assert_eq!(b2.kind, SinkKind::Mqtt);
+        // Defaults: [upstream]'s topic, a client id of its own.
+        assert_eq!(b2.topic, "tidepool/g1/events");
+        assert_eq!(b2.client_id, "tidepool-g1-b2");
+        let u = b2.upstream_config();
+        assert_eq!(u.url.as_deref(), Some("mqtts://b2.example:8883"));
+        assert_eq!(u.protocol, Protocol::V311);
+        assert_eq!(u.puback_timeout.0, Duration::from_secs(5));
+        assert_eq!((u.username.as_str(), u.password.as_str()), ("u", "p"));
+        assert_eq!(u.max_packet, Config::defaults().upstream.max_packet);
+        assert_eq!(u.drain, Drain::LiveFirst);
+        assert_eq!(c.sinks[1].kind, SinkKind::Http);
+        assert_eq!(
+            c.sink_specs()
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["b2", "fn"]
+        );
+        for (text, key) in [
+            ("kind = \"mqtt\"\nurl = \"http://x/y\"", "sink[0].url"),
+            (
+                "kind = \"mqtt\"\nurl = \"mqtt://x\"\nheaders = { a = \"b\" }",
+                "sink[0].headers",
+            ),
+            (
+                "kind = \"mqtt\"\nurl = \"mqtt://x\"\ntopic = \"a/#\"",
+                "sink[0].topic",
+            ),
+            (
+                "kind = \"mqtt\"\nurl = \"mqtt://x\"\nmax_inflight = 0",
+                "sink[0].max_inflight",
+            ),
+            (
+                "kind = \"http\"\nurl = \"http://x/y\"\ntopic = \"a\"",
+                "sink[0].topic",
+            ),
+            (
+                "kind = \"http\"\nurl = \"http://x/y\"\npassword = \"p\"",
+                "sink[0].password",
+            ),
+            ("kind = \"http\"\nurl = \"mqtt://x\"", "sink[0].url"),
+        ] {
+            let e = Config::from_str_named("c.toml", &format!("[[sink]]\nname = \"s\"\n{text}\n"))
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -87,21 +87,73 @@ pub async fn start_on(
     )?
     .with_tick(cfg.rules.tick.0)
     .with_sinks(&cfg.sink_specs())?;
-    let mut sink_tasks = Vec::new();
+    let mut sink_tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
+        Vec::new();
     let first_sink = usize::from(cfg.upstream.url.is_some());
     for (i, s) in cfg.sinks.iter().enumerate() {
-        let sink = forward::sink::HttpSink::new(
-            &cfg,
-            s.clone(),
-            first_sink + i,
-            db.clone(),
-            metrics.clone(),
-            committed_rx.clone(),
-            ack_tx.clone(),
-            shutdown.clone(),
-        )
-        .map_err(anyhow::Error::msg)?;
-        sink_tasks.push(sink);
+        match s.kind {
+            config::SinkKind::Http => {
+                let sink = forward::sink::HttpSink::new(
+                    &cfg,
+                    s.clone(),
+                    first_sink + i,
+                    db.clone(),
+                    metrics.clone(),
+                    committed_rx.clone(),
+                    ack_tx.clone(),
+                    shutdown.clone(),
+                )
+                .map_err(anyhow::Error::msg)?;
+                sink_tasks.push(Box::pin(sink.run()));
+            }
+            config::SinkKind::Mqtt => {
+                // The [upstream] forwarder, on metrics of its own (shown as this sink's).
+                let own = Arc::new(Metrics::default());
+                metrics
+                    .sinks
+                    .lock()
+                    .unwrap()
+                    .push(admin::metrics::SinkInfo {
+                        name: s.name.clone(),
+                        kind: "mqtt",
+                        topics: s.topics.clone(),
+                        ..Default::default()
+                    });
+                metrics
+                    .mqtt_sinks
+                    .lock()
+                    .unwrap()
+                    .insert(s.name.clone(), own.clone());
+                let fwd = forward::Forwarder::new(
+                    s.upstream_config(),
+                    cfg.gateway.id.clone(),
+                    db.clone(),
+                    own,
+                    committed_rx.clone(),
+                    ack_tx.clone(),
+                    shutdown.clone(),
+                )
+                .map_err(|e| {
+                    let key = format!("sink[{i}]");
+                    anyhow::anyhow!(
+                        "sink `{}`: {}",
+                        s.name,
+                        match &e {
+                            forward::ForwardError::Tls(t) => forward::tls::error_for(t, &key),
+                            other => other.to_string(),
+                        }
+                    )
+                })?
+                .with_named_sink(
+                    first_sink + i,
+                    &s.name,
+                    &s.topics,
+                    metrics.clone(),
+                )?;
+                let span = tracing::info_span!("sink", name = %s.name);
+                sink_tasks.push(Box::pin(tracing::Instrument::instrument(fwd.run(), span)));
+            }
+        }
     }
     let forwarder = forward::Forwarder::new(
         cfg.upstream.clone(),
@@ -234,10 +286,7 @@ pub async fn start_on(
         .spawn(move || commit_loop.run())
         .context("spawning the store thread")?;
     let fwd = tokio::spawn(forwarder.run());
-    let sink_tasks: Vec<_> = sink_tasks
-        .into_iter()
-        .map(|s| tokio::spawn(s.run()))
-        .collect();
+    let sink_tasks: Vec<_> = sink_tasks.into_iter().map(tokio::spawn).collect();
     let admin_task = admin_listener.map(|(l, settings)| {
         tokio::spawn(admin::serve(
             l,

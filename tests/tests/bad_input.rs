@@ -44,6 +44,14 @@ fn check_rejects_bad_config_with_file_line_key_and_fix() {
             "[upstream]\ncert_file = \"/c.pem\"\n",
             "set both or neither",
         ),
+        (
+            "[[sink]]\nname = \"site\"\nkind = \"mqtt\"\nurl = \"mqtts://127.0.0.1:1\"\nca_file = \"/nonexistent/ca.pem\"\n",
+            "sink `site`: TLS: key `sink[0].ca_file`",
+        ),
+        (
+            "[[sink]]\nname = \"fn\"\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\nusername = \"u\"\n",
+            "key `sink[0].username`: is for kind = \"mqtt\" sinks",
+        ),
     ];
     for (text, want) in cases {
         let (code, msg) = check(text);

@@ -351,3 +351,144 @@ reconnect_max = "300ms"
     assert!(g.wait_metric("tidepool_backlog_events", 0.0, WAIT));
     g.proc.terminate(Duration::from_secs(10));
 }
+
+/// A second broker as a sink (`kind = "mqtt"`) beside the upstream one: it gets only what its
+/// `topics` take, on its own `topic`. Cut off, it holds its share in the store (and only
+/// that) across a `kill -9`, while the upstream goes on; back, it drains that share at its
+/// `drain_rate` and a `kill -9` in the middle of the drain loses nothing.
+#[test]
+fn a_second_broker_as_a_sink_holds_only_its_share_across_kill9() {
+    let up = Mosquitto::start("");
+    let b2 = Mosquitto::start("");
+    let sub_up = Subscriber::start(up.port, &["tidepool/+/events"]);
+    let sub_b2 = Subscriber::start(b2.port, &["site/#"]);
+    // Between the gateway and the second broker: cut and restored by the test.
+    let link = Proxy::start(b2.port);
+    let mut g = Gateway::start(&format!(
+        r#"
+[upstream]
+url = "mqtt://127.0.0.1:{}"
+batch_max_wait = "100ms"
+
+[[sink]]
+name = "b2"
+kind = "mqtt"
+url = "mqtt://127.0.0.1:{}"
+topic = "site/{{gateway}}/batches"
+topics = ["sensors/1/#"]
+batch_max_events = 50
+batch_max_wait = "100ms"
+drain_rate = "200/s"
+reconnect_min = "100ms"
+reconnect_max = "300ms"
+"#,
+        up.port, link.port
+    ));
+    let key = |e: &Got| {
+        (
+            e.event["source"].as_str().unwrap_or("").to_string(),
+            e.n.unwrap(),
+        )
+    };
+    let share = |got: &[Got]| -> BTreeSet<(String, u64)> {
+        got.iter()
+            .filter(|e| e.event["topic"].as_str().unwrap().starts_with("sensors/1/"))
+            .map(key)
+            .collect()
+    };
+    // Both up: each gets its own.
+    run_sim(
+        g.mqtt_port,
+        400,
+        0.0,
+        &["--client-id", "a", "--sensors", "4"],
+    );
+    assert!(sub_up.wait_for(WAIT, |got| got.len() >= 400), "{}", g.log());
+    let want = share(&sub_up.snapshot());
+    assert!(!want.is_empty() && want.len() < 400, "{}", want.len());
+    assert!(
+        sub_b2.wait_for(WAIT, |got| share(got).len() >= want.len()),
+        "{}",
+        g.log()
+    );
+    assert!(g.wait_metric("tidepool_backlog_events", 0.0, WAIT));
+    let st = g.status();
+    let b2_status = &st["sinks"][1];
+    assert_eq!(b2_status["name"], "b2", "{st}");
+    assert_eq!(b2_status["kind"], "mqtt");
+    assert_eq!(b2_status["up"], true, "{b2_status}");
+    assert_eq!(b2_status["topics"][0], "sensors/1/#");
+    assert!(g
+        .metric("tidepool_sink_forwarded_events_total{sink=\"b2\"}")
+        .is_some_and(|n| n >= want.len() as f64));
+    assert!(g.metric("tidepool_sink_up{sink=\"b2\"}") == Some(1.0));
+    // Cut off: the upstream goes on; the store keeps exactly the second broker's share.
+    link.sever();
+    assert!(
+        g.wait_metric("tidepool_sink_up{sink=\"b2\"}", 0.0, WAIT),
+        "{}",
+        g.log()
+    );
+    run_sim(
+        g.mqtt_port,
+        1_600,
+        0.0,
+        &["--client-id", "b", "--sensors", "4"],
+    );
+    assert!(
+        sub_up.wait_for(WAIT, |got| got.len() >= 2_000),
+        "{}",
+        g.log()
+    );
+    let want = share(&sub_up.snapshot());
+    let owed = want.len() - share(&sub_b2.snapshot()).len();
+    assert!(owed > 200, "{owed}");
+    assert!(
+        g.wait_metric("tidepool_backlog_events", owed as f64, WAIT),
+        "the store keeps what b2 owes: {:?} of {owed}",
+        g.metric("tidepool_backlog_events")
+    );
+    let up_before = sub_up.snapshot().len();
+    g.proc.kill9();
+    g.launch();
+    assert!(g.wait_metric("tidepool_backlog_events", owed as f64, WAIT));
+    assert_eq!(g.status()["sinks"][1]["up"], false);
+    // Back: it drains its share at 200/s; killed half-way, it goes on from the store.
+    link.set_open(true);
+    let got_before = sub_b2.snapshot().len();
+    assert!(
+        sub_b2.wait_for(WAIT, |got| got.len() >= got_before + 100),
+        "{}",
+        g.log()
+    );
+    g.proc.kill9();
+    g.launch();
+    assert!(
+        sub_b2.wait_for(WAIT, |got| share(got).len() >= want.len()),
+        "{} of {}: {}",
+        share(&sub_b2.snapshot()).len(),
+        want.len(),
+        g.log()
+    );
+    assert!(g.wait_metric("tidepool_backlog_events", 0.0, WAIT));
+    let got = sub_b2.snapshot();
+    assert_eq!(
+        share(&got),
+        want,
+        "the second broker got its share, all of it"
+    );
+    assert!(
+        got.iter()
+            .all(|e| e.event["topic"].as_str().unwrap().starts_with("sensors/1/")),
+        "and nothing else"
+    );
+    // The same event always comes with the same id, through both sinks.
+    let ids: BTreeMap<(String, u64), u64> =
+        sub_up.snapshot().iter().map(|e| (key(e), e.id)).collect();
+    assert!(got.iter().all(|e| ids.get(&key(e)) == Some(&e.id)));
+    // The upstream did not send its share again for the second broker's sake.
+    let resent = sub_up.snapshot().len() - up_before;
+    assert!(resent < 200, "the upstream resent {resent} events");
+    assert!(dlq(&g).is_empty());
+    g.proc.terminate(Duration::from_secs(10));
+}

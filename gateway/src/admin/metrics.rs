@@ -156,6 +156,9 @@ pub struct Metrics {
     pub broker: BrokerMetrics,
     /// The `[[sink]]` forwarders, in configuration order.
     pub sinks: Mutex<Vec<SinkInfo>>,
+    /// The metrics of each `kind = "mqtt"` sink's forwarder, by name (their `upstream_*`
+    /// fields; its entry in `sinks` is filled from them when read).
+    pub mqtt_sinks: Mutex<BTreeMap<String, std::sync::Arc<Metrics>>>,
     /// Commands from the cloud (`[commands]`); `None` while they are off.
     pub commands: Mutex<Option<CommandsInfo>>,
     /// Bytes the store wrote to its file since start (what the card takes).
@@ -571,6 +574,7 @@ impl Default for Metrics {
             broker: BrokerMetrics::default(),
             commands: Mutex::new(None),
             sinks: Mutex::new(Vec::new()),
+            mqtt_sinks: Mutex::default(),
             store_bytes_written: AtomicU64::new(0),
             commit_window_us: AtomicU64::new(0),
             wear: super::wear::Wear::default(),
@@ -933,32 +937,42 @@ impl Metrics {
     /// metrics and `/status`.
     pub fn all_sinks(&self) -> Vec<SinkInfo> {
         let mut v = Vec::new();
-        let state = self.upstream();
-        if state != UpstreamState::Disabled {
-            let info = self.upstream_info.lock().unwrap();
-            let mut failures = BTreeMap::new();
-            let rejected: u64 = info.rejected.values().sum();
-            if rejected > 0 {
-                failures.insert("rejected", rejected);
-            }
-            v.push(SinkInfo {
-                name: crate::store::sinks::UPSTREAM.into(),
-                kind: "mqtt",
-                url: info.url.clone(),
-                topics: vec!["#".into()],
-                headers: Vec::new(),
-                state: state.name().into(),
-                up: self.upstream_connected(),
-                last_status: None,
-                last_error: self.upstream_error.lock().unwrap().clone(),
-                events: self.forwarded.load(Relaxed),
-                batches: self.batches_forwarded.load(Relaxed),
-                dead_lettered: self.upstream_sizes.dead_lettered.load(Relaxed),
-                failures,
-            });
+        if self.upstream() != UpstreamState::Disabled {
+            v.push(self.mqtt_sink_info(crate::store::sinks::UPSTREAM, vec!["#".into()]));
         }
-        v.extend(self.sinks.lock().unwrap().iter().cloned());
+        let mqtt = self.mqtt_sinks.lock().unwrap().clone();
+        for s in self.sinks.lock().unwrap().iter() {
+            match mqtt.get(&s.name) {
+                Some(m) => v.push(m.mqtt_sink_info(&s.name, s.topics.clone())),
+                None => v.push(s.clone()),
+            }
+        }
         v
+    }
+
+    /// A forwarder's state (this `Metrics`' `upstream_*` fields) as a sink.
+    fn mqtt_sink_info(&self, name: &str, topics: Vec<String>) -> SinkInfo {
+        let info = self.upstream_info.lock().unwrap();
+        let mut failures = BTreeMap::new();
+        let rejected: u64 = info.rejected.values().sum();
+        if rejected > 0 {
+            failures.insert("rejected", rejected);
+        }
+        SinkInfo {
+            name: name.into(),
+            kind: "mqtt",
+            url: info.url.clone(),
+            topics,
+            headers: Vec::new(),
+            state: self.upstream().name().into(),
+            up: self.upstream_connected(),
+            last_status: None,
+            last_error: self.upstream_error.lock().unwrap().clone(),
+            events: self.forwarded.load(Relaxed),
+            batches: self.batches_forwarded.load(Relaxed),
+            dead_lettered: self.upstream_sizes.dead_lettered.load(Relaxed),
+            failures,
+        }
     }
 
     /// The `/status` document.
@@ -1046,6 +1060,45 @@ mod tests {
         for l in t.lines().filter(|l| !l.starts_with('#')) {
             assert_eq!(l.matches('{').count(), l.matches('}').count(), "{l}");
         }
+    }
+
+    #[test]
+    fn an_mqtt_sink_is_shown_from_its_own_forwarder_in_configured_order() {
+        let m = Metrics::default();
+        m.set_upstream(UpstreamState::Live);
+        m.forwarded.store(7, Relaxed);
+        let own = std::sync::Arc::new(Metrics::default());
+        own.set_upstream(UpstreamState::Offline);
+        own.forwarded.store(3, Relaxed);
+        *own.upstream_error.lock().unwrap() = "connection refused".into();
+        own.upstream_info.lock().unwrap().url = "mqtt://b2:1883".into();
+        for (name, kind) in [("site", "mqtt"), ("fn", "http")] {
+            m.sinks.lock().unwrap().push(SinkInfo {
+                name: name.into(),
+                kind,
+                topics: vec!["a/#".into()],
+                ..SinkInfo::default()
+            });
+        }
+        m.mqtt_sinks.lock().unwrap().insert("site".into(), own);
+        let all = m.all_sinks();
+        let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["upstream", "site", "fn"]);
+        let site = &all[1];
+        assert_eq!(
+            (site.kind, site.events, site.up, site.state.as_str()),
+            ("mqtt", 3, false, "offline")
+        );
+        assert_eq!(site.url, "mqtt://b2:1883");
+        assert_eq!(site.last_error, "connection refused");
+        assert_eq!(site.topics, ["a/#"]);
+        assert_eq!(all[0].events, 7, "upstream's own counts");
+        let t = m.render();
+        assert!(
+            t.contains("tidepool_sink_forwarded_events_total{sink=\"site\"} 3"),
+            "{t}"
+        );
+        assert!(t.contains("tidepool_sink_up{sink=\"site\"} 0"), "{t}");
     }
 
     #[test]

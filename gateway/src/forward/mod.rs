@@ -367,6 +367,12 @@ pub struct Forwarder {
     drain: DrainState,
     /// Its index among the configured sinks (0 when it is the only one).
     sink: usize,
+    /// Its name among the sinks: `upstream`, or a `[[sink]]`'s.
+    name: String,
+    /// A `[[sink]]`'s topic filters (`None`: all events).
+    filters: Option<Vec<String>>,
+    /// The gateway's metrics (the backlog count); `metrics` when this is `[upstream]`.
+    global: Arc<Metrics>,
 }
 
 impl Forwarder {
@@ -413,7 +419,6 @@ impl Forwarder {
             cfg,
             gateway,
             db,
-            metrics,
             committed,
             acks,
             shutdown,
@@ -432,19 +437,40 @@ impl Forwarder {
             avg_row: 256,
             drain: DrainState::new(),
             sink: 0,
+            name: store::sinks::UPSTREAM.into(),
+            filters: None,
+            global: metrics.clone(),
+            metrics,
         })
     }
 
     /// This forwarder is sink `index` among several: it skips what the store says it has
     /// acknowledged already, and what came before it was added.
     pub fn with_sink(mut self, index: usize) -> Result<Self, store::StoreError> {
-        let (start, acked) = store::sinks::load(&*self.db.db()?, store::sinks::UPSTREAM)?;
+        let (start, acked) = store::sinks::load(&*self.db.db()?, &self.name)?;
         self.sink = index;
         self.acked = acked;
         if start > 0 {
             note_range(&mut self.acked, 0, start - 1);
         }
         Ok(self)
+    }
+
+    /// This forwarder is the `[[sink]] kind = "mqtt"` named `name`, sink `index`: its own
+    /// ranges, batch numbers and filters; `metrics` (given to [`Forwarder::new`]) are its
+    /// own, `global` the gateway's.
+    pub fn with_named_sink(
+        mut self,
+        index: usize,
+        name: &str,
+        topics: &[String],
+        global: Arc<Metrics>,
+    ) -> Result<Self, store::StoreError> {
+        self.name = name.into();
+        self.filters = (topics != ["#"]).then(|| topics.to_vec());
+        self.global = global;
+        self.next_batch = meta_get(&*self.db.db()?, &store::sinks::next_batch_key(name)).max(1);
+        self.with_sink(index)
     }
 
     /// Runs the state machine until shutdown.
@@ -644,7 +670,7 @@ impl Forwarder {
     /// A new connection: what is buffered is the backlog to drain.
     fn start_drain(&mut self, top: u64) {
         let now = Instant::now();
-        let total = self.metrics.backlog_events.load(Relaxed);
+        let total = self.global.backlog_events.load(Relaxed);
         self.drain = DrainState {
             next_at: now,
             total,
@@ -1108,8 +1134,8 @@ impl Forwarder {
         let skip = Skip {
             dead: self.dead_sent.clone(),
             acked: self.acked.clone(),
-            filters: None,
-            sink: Some(store::sinks::UPSTREAM.into()),
+            filters: self.filters.clone(),
+            sink: Some(self.name.clone()),
         };
         let (p, lowest) = tokio::task::spawn_blocking(move || {
             let r = read_batch(

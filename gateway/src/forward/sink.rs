@@ -94,7 +94,16 @@ impl HttpSink {
             u.ca_file = cfg.ca_file.clone();
             u.cert_file = cfg.cert_file.clone();
             u.key_file = cfg.key_file.clone();
-            Some(super::tls::client_config(&u).map_err(|e| format!("{}: {e}", cfg.name))?)
+            Some(super::tls::client_config(&u).map_err(|e| {
+                format!(
+                    "sink `{}`: {}",
+                    cfg.name,
+                    super::tls::error_for(
+                        &e,
+                        &format!("sink[{}]", index - usize::from(all.upstream.url.is_some()))
+                    )
+                )
+            })?)
         } else {
             None
         };

@@ -25,6 +25,14 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     })
 }
 
+/// A TLS error about `[upstream]`'s files as one about the keys under `prefix` (e.g.
+/// `sink[0]`, whose files are read the same way).
+pub fn error_for(e: &TlsError, prefix: &str) -> String {
+    e.to_string()
+        .replacen("upstream TLS: ", "TLS: ", 1)
+        .replacen("`upstream.", &format!("`{prefix}."), 1)
+}
+
 /// Builds the rustls client config from `[upstream]` `ca_file`, `cert_file`, `key_file`.
 pub fn client_config(cfg: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
