@@ -463,6 +463,10 @@ pub struct SinkConfig {
     /// `mqtt`: the topic batches are published to; empty: `[upstream]`'s default.
     #[serde(default)]
     pub topic: String,
+    /// `mqtt`: the retained `online`/`offline` topic (and last will) on that broker;
+    /// default `tidepool/{gateway}/status`; `""`: none.
+    #[serde(default)]
+    pub status_topic: Option<String>,
     /// `mqtt`: the client id; empty: `tidepool-{gateway}-NAME`.
     #[serde(default)]
     pub client_id: String,
@@ -939,6 +943,10 @@ impl Config {
             if s.client_id.is_empty() {
                 s.client_id = format!("tidepool-{{gateway}}-{}", s.name);
             }
+            let status = s
+                .status_topic
+                .get_or_insert_with(|| "tidepool/{gateway}/status".into());
+            *status = status.replace("{gateway}", &id);
             s.topic = s.topic.replace("{gateway}", &id);
             s.client_id = s.client_id.replace("{gateway}", &id);
         }
@@ -1118,6 +1126,16 @@ impl Config {
                 if s.max_inflight == Some(0) {
                     return Err((key("max_inflight"), "must be at least 1".into()));
                 }
+                if s.status_topic
+                    .as_deref()
+                    .is_some_and(|t| t.contains(['+', '#']))
+                {
+                    return Err((
+                        key("status_topic"),
+                        "must be a topic without wildcards, or \"\" for none".into(),
+                    ));
+                }
+                self.check_mqtt_sink(i, s).map_err(|(k, w)| (key(k), w))?;
             } else {
                 // The message may quote the URL, whose query can hold a key (`?code=...`).
                 crate::forward::http::HttpUrl::parse(&s.url).map_err(|e| {
@@ -1131,6 +1149,7 @@ impl Config {
                 for (k, set) in [
                     ("topic", !s.topic.is_empty()),
                     ("client_id", !s.client_id.is_empty()),
+                    ("status_topic", s.status_topic.is_some()),
                     ("username", !s.username.is_empty()),
                     ("password", !s.password.is_empty()),
                     ("protocol", s.protocol.is_some()),
@@ -1175,6 +1194,74 @@ impl Config {
                 return Err((
                     key("cert_file"),
                     "cert_file and key_file go together (mTLS); set both or neither".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A `kind = "mqtt"` sink against the other MQTT connections: a client id of its own (a
+    /// broker drops a session when another takes its id), and on a broker another sink or
+    /// `[upstream]` publishes to, a batch topic and a status topic of its own.
+    fn check_mqtt_sink(&self, i: usize, s: &SinkConfig) -> Result<(), (&'static str, String)> {
+        let mut ids = vec![
+            ("upstream.client_id", self.upstream.client_id.clone()),
+            ("ingest.mqtt.client_id", self.ingest.mqtt.client_id.clone()),
+        ];
+        if self.commands.enabled {
+            ids.push(("commands.client_id", self.commands.client_id.clone()));
+            ids.push((
+                "commands.client_id (its local connection)",
+                format!("{}-local", self.commands.client_id),
+            ));
+        }
+        let endpoint = |url: &str| parse_mqtt_url(url).ok().map(|u| (u.host, u.port));
+        let mine = endpoint(&s.url);
+        // (whose, batch topic, status topic) of every earlier MQTT sink on this broker.
+        let mut same_broker = Vec::new();
+        if let Some(u) = &self.upstream.url {
+            if endpoint(u) == mine {
+                same_broker.push((
+                    "[upstream]".to_string(),
+                    self.upstream.topic.clone(),
+                    crate::forward::status_topic(&self.gateway.id),
+                ));
+            }
+        }
+        for o in self.sinks[..i].iter().filter(|o| o.kind == SinkKind::Mqtt) {
+            ids.push(("the client_id of an earlier sink", o.client_id.clone()));
+            if endpoint(&o.url) == mine {
+                same_broker.push((
+                    format!("sink `{}`", o.name),
+                    o.topic.clone(),
+                    o.status_topic.clone().unwrap_or_default(),
+                ));
+            }
+        }
+        if let Some((whose, _)) = ids.iter().find(|(_, id)| *id == s.client_id) {
+            return Err((
+                "client_id",
+                format!(
+                    "`{}` is {whose} too: a broker drops a session when another client takes its id; give this sink its own",
+                    s.client_id
+                ),
+            ));
+        }
+        for (whose, topic, status) in same_broker {
+            if topic == s.topic {
+                return Err((
+                    "topic",
+                    format!(
+                        "`{topic}` is where {whose} publishes its batches on the same broker: two batch sequences would interleave on one topic; set another topic"
+                    ),
+                ));
+            }
+            if !status.is_empty() && s.status_topic.as_deref() == Some(status.as_str()) {
+                return Err((
+                    "status_topic",
+                    format!(
+                        "`{status}` is {whose}'s status topic on the same broker: one connection's last will would say `offline` while the other is up; set another, or \"\" for none"
+                    ),
                 ));
             }
         }
@@ -1463,7 +1550,7 @@ mod tests {
         let c = Config::from_str_named(
             "c.toml",
             "[gateway]\nid = \"g1\"\n[[sink]]\nname = \"b2\"\nkind = \"mqtt\"\nurl = \"mqtts://b2.example:8883\"\n\
-             topics = [\"alerts/#\"]\nusername = \"u\"\npassword = \"p\"\nprotocol = \"3.1.1\"\ntimeout = \"5s\"\n\
+             topics = [\"alerts/#\"]\nusername = \"u\"\npassword = \"p\"\nprotocol = \"3.1.1\"\ntimeout = \"5s\"\nmax_packet = \"64KiB\"\n\
              [[sink]]\nname = \"fn\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n",
         )
         .unwrap();
@@ -1477,7 +1564,8 @@ mod tests {
         assert_eq!(u.protocol, Protocol::V311);
         assert_eq!(u.puback_timeout.0, Duration::from_secs(5));
         assert_eq!((u.username.as_str(), u.password.as_str()), ("u", "p"));
-        assert_eq!(u.max_packet, Config::defaults().upstream.max_packet);
+        assert_eq!(u.max_packet, ByteSize(64 * 1024));
+        assert_eq!(u.max_inflight, Config::defaults().upstream.max_inflight);
         assert_eq!(u.drain, Drain::LiveFirst);
         assert_eq!(c.sinks[1].kind, SinkKind::Http);
         assert_eq!(
@@ -1510,11 +1598,62 @@ mod tests {
                 "sink[0].password",
             ),
             ("kind = \"http\"\nurl = \"mqtt://x\"", "sink[0].url"),
+            (
+                "kind = \"http\"\nurl = \"http://x/y\"\ndrain = \"fifo\"",
+                "sink[0].drain",
+            ),
+            (
+                "kind = \"mqtt\"\nurl = \"mqtt://x\"\nstatus_topic = \"a/+\"",
+                "sink[0].status_topic",
+            ),
+            // Another connection's client id.
+            (
+                "kind = \"mqtt\"\nurl = \"mqtt://x\"\nclient_id = \"tidepool-{gateway}\"",
+                "sink[0].client_id",
+            ),
         ] {
             let e = Config::from_str_named("c.toml", &format!("[[sink]]\nname = \"s\"\n{text}\n"))
                 .unwrap_err();
             assert!(e.to_string().contains(key), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn an_mqtt_sink_on_the_upstream_broker_needs_topics_of_its_own() {
+        let base = "[gateway]\nid = \"g1\"\n[upstream]\nurl = \"mqtt://h:1883\"\n\
+                    [[sink]]\nname = \"b\"\nkind = \"mqtt\"\nurl = \"mqtt://h\"\n";
+        let e = Config::from_str_named("c.toml", base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sink[0].topic") && e.contains("[upstream]"),
+            "{e}"
+        );
+        let e = Config::from_str_named("c.toml", &format!("{base}topic = \"b/{{gateway}}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink[0].status_topic"), "{e}");
+        let c = Config::from_str_named(
+            "c.toml",
+            &format!("{base}topic = \"b/{{gateway}}\"\nstatus_topic = \"\"\n"),
+        )
+        .unwrap();
+        assert_eq!(c.sinks[0].topic, "b/g1");
+        assert_eq!(c.sinks[0].status_topic.as_deref(), Some(""));
+        // Another broker: the defaults are fine.
+        let c = Config::from_str_named("c.toml", &base.replace("mqtt://h\"", "mqtt://other\""))
+            .unwrap();
+        assert_eq!(
+            c.sinks[0].status_topic.as_deref(),
+            Some("tidepool/g1/status")
+        );
+        // Two sinks: not one client id, not one topic on one broker.
+        let two = "[[sink]]\nname = \"a\"\nkind = \"mqtt\"\nurl = \"mqtt://o\"\nclient_id = \"x\"\n\
+                   [[sink]]\nname = \"b\"\nkind = \"mqtt\"\nurl = \"mqtt://p\"\nclient_id = \"x\"\n";
+        let e = Config::from_str_named("c.toml", two)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink[1].client_id"), "{e}");
     }
 
     #[test]

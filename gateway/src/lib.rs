@@ -144,12 +144,7 @@ pub async fn start_on(
                         }
                     )
                 })?
-                .with_named_sink(
-                    first_sink + i,
-                    &s.name,
-                    &s.topics,
-                    metrics.clone(),
-                )?;
+                .with_named_sink(first_sink + i, i, s, metrics.clone())?;
                 let span = tracing::info_span!("sink", name = %s.name);
                 sink_tasks.push(Box::pin(tracing::Instrument::instrument(fwd.run(), span)));
             }

@@ -361,7 +361,7 @@ fn a_second_broker_as_a_sink_holds_only_its_share_across_kill9() {
     let up = Mosquitto::start("");
     let b2 = Mosquitto::start("");
     let sub_up = Subscriber::start(up.port, &["tidepool/+/events"]);
-    let sub_b2 = Subscriber::start(b2.port, &["site/#"]);
+    let sub_b2 = Subscriber::start(b2.port, &["site/test-gw/batches", "tidepool/+/status"]);
     // Between the gateway and the second broker: cut and restored by the test.
     let link = Proxy::start(b2.port);
     let mut g = Gateway::start(&format!(
@@ -378,6 +378,7 @@ topic = "site/{{gateway}}/batches"
 topics = ["sensors/1/#"]
 batch_max_events = 50
 batch_max_wait = "100ms"
+max_packet = "2KiB"
 drain_rate = "200/s"
 reconnect_min = "100ms"
 reconnect_max = "300ms"
@@ -422,6 +423,16 @@ reconnect_max = "300ms"
         .metric("tidepool_sink_forwarded_events_total{sink=\"b2\"}")
         .is_some_and(|n| n >= want.len() as f64));
     assert!(g.metric("tidepool_sink_up{sink=\"b2\"}") == Some(1.0));
+    // Its own retained status on its broker.
+    assert_eq!(
+        sub_b2
+            .other
+            .lock()
+            .unwrap()
+            .get("tidepool/test-gw/status")
+            .and_then(|v| v.last().cloned()),
+        Some("online".to_string())
+    );
     // Cut off: the upstream goes on; the store keeps exactly the second broker's share.
     link.sever();
     assert!(
@@ -461,7 +472,13 @@ reconnect_max = "300ms"
         "{}",
         g.log()
     );
+    // Killed in the middle of the drain (at 200/s it has seconds to go).
+    let before_kill = share(&sub_b2.snapshot()).len();
     g.proc.kill9();
+    assert!(
+        before_kill < want.len(),
+        "the drain was over before the kill"
+    );
     g.launch();
     assert!(
         sub_b2.wait_for(WAIT, |got| share(got).len() >= want.len()),
@@ -490,5 +507,18 @@ reconnect_max = "300ms"
     let resent = sub_up.snapshot().len() - up_before;
     assert!(resent < 200, "the upstream resent {resent} events");
     assert!(dlq(&g).is_empty());
+    // An event larger than its max_packet: dead-lettered for it (rule `sink:b2`), counted as
+    // its own, while the upstream delivers it.
+    let big = format!("{{\"n\":0,\"pad\":\"{}\"}}", "x".repeat(3_000));
+    mqtt_clients::mosquitto_pub_ok(g.mqtt_port, &["-q", "1", "-t", "sensors/1/big", "-m", &big]);
+    assert!(
+        g.wait_metric("tidepool_sink_dead_lettered_total{sink=\"b2\"}", 1.0, WAIT),
+        "{}",
+        g.log()
+    );
+    let letters = dlq(&g);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["rule"], "sink:b2", "{letters:?}");
+    assert!(g.wait_metric("tidepool_backlog_events", 0.0, WAIT));
     g.proc.terminate(Duration::from_secs(10));
 }

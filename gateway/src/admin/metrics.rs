@@ -140,6 +140,8 @@ pub struct Metrics {
     commit_sum_us: AtomicU64,
     /// Immediate (fsynced) commits.
     pub fsyncs: AtomicU64,
+    /// Commits by why their group ended ([`crate::store::commit::GroupEnd`]).
+    pub groups_ended: [AtomicU64; 9],
     /// Store commits that failed (a full disk, an I/O error); each is retried.
     pub store_errors: AtomicU64,
     /// When the process started (ms).
@@ -565,6 +567,7 @@ impl Default for Metrics {
             commit_count: AtomicU64::new(0),
             commit_sum_us: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
+            groups_ended: Default::default(),
             store_errors: AtomicU64::new(0),
             started_ms: crate::event::now_ms(),
             rules_status: Mutex::new(serde_json::json!([])),
@@ -671,6 +674,11 @@ impl Metrics {
     }
 
     /// Sets the forwarder's state.
+    /// A commit's group ended for `why`.
+    pub fn group_ended(&self, why: crate::store::commit::GroupEnd) {
+        self.groups_ended[why as usize].fetch_add(1, Relaxed);
+    }
+
     pub fn set_upstream(&self, s: UpstreamState) {
         self.upstream_state.store(s as u8, Relaxed);
     }
@@ -786,6 +794,18 @@ impl Metrics {
             "Durable (fsynced) store commits.",
         );
         let _ = writeln!(o, "tidepool_fsyncs_total {}", self.fsyncs.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_commit_groups_total Commits by why their group stopped taking events: full (commit_max_events), bytes, window (commit_max_wait), budget_window (the write budget's wider window), early (enough bytes under a wide window), stalled (the senders went quiet under a wide window), closed, acks (no events: sink acknowledgements), other (no events: ticks, expiries, sweeps).\n# TYPE tidepool_commit_groups_total counter"
+        );
+        for e in crate::store::commit::GroupEnd::ALL {
+            let _ = writeln!(
+                o,
+                "tidepool_commit_groups_total{{ended=\"{}\"}} {}",
+                e.label(),
+                self.groups_ended[e as usize].load(Relaxed)
+            );
+        }
         counter(
             &mut o,
             "tidepool_store_errors_total",

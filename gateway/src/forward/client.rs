@@ -50,8 +50,8 @@ pub struct Options {
     pub max_out: usize,
     /// Publishes in flight at once (ours plus the status messages).
     pub inflight: u16,
-    /// The retained last-will topic (`offline`).
-    pub will_topic: String,
+    /// The retained last-will topic (`offline`); `None`: no will.
+    pub will_topic: Option<String>,
 }
 
 /// What the broker said in its CONNACK.
@@ -280,12 +280,9 @@ fn options_311(o: &Options) -> MqttOptions {
     // Incoming: acks only.
     m.set_max_packet_size(1 << 20, o.max_out);
     m.set_inflight(o.inflight);
-    m.set_last_will(LastWill::new(
-        &o.will_topic,
-        "offline",
-        QoS::AtLeastOnce,
-        true,
-    ));
+    if let Some(t) = &o.will_topic {
+        m.set_last_will(LastWill::new(t, "offline", QoS::AtLeastOnce, true));
+    }
     if !o.username.is_empty() {
         m.set_credentials(&o.username, &o.password);
     }
@@ -302,13 +299,15 @@ fn options_5(o: &Options) -> MqttOptions5 {
     // What we accept: acks (and, with commands, small messages).
     m.set_max_packet_size(Some(1 << 20));
     m.set_outgoing_inflight_upper_limit(o.inflight);
-    m.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
-        &o.will_topic,
-        "offline",
-        QoS5::AtLeastOnce,
-        true,
-        None,
-    ));
+    if let Some(t) = &o.will_topic {
+        m.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            t,
+            "offline",
+            QoS5::AtLeastOnce,
+            true,
+            None,
+        ));
+    }
     if !o.username.is_empty() {
         m.set_credentials(&o.username, &o.password);
     }

@@ -373,6 +373,10 @@ pub struct Forwarder {
     filters: Option<Vec<String>>,
     /// The gateway's metrics (the backlog count); `metrics` when this is `[upstream]`.
     global: Arc<Metrics>,
+    /// The retained `online`/`offline` topic and last will; `None`: none.
+    status: Option<String>,
+    /// How its keys are named in messages: `upstream`, or `sink[N]`.
+    keys: String,
 }
 
 impl Forwarder {
@@ -417,7 +421,6 @@ impl Forwarder {
         Ok(Forwarder {
             protocol: cfg.protocol,
             cfg,
-            gateway,
             db,
             committed,
             acks,
@@ -440,6 +443,9 @@ impl Forwarder {
             name: store::sinks::UPSTREAM.into(),
             filters: None,
             global: metrics.clone(),
+            status: Some(status_topic(&gateway)),
+            keys: "upstream".into(),
+            gateway,
             metrics,
         })
     }
@@ -462,15 +468,28 @@ impl Forwarder {
     pub fn with_named_sink(
         mut self,
         index: usize,
-        name: &str,
-        topics: &[String],
+        position: usize,
+        sink: &crate::config::SinkConfig,
         global: Arc<Metrics>,
     ) -> Result<Self, store::StoreError> {
-        self.name = name.into();
-        self.filters = (topics != ["#"]).then(|| topics.to_vec());
+        self.name = sink.name.clone();
+        self.filters = (sink.topics != ["#"]).then(|| sink.topics.clone());
         self.global = global;
-        self.next_batch = meta_get(&*self.db.db()?, &store::sinks::next_batch_key(name)).max(1);
+        self.status = sink.status_topic.clone().filter(|t| !t.is_empty());
+        self.keys = format!("sink[{position}]");
+        self.next_batch =
+            meta_get(&*self.db.db()?, &store::sinks::next_batch_key(&sink.name)).max(1);
         self.with_sink(index)
+    }
+
+    /// `what` with `[upstream]`'s keys named as this sink's (its `timeout` is the PUBACK
+    /// timeout).
+    fn own_keys(&self, what: String) -> String {
+        if self.keys == "upstream" {
+            return what;
+        }
+        what.replace("upstream.puback_timeout", &format!("{}.timeout", self.keys))
+            .replace("upstream.", &format!("{}.", self.keys))
     }
 
     /// Runs the state machine until shutdown.
@@ -516,6 +535,7 @@ impl Forwarder {
     }
 
     fn fail(&mut self, what: String) -> State {
+        let what = self.own_keys(what);
         self.failures = self.failures.saturating_add(1);
         if what != self.last_error {
             warn!(error = %what, "upstream unavailable; events stay buffered");
@@ -540,7 +560,7 @@ impl Forwarder {
             // slip from turning into a refusal by the client itself.
             max_out: self.cfg.max_packet.0 as usize + 1024,
             inflight: (self.cfg.max_inflight + 4).min(u16::MAX as usize) as u16,
-            will_topic: status_topic(&self.gateway),
+            will_topic: self.status.clone(),
         }
     }
 
@@ -640,15 +660,17 @@ impl Forwarder {
                 .min((r as usize).saturating_sub(1).max(1)),
             None => self.cfg.max_inflight,
         };
-        if conn
-            .client
-            .publish(&status_topic(&self.gateway), true, "online".into(), None)
-            .await
-            .is_err()
-        {
-            return self.fail("client closed before publishing status".into());
+        if let Some(topic) = self.status.clone() {
+            if conn
+                .client
+                .publish(&topic, true, "online".into(), None)
+                .await
+                .is_err()
+            {
+                return self.fail("client closed before publishing status".into());
+            }
+            conn.unsent.push_back(false);
         }
-        conn.unsent.push_back(false);
         if self.failures > 0 || !self.last_error.is_empty() {
             info!(host = %self.host, port = self.port, protocol = self.protocol.name(), "upstream connected again; resending from the store");
         } else {
@@ -901,7 +923,10 @@ impl Forwarder {
         let backlog_left = conn.backlog_read < conn.top || conn.backlog_inflight() > 0;
         let next_label = if waiting_full
             || backlog_left
-            || *self.committed.borrow() > conn.live_read + self.cfg.batch_max_events as u64
+            // (A sink with `topics` reads only what it takes: events of other topics above its
+            // cursor are not a backlog.)
+            || (self.filters.is_none()
+                && *self.committed.borrow() > conn.live_read + self.cfg.batch_max_events as u64)
         {
             UpstreamState::Draining
         } else {
@@ -1196,10 +1221,12 @@ impl Forwarder {
                 _ => break,
             }
         }
-        let _ = conn
-            .client
-            .publish(&status_topic(&self.gateway), true, "offline".into(), None)
-            .await;
+        if let Some(topic) = self.status.clone() {
+            let _ = conn
+                .client
+                .publish(&topic, true, "offline".into(), None)
+                .await;
+        }
         conn.client.disconnect().await;
         // Give the poller a moment to flush the status message and DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_millis(300), async {

@@ -142,6 +142,60 @@ impl DlqRequest {
 /// Sends rule publishes to local subscribers, after the commit.
 pub type Publisher = Box<dyn FnMut(&LocalPublish) + Send>;
 
+/// Why a commit's group stopped taking events (`tidepool_commit_groups_total{ended}`): what
+/// sets how many events share an fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupEnd {
+    /// `commit_max_events` reached.
+    Full,
+    /// Half of `ingest_max_bytes` reached.
+    Bytes,
+    /// `commit_max_wait` passed (the budget has room).
+    Window,
+    /// The budget's wider window passed.
+    BudgetWindow,
+    /// Under a widened window, enough bytes and `commit_max_wait` passed.
+    Early,
+    /// Under a widened window, the senders went quiet ([`super::budget::stalled`]).
+    Stalled,
+    /// Ingest closed (shutdown).
+    Closed,
+    /// No events: acknowledgements or dead letters of the sinks.
+    Acks,
+    /// No events: a rule tick, expiries, a sweep, retained messages.
+    Other,
+}
+
+impl GroupEnd {
+    /// Every value, in the order metrics list them.
+    pub const ALL: [GroupEnd; 9] = [
+        GroupEnd::Full,
+        GroupEnd::Bytes,
+        GroupEnd::Window,
+        GroupEnd::BudgetWindow,
+        GroupEnd::Early,
+        GroupEnd::Stalled,
+        GroupEnd::Closed,
+        GroupEnd::Acks,
+        GroupEnd::Other,
+    ];
+
+    /// Its label.
+    pub fn label(self) -> &'static str {
+        match self {
+            GroupEnd::Full => "full",
+            GroupEnd::Bytes => "bytes",
+            GroupEnd::Window => "window",
+            GroupEnd::BudgetWindow => "budget_window",
+            GroupEnd::Early => "early",
+            GroupEnd::Stalled => "stalled",
+            GroupEnd::Closed => "closed",
+            GroupEnd::Acks => "acks",
+            GroupEnd::Other => "other",
+        }
+    }
+}
+
 /// What one commit is to do, gathered by [`CommitLoop::run`] and turned into one
 /// transaction by [`CommitLoop::write`].
 #[derive(Default)]
@@ -674,10 +728,12 @@ impl CommitLoop {
         {
             self.hold_acks(&mut plan, open);
         }
-        if !plan.group.is_empty() {
+        let ended = if !plan.group.is_empty() {
             let window = self.budget.window((self.mono)());
-            self.fill_group(&mut plan, open, window);
-        }
+            Some(self.fill_group(&mut plan, open, window))
+        } else {
+            None
+        };
         self.take_acks(&mut plan.acked, &mut plan.upstream_dead, open);
         let now = (self.mono)();
         if now >= self.next_tick {
@@ -696,6 +752,12 @@ impl CommitLoop {
             return None;
         }
         plan.tight = below_min_free(self.store.path(), self.cfg.min_free, plan.group_bytes());
+        let ended = ended.unwrap_or(if plan.acked.is_empty() && plan.upstream_dead.is_empty() {
+            GroupEnd::Other
+        } else {
+            GroupEnd::Acks
+        });
+        self.metrics.group_ended(ended);
         Some(plan)
     }
 
@@ -830,7 +892,7 @@ impl CommitLoop {
     /// Adds to the group what arrives within `window` (`commit_max_wait`, or longer while
     /// the write budget is spent), up to `commit_max_events` and half of `ingest_max_bytes`
     /// (so sources can queue the next group meanwhile).
-    fn fill_group(&mut self, plan: &mut Plan, open: &mut Open, window: Duration) {
+    fn fill_group(&mut self, plan: &mut Plan, open: &mut Open, window: Duration) -> GroupEnd {
         let max = self.cfg.commit_max_events;
         let max_bytes = (self.cfg.ingest_max_bytes.0 / 2).max(1) as usize;
         let mut bytes: usize = plan.group.iter().map(Queued::size).sum();
@@ -839,11 +901,19 @@ impl CommitLoop {
         let early = start + self.cfg.commit_max_wait.0;
         let widened = window > self.cfg.commit_max_wait.0;
         let (first, mut last) = (start.into_std(), start.into_std());
+        let mut ended = GroupEnd::Full;
         while plan.group.len() < max && bytes < max_bytes {
-            let mut until = if bytes >= super::budget::ENOUGH {
-                deadline.min(early)
+            let (mut until, mut why) = if bytes >= super::budget::ENOUGH && early < deadline {
+                (early, GroupEnd::Early)
             } else {
-                deadline
+                (
+                    deadline,
+                    if widened {
+                        GroupEnd::BudgetWindow
+                    } else {
+                        GroupEnd::Window
+                    },
+                )
             };
             // While the budget holds the group back: its senders may have stopped (their
             // windows are in it, or their burst is over), and then waiting only slows them.
@@ -851,7 +921,10 @@ impl CommitLoop {
                 // The last group counts too: the tail of a burst is a small group.
                 let size = bytes.max(self.last_group_bytes);
                 if let Some(t) = super::budget::stalled(plan.group.len(), size, first, last) {
-                    until = until.min(tokio::time::Instant::from_std(t));
+                    let t = tokio::time::Instant::from_std(t);
+                    if t < until {
+                        (until, why) = (t, GroupEnd::Stalled);
+                    }
                 }
             }
             let next = match self.input.try_recv() {
@@ -859,7 +932,10 @@ impl CommitLoop {
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
                 Err(mpsc::error::TryRecvError::Empty) => match self.next_event(until) {
                     Some(m) => m,
-                    None => break,
+                    None => {
+                        ended = why;
+                        break;
+                    }
                 },
             };
             match next {
@@ -870,11 +946,16 @@ impl CommitLoop {
                 }
                 None => {
                     open.input = false;
+                    ended = GroupEnd::Closed;
                     break;
                 }
             }
         }
+        if ended == GroupEnd::Full && plan.group.len() < max {
+            ended = GroupEnd::Bytes;
+        }
         self.last_group_bytes = bytes;
+        ended
     }
 
     /// Takes every waiting message of the forwarder: acknowledgements (the highest wins: they
@@ -1109,6 +1190,9 @@ impl CommitLoop {
             for ((sink, reason), (n, first, last)) in by {
                 if sink == super::sinks::UPSTREAM {
                     m.upstream_sizes.dead_lettered.fetch_add(n, Relaxed);
+                } else if let Some(own) = m.mqtt_sinks.lock().unwrap().get(&sink) {
+                    // A `kind = "mqtt"` sink's forwarder keeps its counts on metrics of its own.
+                    own.upstream_sizes.dead_lettered.fetch_add(n, Relaxed);
                 }
                 warn!(
                     sink,

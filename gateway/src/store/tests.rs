@@ -805,3 +805,68 @@ fn a_drained_file_is_compacted_and_keeps_every_buffered_event() {
             .unwrap();
     assert_eq!(r.stored, 1);
 }
+
+#[test]
+fn each_commit_counts_why_its_group_ended() {
+    use crate::store::commit::GroupEnd;
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb"), 1 << 20).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg = buffer_cfg(1 << 30, WhenFull::DropOldest);
+    cfg.commit_max_events = 4;
+    cfg.commit_max_wait = HumanDuration(Duration::from_millis(50));
+    let w = wire(&db, cfg, Box::new(PassThrough), &rt);
+    let (lp, tx, atx, mut crx, metrics) = (w.lp, w.tx, w.atx, w.crx, w.metrics);
+    let runner = std::thread::spawn(move || lp.run());
+    let ended = |e: GroupEnd| metrics.groups_ended[e as usize].load(Relaxed);
+    let wait_committed = |crx: &mut watch::Receiver<u64>, id: u64| {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), crx.wait_for(|c| *c >= id))
+                .await
+                .expect("committed in time")
+                .unwrap();
+        })
+    };
+    // Four at once: the group is full.
+    for n in 1..=4 {
+        tx.blocking_send(Incoming::plain(ev(n, 0)), rt.handle())
+            .unwrap();
+    }
+    wait_committed(&mut crx, 4);
+    assert_eq!(ended(GroupEnd::Full), 1);
+    // One alone: its window runs out.
+    tx.blocking_send(Incoming::plain(ev(5, 0)), rt.handle())
+        .unwrap();
+    wait_committed(&mut crx, 5);
+    assert_eq!(ended(GroupEnd::Window), 1);
+    // An acknowledgement alone.
+    atx.send(ForwardMsg::Ack(ForwardAck {
+        sink: 0,
+        from: 0,
+        up_to: 5,
+        batch: 1,
+    }))
+    .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while ended(GroupEnd::Acks) == 0 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(ended(GroupEnd::Acks), 1);
+    let t = metrics.render();
+    assert!(
+        t.contains("tidepool_commit_groups_total{ended=\"full\"} 1"),
+        "{t}"
+    );
+    assert!(
+        t.contains("tidepool_commit_groups_total{ended=\"stalled\"} 0"),
+        "{t}"
+    );
+    drop((tx, atx));
+    runner.join().unwrap();
+    assert_eq!(stats(&*db.db().unwrap()).unwrap().backlog_events, 0);
+}

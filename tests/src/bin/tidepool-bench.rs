@@ -437,6 +437,19 @@ fn pi_bench() {
 /// 10 / 100 / 1,000 events/s: fsyncs per second, bytes written (`/proc/PID/io`
 /// `write_bytes`) per event and per day, ingest → upstream latency and the sensors'
 /// PUBACK latency, and the commit window (what QoS 0 and serial without acks have at risk).
+/// The `ended` labels of `tidepool_commit_groups_total`.
+const GROUP_ENDS: [&str; 9] = [
+    "full",
+    "bytes",
+    "window",
+    "budget_window",
+    "early",
+    "stalled",
+    "closed",
+    "acks",
+    "other",
+];
+
 fn wear_bench() {
     let up = Mosquitto::start("");
     let counter = Counter::start(up.port);
@@ -453,6 +466,10 @@ fn wear_bench() {
             gw.metric("tidepool_events_committed_total").unwrap_or(0.0),
             Instant::now(),
             gw.metric("tidepool_store_bytes_written_total"),
+            GROUP_ENDS.map(|e| {
+                gw.metric(&format!("tidepool_commit_groups_total{{ended=\"{e}\"}}"))
+                    .unwrap_or(0.0)
+            }),
         )
     };
     println!(
@@ -532,8 +549,26 @@ fn wear_bench() {
             }
             _ => String::new(),
         };
+        // Why each commit's group ended: what sets the events per fsync.
+        let ends: Vec<(&str, f64)> = GROUP_ENDS
+            .iter()
+            .zip(b.5.iter().zip(a.5.iter()))
+            .map(|(e, (y, x))| (*e, y - x))
+            .filter(|(_, n)| *n > 0.0)
+            .collect();
+        let commits: f64 = ends.iter().map(|(_, n)| n).sum();
+        let with_events: f64 = ends
+            .iter()
+            .filter(|(e, _)| !matches!(*e, "acks" | "other"))
+            .map(|(_, n)| n)
+            .sum();
+        let groups = ends
+            .iter()
+            .map(|(e, n)| format!("{e} {:.0}%", n / commits.max(1.0) * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
-            "wear      {:<14} {:>9.2} {:>11.0} {:>10.3} {:>22} {:>22} {:>22}   ({events} events in {secs:.0} s{own})",
+            "wear      {:<14} {:>9.2} {:>11.0} {:>10.3} {:>22} {:>22} {:>22}   ({events} events in {secs:.0} s{own}; {commits:.0} commits: {groups}; {:.1} events per group)",
             format!("{rate:.0} events/s"),
             (b.1 - a.1) / secs,
             per_event,
@@ -545,6 +580,7 @@ fn wear_bench() {
                 sim["ack_p99_ms"].as_f64().unwrap_or(f64::NAN)
             ),
             format!("{:.3} s ({:.0} events)", window, window * rate),
+            events / with_events.max(1.0),
         );
     }
 }
