@@ -419,6 +419,7 @@ reconnect_max = "300ms"
     assert_eq!(b2_status["kind"], "mqtt");
     assert_eq!(b2_status["up"], true, "{b2_status}");
     assert_eq!(b2_status["topics"][0], "sensors/1/#");
+    assert_eq!(b2_status["mqtt"]["protocol"], "5", "{b2_status}");
     assert!(g
         .metric("tidepool_sink_forwarded_events_total{sink=\"b2\"}")
         .is_some_and(|n| n >= want.len() as f64));

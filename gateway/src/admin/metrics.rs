@@ -305,6 +305,9 @@ pub struct SinkInfo {
     /// Failed posts by kind: `retry` (408, 429, 5xx), `credentials` (401, 403), `redirect`
     /// (3xx), `rejected` (other 4xx: dead-lettered), `unreachable` (connect, TLS, timeout).
     pub failures: BTreeMap<&'static str, u64>,
+    /// A `kind = "mqtt"` sink's forwarder in detail (protocol, refusals, drain, packet limit),
+    /// as `/status` shows `[upstream]`'s under `upstream`.
+    pub mqtt: Option<serde_json::Value>,
 }
 
 impl SinkInfo {
@@ -365,7 +368,7 @@ impl SinkInfo {
 
     /// For `/status`.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "name": self.name,
             "kind": self.kind,
             "url": self.url,
@@ -379,7 +382,11 @@ impl SinkInfo {
             "batches": self.batches,
             "dead_lettered": self.dead_lettered,
             "failures": self.failures,
-        })
+        });
+        if let Some(m) = &self.mqtt {
+            v["mqtt"] = m.clone();
+        }
+        v
     }
 }
 
@@ -992,6 +999,14 @@ impl Metrics {
             batches: self.batches_forwarded.load(Relaxed),
             dead_lettered: self.upstream_sizes.dead_lettered.load(Relaxed),
             failures,
+            mqtt: (name != crate::store::sinks::UPSTREAM).then(|| {
+                let mut d = info.json();
+                let z = &self.upstream_sizes;
+                d["packet_limit"] = z.packet_limit.load(Relaxed).into();
+                d["size_refusals"] = z.size_refusals.load(Relaxed).into();
+                d["puback_timeouts"] = z.puback_timeouts.load(Relaxed).into();
+                d
+            }),
         }
     }
 
@@ -1100,7 +1115,7 @@ mod tests {
                 ..SinkInfo::default()
             });
         }
-        m.mqtt_sinks.lock().unwrap().insert("site".into(), own);
+        m.mqtt_sinks.lock().unwrap().insert("site".into(), own.clone());
         let all = m.all_sinks();
         let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["upstream", "site", "fn"]);
@@ -1113,6 +1128,15 @@ mod tests {
         assert_eq!(site.last_error, "connection refused");
         assert_eq!(site.topics, ["a/#"]);
         assert_eq!(all[0].events, 7, "upstream's own counts");
+        own.upstream_sizes.puback_timeouts.store(2, Relaxed);
+        let site = &m.all_sinks()[1];
+        let d = site.mqtt.as_ref().expect("an mqtt sink's details");
+        assert_eq!(d["puback_timeouts"], 2);
+        assert!(
+            m.all_sinks()[0].mqtt.is_none(),
+            "upstream's are under `upstream`"
+        );
+        assert_eq!(site.json()["mqtt"]["puback_timeouts"], 2);
         let t = m.render();
         assert!(
             t.contains("tidepool_sink_forwarded_events_total{sink=\"site\"} 3"),
