@@ -1115,7 +1115,10 @@ mod tests {
                 ..SinkInfo::default()
             });
         }
-        m.mqtt_sinks.lock().unwrap().insert("site".into(), own.clone());
+        m.mqtt_sinks
+            .lock()
+            .unwrap()
+            .insert("site".into(), own.clone());
         let all = m.all_sinks();
         let names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["upstream", "site", "fn"]);
