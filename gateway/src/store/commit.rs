@@ -420,16 +420,25 @@ impl CommitLoop {
         txn.set_durability(Durability::Immediate)
             .expect("no persistent savepoints are used");
         let mut r = super::sinks::register(&txn, specs, self.next_id)?;
+        let mut changed = r.changed;
         {
             // Remembered until the commit that sweeps: a crash before it must not forget it.
             let mut meta = txn.open_table(META)?;
             if r.sweep {
-                meta.insert(SWEEP_KEY, 1)?;
+                if meta.get(SWEEP_KEY)?.is_none() {
+                    meta.insert(SWEEP_KEY, 1)?;
+                    changed = true;
+                }
             } else if meta.get(SWEEP_KEY)?.is_some() && !r.sinks.list.is_empty() {
                 r.sweep = true;
             }
         }
-        txn.commit()?;
+        // Nothing new: no commit, so a start on a full disk (or a worn card) writes nothing.
+        if changed {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
         drop(db);
         if r.sweep {
             info!("store: the sinks changed; events no sink owes any more are released");

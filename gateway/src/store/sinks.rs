@@ -167,6 +167,9 @@ pub struct Registered {
     pub sinks: Sinks,
     /// Whether what the store holds must be swept: a sink went, or changed its filters.
     pub sweep: bool,
+    /// Whether the `sinks` tables changed (else the transaction need not be committed: a
+    /// start on a full disk writes nothing).
+    pub changed: bool,
 }
 
 /// Brings the `sinks` table in line with `configured` (at start, in its own transaction):
@@ -191,27 +194,31 @@ pub fn register(
     }
     let none_known = known.is_empty();
     let mut sweep = false;
+    let mut changed = false;
     let mut list = Vec::new();
     for spec in configured {
         // The first time: what the store holds was buffered for `upstream` (a store from
         // before there were sinks) or, without one, for whichever sinks come first.
         let upstream_configured = configured.iter().any(|s| s.name == UPSTREAM);
-        let start = match known.remove(&spec.name) {
+        let (start, same) = match known.remove(&spec.name) {
             Some(row) => {
                 if row.filters != spec.filters {
                     sweep = true;
                 }
-                row.start
+                (row.start, row.filters == spec.filters)
             }
-            None if none_known && (spec.name == UPSTREAM || !upstream_configured) => 0,
-            None => next_id,
+            None if none_known && (spec.name == UPSTREAM || !upstream_configured) => (0, false),
+            None => (next_id, false),
         };
-        let row = SinkRow {
-            start,
-            filters: spec.filters.clone(),
-        };
-        let bytes = postcard::to_stdvec(&row).expect("a sink row encodes");
-        rows.insert(spec.name.as_str(), bytes.as_slice())?;
+        if !same {
+            let row = SinkRow {
+                start,
+                filters: spec.filters.clone(),
+            };
+            let bytes = postcard::to_stdvec(&row).expect("a sink row encodes");
+            rows.insert(spec.name.as_str(), bytes.as_slice())?;
+            changed = true;
+        }
         let mut acked = BTreeMap::new();
         for r in acks.range((spec.name.as_str(), 0)..=(spec.name.as_str(), u64::MAX))? {
             let (k, v) = r?;
@@ -225,6 +232,7 @@ pub fn register(
     }
     for gone in known.keys() {
         sweep = true;
+        changed = true;
         rows.remove(gone.as_str())?;
         let keys: Vec<u64> = acks
             .range((gone.as_str(), 0)..=(gone.as_str(), u64::MAX))?
@@ -241,6 +249,7 @@ pub fn register(
     Ok(Registered {
         sinks: Sinks { list },
         sweep,
+        changed,
     })
 }
 
@@ -343,6 +352,10 @@ mod tests {
             "the buffered events were waiting for it"
         );
         assert!(!r.sweep);
+        assert!(r.changed);
+        // The same sinks again: nothing to write (a start on a full disk commits nothing).
+        let r = reg(&db, &[SinkSpec::all(UPSTREAM)], 150);
+        assert!(!r.changed && !r.sweep && r.sinks.list[0].start == 0);
         let r = reg(
             &db,
             &[SinkSpec::all(UPSTREAM), spec("fn", &["alerts/#"])],
@@ -354,7 +367,8 @@ mod tests {
         assert!(!r.sweep && r.sinks.multi());
         assert_eq!(load(&db, "fn").unwrap().0, 200);
         // Changed filters, then a sink gone: swept.
-        assert!(reg(&db, &[SinkSpec::all(UPSTREAM), spec("fn", &["a/#"])], 300).sweep);
+        let r = reg(&db, &[SinkSpec::all(UPSTREAM), spec("fn", &["a/#"])], 300);
+        assert!(r.sweep && r.changed);
         let r = reg(&db, &[SinkSpec::all(UPSTREAM)], 400);
         assert!(r.sweep && !r.sinks.multi());
         // Back again: a new sink, from now on.
