@@ -26,6 +26,7 @@ pub mod shutdown;
 pub mod status;
 pub mod store;
 pub mod systemd;
+pub mod tap;
 
 use std::sync::Arc;
 use std::time::Duration;

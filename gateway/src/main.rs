@@ -46,6 +46,32 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DlqCmd,
     },
+    /// A live stream of what goes into the rules and what comes out (through the running
+    /// daemon's admin endpoint): each input, each rule's verdict and the time it took, the
+    /// outputs with their ids, the publishes.
+    Tap {
+        /// Config file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only inputs this rule ran on.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only inputs whose topic matches this MQTT filter.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only inputs whose source starts with this (`mqtt`, `serial:NAME`).
+        #[arg(long)]
+        source: Option<String>,
+        /// Only inputs a rule failed on.
+        #[arg(long)]
+        errors_only: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// One JSON object per line instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rule tools.
     Rules {
         #[command(subcommand)]
@@ -219,6 +245,36 @@ fn main() -> ExitCode {
                     trigger.fire();
                 });
                 match tidepool::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Cmd::Tap {
+            config,
+            rule,
+            topic,
+            source,
+            errors_only,
+            limit,
+            json,
+        } => {
+            let cfg = match load(config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let filter = tidepool::tap::Filter {
+                rule,
+                topic,
+                source,
+                errors_only,
+                limit,
+            };
+            rt.block_on(async {
+                match tidepool::tap::run(&cfg, &filter, json).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("error: {e:#}");

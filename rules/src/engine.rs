@@ -128,6 +128,81 @@ pub struct StepResult {
     pub dropped_by: Vec<String>,
     /// `log(level, msg)` calls: (rule, level, message).
     pub logs: Vec<(String, String, String)>,
+    /// What each rule did to each event, in order; only while tracing ([`RuleSet::set_tracing`]).
+    pub trace: Vec<TraceStep>,
+}
+
+/// One rule's call on one event, for `tidepool tap`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceStep {
+    /// The rule.
+    pub rule: String,
+    /// The event as the rule got it (`id`, `ts`, `source`, `topic`, `payload`, ...).
+    pub input: Value,
+    /// What it did.
+    pub verdict: Verdict,
+    /// What it returned (empty when it dropped the event or failed).
+    pub outputs: Vec<Value>,
+    /// How long the call took, in microseconds.
+    pub micros: u64,
+}
+
+/// What a rule did to an event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Returned it unchanged.
+    Kept,
+    /// Returned one event that differs: the keys that changed (`+key: value`, `-key`,
+    /// `~key: old -> new`; payload keys as `payload.key`).
+    Changed(Vec<String>),
+    /// Returned nothing (`()`).
+    Dropped,
+    /// Returned several events (or none in an array).
+    FannedOut(usize),
+    /// Failed with this error.
+    Failed(String),
+}
+
+impl Verdict {
+    /// Its name: `kept`, `changed`, `dropped`, `fanned_out`, `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verdict::Kept => "kept",
+            Verdict::Changed(_) => "changed",
+            Verdict::Dropped => "dropped",
+            Verdict::FannedOut(_) => "fanned_out",
+            Verdict::Failed(_) => "failed",
+        }
+    }
+}
+
+/// The keys that differ between two JSON values, `path` first: `+k: v`, `-k`, `~k: a -> b`.
+pub fn diff(path: &str, before: &Value, after: &Value, out: &mut Vec<String>) {
+    let key = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (before, after) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, va) in a {
+                match b.get(k) {
+                    None => out.push(format!("-{}", key(k))),
+                    Some(vb) if vb != va => diff(&key(k), va, vb, out),
+                    Some(_) => {}
+                }
+            }
+            for (k, vb) in b {
+                if !a.contains_key(k) {
+                    out.push(format!("+{}: {vb}", key(k)));
+                }
+            }
+        }
+        (a, b) if a != b => out.push(format!("~{path}: {a} -> {b}")),
+        _ => {}
+    }
 }
 
 /// A rule that failed to compile: `file:line:col: message`.
@@ -196,6 +271,49 @@ pub struct RuleSet {
     ctx: Arc<Mutex<CallCtx>>,
     deadline: Arc<AtomicU64>,
     limits: Limits,
+    /// Record a [`TraceStep`] per rule call (someone taps).
+    tracing: bool,
+}
+
+/// What one call did, for the trace.
+fn trace_step(
+    rule: &Rule,
+    given: &Map,
+    outcome: &Result<(bool, bool, Vec<Map>), String>,
+    started: Instant,
+) -> TraceStep {
+    let micros = started.elapsed().as_micros() as u64;
+    let input = to_json(&Dynamic::from_map(given.clone()));
+    let (verdict, outputs) = match outcome {
+        Err(e) => (Verdict::Failed(e.clone()), Vec::new()),
+        Ok((true, _, _)) => (Verdict::Dropped, Vec::new()),
+        Ok((false, single, evs)) => {
+            let outs: Vec<Value> = evs
+                .iter()
+                .map(|m| to_json(&Dynamic::from_map(m.clone())))
+                .collect();
+            let verdict = match (single, outs.as_slice()) {
+                (true, [one]) => {
+                    let mut d = Vec::new();
+                    diff("", &input, one, &mut d);
+                    if d.is_empty() {
+                        Verdict::Kept
+                    } else {
+                        Verdict::Changed(d)
+                    }
+                }
+                _ => Verdict::FannedOut(outs.len()),
+            };
+            (verdict, outs)
+        }
+    };
+    TraceStep {
+        rule: rule.name.clone(),
+        input,
+        verdict,
+        outputs,
+        micros,
+    }
 }
 
 /// Rhai value → JSON (direct, no serde round trip: this runs for every event).
@@ -260,6 +378,7 @@ impl RuleSet {
             ctx,
             deadline,
             limits,
+            tracing: false,
         }
     }
 
@@ -437,6 +556,12 @@ impl RuleSet {
         }
     }
 
+    /// Whether steps record what each rule did ([`StepResult::trace`]): costs a JSON copy of
+    /// each event per rule, so only while someone looks.
+    pub fn set_tracing(&mut self, on: bool) {
+        self.tracing = on;
+    }
+
     /// Runs the chain on one input event, all or nothing (see the module docs).
     pub fn on_event(&mut self, input: RuleEvent) -> StepResult {
         let mut result = StepResult::default();
@@ -481,15 +606,22 @@ impl RuleSet {
                     continue;
                 }
                 let given = ev.clone();
+                let started = self.tracing.then(Instant::now);
                 let outcome = self
                     .call(rule, "on_event", Dynamic::from_map(ev))
                     .and_then(|out| {
                         let dropped = out.is_unit();
-                        outputs(out, &given).map(|evs| (dropped, evs))
+                        let single = out.is_map();
+                        outputs(out, &given).map(|evs| (dropped, single, evs))
                     });
+                if let Some(started) = started {
+                    result
+                        .trace
+                        .push(trace_step(rule, &given, &outcome, started));
+                }
                 match outcome {
-                    Ok((true, _)) => result.dropped_by.push(rule.name.clone()),
-                    Ok((false, evs)) => next.extend(evs),
+                    Ok((true, _, _)) => result.dropped_by.push(rule.name.clone()),
+                    Ok((false, _, evs)) => next.extend(evs),
                     Err(e) => return Err((rule.name.clone(), e)),
                 }
             }

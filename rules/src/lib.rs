@@ -3,7 +3,10 @@
 
 pub mod engine;
 
-pub use engine::{CompileError, DeadLetter, Limits, Publish, Rule, RuleEvent, RuleSet, StepResult};
+pub use engine::{
+    diff, CompileError, DeadLetter, Limits, Publish, Rule, RuleEvent, RuleSet, StepResult,
+    TraceStep, Verdict,
+};
 
 /// Whether `topic` matches the MQTT filter `filter` (`+` one level, `#` the rest), with
 /// MQTT's rule that a leading wildcard does not match `$`-topics.

@@ -3,7 +3,7 @@
 //! | request | loopback, no token | token set | beyond loopback, no token |
 //! |---|---|---|---|
 //! | `GET /metrics`, `/healthz`, `/status` | open | open | open |
-//! | `GET /dlq` (event payloads) | same-origin | + token | refused |
+//! | `GET /dlq`, `GET /tap` (event payloads) | same-origin | + token | refused |
 //! | `POST /dlq/retry`, `/dlq/drop` (writes) | same-origin, JSON | + token | refused |
 //!
 //! *Same-origin*: a request carrying an `Origin` header other than this endpoint's own
@@ -22,7 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 pub enum Access {
     /// Counters and health: `/metrics`, `/healthz`, `/status`.
     Open,
-    /// Reads that show event payloads: `GET /dlq`.
+    /// Reads that show event payloads: `GET /dlq`, `GET /tap`.
     Payload,
     /// Anything that changes state: `POST /dlq/retry`, `POST /dlq/drop`.
     Write,
@@ -31,7 +31,14 @@ pub enum Access {
 impl Access {
     /// The kind of request `method path` is.
     pub fn of(method: &str, path: &str) -> Access {
-        if path == "/dlq" || path.starts_with("/dlq/") {
+        if path == "/tap" {
+            // Payloads, live.
+            if method == "GET" {
+                Access::Payload
+            } else {
+                Access::Write
+            }
+        } else if path == "/dlq" || path.starts_with("/dlq/") {
             if method == "GET" || method == "HEAD" {
                 Access::Payload
             } else {
@@ -254,6 +261,8 @@ mod tests {
         assert_eq!(Access::of("GET", "/metrics"), Access::Open);
         assert_eq!(Access::of("GET", "/status"), Access::Open);
         assert_eq!(Access::of("GET", "/dlq"), Access::Payload);
+        assert_eq!(Access::of("GET", "/tap"), Access::Payload);
+        assert_eq!(Access::of("POST", "/tap"), Access::Write);
         assert_eq!(Access::of("POST", "/dlq/drop"), Access::Write);
         assert_eq!(Access::of("PUT", "/dlq"), Access::Write);
         assert_eq!(Access::of("GET", "/dlqx"), Access::Open);

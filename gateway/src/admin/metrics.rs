@@ -161,6 +161,8 @@ pub struct Metrics {
     /// The metrics of each `kind = "mqtt"` sink's forwarder, by name (their `upstream_*`
     /// fields; its entry in `sinks` is filled from them when read).
     pub mqtt_sinks: Mutex<BTreeMap<String, std::sync::Arc<Metrics>>>,
+    /// `tidepool tap`'s hub: the rule stage's records, for the readers of `/tap`.
+    pub tap: crate::tap::Tap,
     /// Commands from the cloud (`[commands]`); `None` while they are off.
     pub commands: Mutex<Option<CommandsInfo>>,
     /// Bytes the store wrote to its file since start (what the card takes).
@@ -585,6 +587,7 @@ impl Default for Metrics {
             commands: Mutex::new(None),
             sinks: Mutex::new(Vec::new()),
             mqtt_sinks: Mutex::default(),
+            tap: crate::tap::Tap::default(),
             store_bytes_written: AtomicU64::new(0),
             commit_window_us: AtomicU64::new(0),
             wear: super::wear::Wear::default(),
@@ -801,6 +804,13 @@ impl Metrics {
             "Durable (fsynced) store commits.",
         );
         let _ = writeln!(o, "tidepool_fsyncs_total {}", self.fsyncs.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "# HELP tidepool_tap_records_total Tap records handed to `tidepool tap` readers (one per input through the rule stage while someone taps).\n# TYPE tidepool_tap_records_total counter\ntidepool_tap_records_total {}\n# HELP tidepool_tap_lost_total Tap records readers lost by falling behind (events are never held back for them).\n# TYPE tidepool_tap_lost_total counter\ntidepool_tap_lost_total {}\n# HELP tidepool_tap_readers Readers of /tap connected now.\n# TYPE tidepool_tap_readers gauge\ntidepool_tap_readers {}",
+            self.tap.sent.load(Relaxed),
+            self.tap.lost.load(Relaxed),
+            self.tap.readers()
+        );
         let _ = writeln!(
             o,
             "# HELP tidepool_commit_groups_total Commits by why their group stopped taking events: full (commit_max_events), bytes, window (commit_max_wait), budget_window (the write budget's wider window), early (enough bytes under a wide window), stalled (the senders went quiet under a wide window), closed, acks (no events: sink acknowledgements), other (no events: ticks, expiries, sweeps).\n# TYPE tidepool_commit_groups_total counter"

@@ -117,7 +117,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 /// Serves requests until shutdown.
 pub async fn serve(listener: TcpListener, source: StatusSource, mut shutdown: Shutdown) {
     if let Ok(a) = listener.local_addr() {
-        info!(listen = %a, "admin endpoint: /metrics /healthz /status /dlq");
+        info!(listen = %a, "admin endpoint: /metrics /healthz /status /dlq /tap");
     }
     let slots = Arc::new(tokio::sync::Semaphore::new(source.settings.max_connections));
     let mut backoff = Backoff::default();
@@ -332,7 +332,11 @@ async fn handle(mut sock: TcpStream, source: &StatusSource) {
         authorization: req.header("authorization"),
         body: &req.body,
     };
-    let out = match source.settings.policy.decide(access, &facts) {
+    let decision = source.settings.policy.decide(access, &facts);
+    if decision.is_ok() && method == "GET" && path == "/tap" {
+        return tap_stream(sock, query, source).await;
+    }
+    let out = match decision {
         Err(refused) => {
             warn!(
                 method,
@@ -370,6 +374,72 @@ async fn handle(mut sock: TcpStream, source: &StatusSource) {
         debug!("admin reply not taken within {io:?}; closing");
     }
 }
+
+/// `GET /tap`: the rule stage's records as they come, one JSON object a line, until the
+/// reader goes (or its `limit`). A reader that falls behind loses records, told as
+/// `{"lost": N}`; the rule stage never waits for it.
+async fn tap_stream(mut sock: TcpStream, query: &str, source: &StatusSource) {
+    let io = source.settings.io_timeout;
+    let filter = match crate::tap::Filter::parse(query) {
+        Ok(f) => f,
+        Err(e) => {
+            say_and_close(
+                sock,
+                &reply_bytes("400 Bad Request", "text/plain", "", &format!("{e}\n")),
+            );
+            return;
+        }
+    };
+    let tap = &source.metrics.tap;
+    let mut reader = tap.subscribe();
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n";
+    if !matches!(
+        tokio::time::timeout(io, sock.write_all(head.as_bytes())).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
+    info!(filter = %filter.query(), "tap reader connected");
+    let (mut rd, mut wr) = sock.into_split();
+    let mut shown = 0u64;
+    let mut scratch = [0u8; 256];
+    loop {
+        let line = tokio::select! {
+            r = reader.rx.recv() => match r {
+                Ok(rec) if filter.wants(&rec) => rec.to_string(),
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tap.lost.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    serde_json::json!({ "lost": n }).to_string()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+            // The reader closed its end: stop (and stop the rule stage recording for it).
+            n = rd.read(&mut scratch) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            },
+        };
+        // A reader that takes nothing for this long is gone; one that is only slow loses
+        // records meanwhile (above), never holds anything up.
+        let bytes = format!("{line}\n");
+        let write = wr.write_all(bytes.as_bytes());
+        if !matches!(tokio::time::timeout(TAP_STALL, write).await, Ok(Ok(()))) {
+            break;
+        }
+        if !line.starts_with("{\"lost\"") {
+            shown += 1;
+            if filter.limit.is_some_and(|l| shown >= l) {
+                break;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+    info!(shown, "tap reader gone");
+}
+
+/// How long a tap reader may take nothing before it is dropped.
+const TAP_STALL: Duration = Duration::from_secs(300);
 
 /// `ids=1,2,3` from a query string; `None` for all.
 fn parse_ids(query: &str) -> Option<Vec<u64>> {

@@ -78,6 +78,15 @@ pub trait RuleStage: Send {
         Vec::new()
     }
 
+    /// Whether someone taps (`tidepool tap`): the commit loop then reports the ids it gave
+    /// each input's outputs ([`RuleStage::outputs_stored`]).
+    fn tapping(&self) -> bool {
+        false
+    }
+
+    /// The ids the outputs of the last input got, in order (`None`: the buffer refused it).
+    fn outputs_stored(&mut self, _ids: &[Option<u64>]) {}
+
     /// The transaction holding the pending state committed: make it the state, and count
     /// (counters, metrics, log lines) what the steps since the last commit did.
     fn commit_state(&mut self) {}

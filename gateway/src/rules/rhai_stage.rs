@@ -48,6 +48,8 @@ struct Staged {
     failures: Vec<(String, String, String)>,
     /// `log(level, message)` calls: (rule, level, message).
     logs: Vec<(String, String, String)>,
+    /// Tap records of the inputs since the last commit, sent once it holds ([`crate::tap`]).
+    taps: Vec<Value>,
 }
 
 /// The Rhai rule stage.
@@ -96,6 +98,48 @@ fn to_rule_event(e: &Event) -> RuleEvent {
         payload,
         properties: e.properties.clone(),
     }
+}
+
+/// The tap record of one input (see [`crate::tap`]); output ids are filled in once stored.
+fn tap_record(input: &RuleEvent, r: &tidepool_rules::StepResult, outputs: &[RuleEvent]) -> Value {
+    use tidepool_rules::Verdict;
+    let rules: Vec<Value> = r
+        .trace
+        .iter()
+        .map(|s| {
+            let mut v = json!({"rule": s.rule, "verdict": s.verdict.name(), "us": s.micros});
+            match &s.verdict {
+                Verdict::Changed(d) => v["diff"] = json!(d),
+                Verdict::FannedOut(n) => v["count"] = json!(n),
+                Verdict::Failed(e) => v["error"] = json!(e),
+                Verdict::Kept | Verdict::Dropped => {}
+            }
+            v
+        })
+        .collect();
+    json!({
+        "at": now_ms(),
+        "input": {
+            "topic": input.topic,
+            "source": input.source,
+            "ts": input.ts,
+            "payload": input.payload,
+        },
+        "rules": rules,
+        "outputs": outputs
+            .iter()
+            .map(|e| json!({"id": null, "topic": e.topic, "source": e.source, "payload": e.payload}))
+            .collect::<Vec<_>>(),
+        "publishes": r
+            .publishes
+            .iter()
+            .map(|p| json!({"rule": p.rule, "topic": p.topic, "payload": p.payload}))
+            .collect::<Vec<_>>(),
+        "error": r
+            .dead_letters
+            .first()
+            .map(|d| json!({"rule": d.rule, "error": d.error})),
+    })
 }
 
 fn from_rule_event(r: RuleEvent) -> Event {
@@ -251,8 +295,18 @@ fn stem(p: &Path) -> String {
 
 impl RuleStage for RhaiStage {
     fn on_event(&mut self, event: Event, out: &mut StepOutput) {
+        let tapping = self.metrics.tap.active();
         // Events no rule wants pass untouched (and without a JSON round trip).
         if !self.set.rules().iter().any(|r| r.matches(&event.topic)) {
+            if tapping {
+                let input = to_rule_event(&event);
+                let outputs = vec![input.clone()];
+                self.staged.taps.push(tap_record(
+                    &input,
+                    &tidepool_rules::StepResult::default(),
+                    &outputs,
+                ));
+            }
             out.events.push(event);
             return;
         }
@@ -265,8 +319,13 @@ impl RuleStage for RhaiStage {
                     .events_in += 1;
             }
         }
+        self.set.set_tracing(tapping);
+        let input = tapping.then(|| to_rule_event(&event));
         let mut r = self.set.on_event(to_rule_event(&event));
         let events = std::mem::take(&mut r.events);
+        if let Some(input) = input {
+            self.staged.taps.push(tap_record(&input, &r, &events));
+        }
         let n = out.dead_letters.len();
         self.absorb(r, out);
         // A failed input's dead letter carries the event exactly as it came in (its payload
@@ -305,9 +364,27 @@ impl RuleStage for RhaiStage {
             .collect()
     }
 
+    fn tapping(&self) -> bool {
+        self.metrics.tap.active()
+    }
+
+    fn outputs_stored(&mut self, ids: &[Option<u64>]) {
+        let Some(rec) = self.staged.taps.last_mut() else {
+            return;
+        };
+        if let Some(outs) = rec["outputs"].as_array_mut() {
+            for (o, id) in outs.iter_mut().zip(ids) {
+                o["id"] = (*id).into();
+            }
+        }
+    }
+
     fn commit_state(&mut self) {
         self.set.commit_state();
         let staged = std::mem::take(&mut self.staged);
+        for rec in staged.taps {
+            self.metrics.tap.send(rec);
+        }
         for (rule, d) in &staged.counters {
             self.counters.entry(rule.clone()).or_default().add(d);
         }

@@ -1454,11 +1454,20 @@ impl CommitLoop {
                     }
                     continue;
                 }
+                let tapping = self.rules.tapping();
                 self.rules.on_event(m.event.clone(), &mut out);
+                let mut ids = Vec::new();
                 for e in out.events.drain(..) {
+                    let before = t.last_stored;
                     if !append(&self.cfg, &mut events, e, &mut t, &mut report)? {
                         refused[i] = true;
                     }
+                    if tapping {
+                        ids.push(t.last_stored.filter(|id| Some(*id) != before));
+                    }
+                }
+                if tapping {
+                    self.rules.outputs_stored(&ids);
                 }
                 if refused[i] {
                     // Not taken: a resend of it must not be taken for a stored one.

@@ -1,0 +1,277 @@
+//! `tidepool tap` against a running gateway: each rule's verdict and diff for live events,
+//! the filters, and a reader too slow to keep up that loses tap records, never events.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tidepool_e2e::mqtt_clients::mosquitto_pub_ok;
+use tidepool_e2e::*;
+
+const TOPIC: &str = "tidepool/test-gw/events";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn rules(dir: &Path) {
+    for (name, text) in [
+        (
+            "10-mark",
+            r#"fn on_event(e) { if e.payload.v > 5 { e.payload.hot = true; publish("alerts/hot", #{ v: e.payload.v }); } e }"#,
+        ),
+        (
+            "20-drop",
+            r#"fn on_event(e) { if e.payload.v == 0 { return (); } e }"#,
+        ),
+        (
+            "30-fail",
+            r#"fn on_event(e) { if e.payload.v == 3 { throw "three is not allowed"; } e }"#,
+        ),
+        (
+            "40-fan",
+            r#"fn on_event(e) { if e.payload.v == 9 { let b = e; b.topic = "split/b"; [e, b] } else { e } }"#,
+        ),
+    ] {
+        std::fs::write(dir.join(format!("{name}.rhai")), text).unwrap();
+    }
+}
+
+/// `tidepool tap ARGS` on `g`'s config, its stdout piped.
+fn tap(g: &Gateway, args: &[&str]) -> Proc {
+    let child = command("tidepool")
+        .arg("tap")
+        .args(args)
+        .arg("--config")
+        .arg(&g.config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Proc {
+        child: Some(child),
+        name: "tidepool tap".into(),
+    }
+}
+
+/// Waits until `n` tap readers are connected.
+fn readers(g: &Gateway, n: f64) {
+    assert!(
+        g.wait_metric("tidepool_tap_readers", n, WAIT),
+        "{:?} tap readers",
+        g.metric("tidepool_tap_readers")
+    );
+}
+
+/// What a tap with `--limit` printed, once it exited.
+fn output(p: &mut Proc) -> String {
+    let mut c = p.child.take().unwrap();
+    let until = Instant::now() + WAIT;
+    while c.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < until, "tap did not stop at its --limit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut s).unwrap();
+    assert!(c.wait().unwrap().success(), "{s}");
+    s
+}
+
+fn records(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn send(g: &Gateway, vs: &[i64]) {
+    for v in vs {
+        mosquitto_pub_ok(
+            g.mqtt_port,
+            &[
+                "-q",
+                "1",
+                "-t",
+                "sensors/1/v",
+                "-m",
+                &format!("{{\"v\":{v}}}"),
+            ],
+        );
+    }
+}
+
+#[test]
+fn tap_shows_each_rules_verdict_diff_outputs_and_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    rules(dir.path());
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    let mut g = Gateway::start(&format!(
+        "[rules]\ndir = \"{}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nbatch_max_wait = \"100ms\"\n[buffer]\nwrite_budget = \"0\"\n",
+        dir.path().display(),
+        up.port
+    ));
+    assert_eq!(g.metric("tidepool_tap_readers"), Some(0.0));
+    let mut all = tap(&g, &["--json", "--limit", "5"]);
+    readers(&g, 1.0);
+    send(&g, &[0, 3, 7, 9, 1]);
+    let got = records(&output(&mut all));
+    assert_eq!(got.len(), 5, "{got:?}");
+    let by_v = |v: i64| {
+        got.iter()
+            .find(|r| r["input"]["payload"]["v"] == v)
+            .unwrap_or_else(|| panic!("no record for v={v}: {got:?}"))
+    };
+    let verdicts = |r: &serde_json::Value| -> Vec<(String, String)> {
+        r["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["rule"].as_str().unwrap().to_string(),
+                    s["verdict"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+        p.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    };
+    // Dropped by the second rule: the chain stops there, nothing stored.
+    let r = by_v(0);
+    assert_eq!(
+        verdicts(r),
+        pairs(&[("10-mark", "kept"), ("20-drop", "dropped")])
+    );
+    assert_eq!(r["outputs"].as_array().unwrap().len(), 0);
+    // Failed: the error, and the input dead-lettered.
+    let r = by_v(3);
+    assert_eq!(
+        verdicts(r)[2],
+        ("30-fail".to_string(), "failed".to_string())
+    );
+    assert_eq!(r["error"]["rule"], "30-fail");
+    assert!(r["error"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("three is not allowed"));
+    // Changed, with the diff, the publish and the stored output's id.
+    let r = by_v(7);
+    assert_eq!(
+        verdicts(r)[0],
+        ("10-mark".to_string(), "changed".to_string())
+    );
+    assert_eq!(r["rules"][0]["diff"][0], "+payload.hot: true", "{r}");
+    assert!(r["rules"][0]["us"].as_u64().is_some());
+    assert_eq!(r["publishes"][0]["topic"], "alerts/hot");
+    let id = r["outputs"][0]["id"].as_u64().expect("the output's id");
+    // Fanned out into two, each stored with an id of its own.
+    let r = by_v(9);
+    assert_eq!(r["rules"][3]["verdict"], "fanned_out");
+    assert_eq!(r["rules"][3]["count"], 2);
+    let ids: Vec<u64> = r["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    // The ids are the ones upstream got.
+    assert!(sub.wait_for(WAIT, |got| got.len() >= 4));
+    let up_ids: Vec<u64> = sub.snapshot().iter().map(|e| e.id).collect();
+    for i in ids.iter().chain([&id]) {
+        assert!(up_ids.contains(i), "{i} not in {up_ids:?}");
+    }
+
+    // --errors-only, and --rule: only what matches.
+    let mut errors = tap(&g, &["--json", "--errors-only", "--limit", "1"]);
+    let mut fan = tap(&g, &["--json", "--rule", "40-fan", "--limit", "1"]);
+    readers(&g, 2.0);
+    send(&g, &[1, 3]);
+    let e = records(&output(&mut errors));
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0]["input"]["payload"]["v"], 3);
+    let f = records(&output(&mut fan));
+    assert_eq!(f[0]["input"]["payload"]["v"], 1, "v=3 never reached 40-fan");
+    // For people: the verdicts and the diff, on lines of their own.
+    let mut human = tap(&g, &["--topic", "sensors/+/v", "--limit", "1"]);
+    readers(&g, 1.0);
+    send(&g, &[8]);
+    let text = output(&mut human);
+    assert!(text.contains("sensors/1/v {\"v\":8}"), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("10-mark")
+            && l.contains("changed")
+            && l.contains("+payload.hot: true")),
+        "{text}"
+    );
+    assert!(text.contains("publish alerts/hot"), "{text}");
+    assert!(text.contains("→ id "), "{text}");
+    // Nobody taps: nothing is recorded.
+    readers(&g, 0.0);
+    let before = g.metric("tidepool_tap_records_total").unwrap();
+    send(&g, &[2]);
+    assert!(sub.wait_for(WAIT, |got| got.iter().any(|e| e.payload["v"] == 2)));
+    assert_eq!(g.metric("tidepool_tap_records_total").unwrap(), before);
+    g.proc.terminate(Duration::from_secs(10));
+}
+
+/// A tap whose reader takes nothing (its output is never read) while 30,000 events go
+/// through: the reader loses records, is told how many, and every event still arrives.
+#[test]
+fn a_slow_tap_reader_loses_tap_records_never_events() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("10-mark.rhai"),
+        r#"fn on_event(e) { e.payload.seen = true; e }"#,
+    )
+    .unwrap();
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    let mut g = Gateway::start(&format!(
+        "[rules]\ndir = \"{}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nbatch_max_wait = \"100ms\"\n[buffer]\nwrite_budget = \"0\"\n",
+        dir.path().display(),
+        up.port
+    ));
+    let mut slow = tap(&g, &["--json"]);
+    readers(&g, 1.0);
+    let n = 30_000;
+    let sim = run_sim(g.mqtt_port, n, 0.0, &["--sensors", "10"]);
+    assert_eq!(sim["acked"], n);
+    assert!(
+        sub.wait_for(Duration::from_secs(60), |got| got.len() as u64 >= n),
+        "{} of {n} arrived",
+        sub.snapshot().len()
+    );
+    assert_eq!(
+        check_complete(&sub.snapshot(), n).0,
+        n,
+        "every event arrived"
+    );
+    // Reading at last: the stream says what was lost.
+    let mut c = slow.child.take().unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let until = Instant::now() + WAIT;
+    let mut told = 0u64;
+    let mut line = String::new();
+    while told == 0 && Instant::now() < until {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        told += v["lost"].as_u64().unwrap_or(0);
+    }
+    assert!(told > 0, "a {{\"lost\": N}} line");
+    // Counted as the reader took the news.
+    assert!(
+        g.metric("tidepool_tap_lost_total").unwrap_or(0.0) > 0.0,
+        "the reader fell behind: {:?} records sent, {:?} lost",
+        g.metric("tidepool_tap_records_total"),
+        g.metric("tidepool_tap_lost_total")
+    );
+
+    let _ = c.kill();
+    let _ = c.wait();
+    g.proc.terminate(Duration::from_secs(10));
+}
