@@ -72,11 +72,11 @@ impl Tap {
         self.readers.load(Relaxed) > 0
     }
 
-    /// Hands a record to every reader; never waits.
+    /// Hands a record to every reader; never waits. Counted whether or not a reader is
+    /// still there to take it (records are only built while one is).
     pub fn send(&self, r: Value) {
-        if self.tx.send(Arc::new(r)).is_ok() {
-            self.sent.fetch_add(1, Relaxed);
-        }
+        self.sent.fetch_add(1, Relaxed);
+        let _ = self.tx.send(Arc::new(r));
     }
 
     /// Readers connected now.
@@ -204,7 +204,6 @@ fn percent_decode(s: &str) -> String {
                 }
                 _ => out.push(b'%'),
             },
-            b'+' => out.push(b' '),
             c => out.push(c),
         }
         i += 1;
@@ -252,7 +251,10 @@ pub fn render(r: &Value) -> String {
                         .join("  ")
                 })
                 .unwrap_or_default(),
-            "fanned_out" => format!("into {}", s["count"]),
+            "fanned_out" => match s["count"].as_u64() {
+                Some(0) => "into none".to_string(),
+                n => format!("into {}", n.unwrap_or(0)),
+            },
             "failed" => s["error"].as_str().unwrap_or("").to_string(),
             _ => String::new(),
         };
@@ -355,6 +357,9 @@ pub async fn run(cfg: &crate::config::Config, filter: &Filter, json: bool) -> an
         if r.read_line(&mut line).await? == 0 {
             break;
         }
+        if line.trim().is_empty() {
+            continue; // the daemon's keep-alive
+        }
         let text = if json {
             line.clone()
         } else {
@@ -404,7 +409,12 @@ mod tests {
         let r = rec();
         assert!(Filter::default().wants(&r));
         assert!(!f.wants(&r), "no error in it");
-        let f = Filter::parse("rule=10-alert&source=mq&topic=sensors/%2B/t").unwrap();
+        let f = Filter::parse("rule=10-alert&source=mq&topic=sensors/+/t").unwrap();
+        assert_eq!(
+            f.topic.as_deref(),
+            Some("sensors/+/t"),
+            "a raw + is the wildcard"
+        );
         assert!(f.wants(&r));
         assert!(!Filter::parse("rule=20-other").unwrap().wants(&r));
         assert!(!Filter::parse("source=serial").unwrap().wants(&r));

@@ -157,7 +157,8 @@ pub enum Verdict {
     Changed(Vec<String>),
     /// Returned nothing (`()`).
     Dropped,
-    /// Returned several events (or none in an array).
+    /// Returned an array of several events, or of none (then nothing goes on, though it
+    /// is not counted as a drop).
     FannedOut(usize),
     /// Failed with this error.
     Failed(String),
@@ -279,21 +280,22 @@ pub struct RuleSet {
 fn trace_step(
     rule: &Rule,
     given: &Map,
-    outcome: &Result<(bool, bool, Vec<Map>), String>,
+    outcome: &Result<(bool, Vec<Map>), String>,
     started: Instant,
 ) -> TraceStep {
     let micros = started.elapsed().as_micros() as u64;
     let input = to_json(&Dynamic::from_map(given.clone()));
     let (verdict, outputs) = match outcome {
         Err(e) => (Verdict::Failed(e.clone()), Vec::new()),
-        Ok((true, _, _)) => (Verdict::Dropped, Vec::new()),
-        Ok((false, single, evs)) => {
+        Ok((true, _)) => (Verdict::Dropped, Vec::new()),
+        Ok((false, evs)) => {
             let outs: Vec<Value> = evs
                 .iter()
                 .map(|m| to_json(&Dynamic::from_map(m.clone())))
                 .collect();
-            let verdict = match (single, outs.as_slice()) {
-                (true, [one]) => {
+            // One event back, as itself or in an array of one: kept or changed.
+            let verdict = match outs.as_slice() {
+                [one] => {
                     let mut d = Vec::new();
                     diff("", &input, one, &mut d);
                     if d.is_empty() {
@@ -611,8 +613,7 @@ impl RuleSet {
                     .call(rule, "on_event", Dynamic::from_map(ev))
                     .and_then(|out| {
                         let dropped = out.is_unit();
-                        let single = out.is_map();
-                        outputs(out, &given).map(|evs| (dropped, single, evs))
+                        outputs(out, &given).map(|evs| (dropped, evs))
                     });
                 if let Some(started) = started {
                     result
@@ -620,8 +621,8 @@ impl RuleSet {
                         .push(trace_step(rule, &given, &outcome, started));
                 }
                 match outcome {
-                    Ok((true, _, _)) => result.dropped_by.push(rule.name.clone()),
-                    Ok((false, _, evs)) => next.extend(evs),
+                    Ok((true, _)) => result.dropped_by.push(rule.name.clone()),
+                    Ok((false, evs)) => next.extend(evs),
                     Err(e) => return Err((rule.name.clone(), e)),
                 }
             }
@@ -973,6 +974,51 @@ pub fn iso8601(ms: i64) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn tracing_records_each_rules_verdict_only_when_asked() {
+        let mut s = set(&[
+            ("10-wrap", "fn on_event(e) { [e] }"),
+            (
+                "20-move",
+                "fn on_event(e) { e.topic = \"b\"; e.payload.x.y = 2; e }",
+            ),
+            (
+                "30-none",
+                "fn on_event(e) { if e.payload.v == 1 { [] } else { e } }",
+            ),
+        ]);
+        let input = || ev("a", json!({"v": 0, "x": {"y": 1}}));
+        assert!(s.on_event(input()).trace.is_empty(), "off unless asked");
+        s.set_tracing(true);
+        let r = s.on_event(input());
+        let v: Vec<_> = r
+            .trace
+            .iter()
+            .map(|t| (t.rule.as_str(), &t.verdict))
+            .collect();
+        assert_eq!(
+            v[0],
+            ("10-wrap", &Verdict::Kept),
+            "an array of one is the event itself"
+        );
+        assert_eq!(
+            v[1],
+            (
+                "20-move",
+                &Verdict::Changed(vec![
+                    "~payload.x.y: 1 -> 2".into(),
+                    "~topic: \"a\" -> \"b\"".into()
+                ])
+            )
+        );
+        assert_eq!(v[2], ("30-none", &Verdict::Kept));
+        assert_eq!(r.trace[1].input["topic"], "a");
+        assert_eq!(r.trace[1].outputs[0]["topic"], "b");
+        let r = s.on_event(ev("a", json!({"v": 1, "x": {"y": 1}})));
+        assert_eq!(r.trace[2].verdict, Verdict::FannedOut(0));
+        assert!(r.events.is_empty());
+    }
 
     fn set(rules: &[(&str, &str)]) -> RuleSet {
         let mut s = RuleSet::empty(Limits::default());

@@ -399,6 +399,9 @@ async fn tap_stream(mut sock: TcpStream, query: &str, source: &StatusSource) {
     ) {
         return;
     }
+    if filter.limit == Some(0) {
+        return;
+    }
     info!(filter = %filter.query(), "tap reader connected");
     let (mut rd, mut wr) = sock.into_split();
     let mut shown = 0u64;
@@ -419,6 +422,10 @@ async fn tap_stream(mut sock: TcpStream, query: &str, source: &StatusSource) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => continue,
             },
+            // Quiet: a blank line, so a reader that went away without a word (a laptop
+            // put to sleep) is found out by the failing write, in TCP's retransmission time,
+            // rather than holding a slot, and the rule stage recording, for ever.
+            _ = tokio::time::sleep(TAP_KEEPALIVE) => String::new(),
         };
         // A reader that takes nothing for this long is gone; one that is only slow loses
         // records meanwhile (above), never holds anything up.
@@ -427,7 +434,7 @@ async fn tap_stream(mut sock: TcpStream, query: &str, source: &StatusSource) {
         if !matches!(tokio::time::timeout(TAP_STALL, write).await, Ok(Ok(()))) {
             break;
         }
-        if !line.starts_with("{\"lost\"") {
+        if !line.is_empty() && !line.starts_with("{\"lost\"") {
             shown += 1;
             if filter.limit.is_some_and(|l| shown >= l) {
                 break;
@@ -437,6 +444,9 @@ async fn tap_stream(mut sock: TcpStream, query: &str, source: &StatusSource) {
     let _ = wr.shutdown().await;
     info!(shown, "tap reader gone");
 }
+
+/// A quiet tap stream sends a blank line this often.
+const TAP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// How long a tap reader may take nothing before it is dropped.
 const TAP_STALL: Duration = Duration::from_secs(300);

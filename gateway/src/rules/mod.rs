@@ -78,8 +78,9 @@ pub trait RuleStage: Send {
         Vec::new()
     }
 
-    /// Whether someone taps (`tidepool tap`): the commit loop then reports the ids it gave
-    /// each input's outputs ([`RuleStage::outputs_stored`]).
+    /// Whether the last [`RuleStage::on_event`] made a tap record (`tidepool tap`): the
+    /// commit loop then reports the ids it gave that input's outputs
+    /// ([`RuleStage::outputs_stored`]).
     fn tapping(&self) -> bool {
         false
     }

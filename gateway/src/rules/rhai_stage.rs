@@ -65,6 +65,8 @@ pub struct RhaiStage {
     /// Rule files whose latest version failed to compile: name → error.
     refused: BTreeMap<String, String>,
     last_scan: Instant,
+    /// The last input made a tap record.
+    tapped: bool,
 }
 
 /// The engine limits configured in `[rules]`.
@@ -170,6 +172,7 @@ impl RhaiStage {
             errors_log: ErrorLog::default(),
             refused: BTreeMap::new(),
             last_scan: Instant::now(),
+            tapped: false,
         };
         stage.scan();
         let names: Vec<String> = stage.set.rules().iter().map(|r| r.name.clone()).collect();
@@ -295,7 +298,9 @@ fn stem(p: &Path) -> String {
 
 impl RuleStage for RhaiStage {
     fn on_event(&mut self, event: Event, out: &mut StepOutput) {
+        // Read once per input: the record and the commit loop's ids agree on it.
         let tapping = self.metrics.tap.active();
+        self.tapped = tapping;
         // Events no rule wants pass untouched (and without a JSON round trip).
         if !self.set.rules().iter().any(|r| r.matches(&event.topic)) {
             if tapping {
@@ -365,7 +370,7 @@ impl RuleStage for RhaiStage {
     }
 
     fn tapping(&self) -> bool {
-        self.metrics.tap.active()
+        self.tapped
     }
 
     fn outputs_stored(&mut self, ids: &[Option<u64>]) {

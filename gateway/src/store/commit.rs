@@ -1454,8 +1454,9 @@ impl CommitLoop {
                     }
                     continue;
                 }
-                let tapping = self.rules.tapping();
                 self.rules.on_event(m.event.clone(), &mut out);
+                // Asked after the step: whether it made a tap record (one read of the flag).
+                let tapping = self.rules.tapping();
                 let mut ids = Vec::new();
                 for e in out.events.drain(..) {
                     let before = t.last_stored;
