@@ -97,17 +97,24 @@ fn send(g: &Gateway, vs: &[i64]) {
     }
 }
 
+/// A gateway with the rules in `dir`, an upstream Mosquitto and a subscriber on it; no write
+/// budget, so a commit never waits.
+fn gateway(dir: &Path) -> (Mosquitto, Subscriber, Gateway) {
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    let g = Gateway::start(&format!(
+        "[rules]\ndir = \"{}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nbatch_max_wait = \"100ms\"\n[buffer]\nwrite_budget = \"0\"\n",
+        dir.display(),
+        up.port
+    ));
+    (up, sub, g)
+}
+
 #[test]
 fn tap_shows_each_rules_verdict_diff_outputs_and_filters() {
     let dir = tempfile::tempdir().unwrap();
     rules(dir.path());
-    let up = Mosquitto::start("");
-    let sub = Subscriber::start(up.port, &[TOPIC]);
-    let mut g = Gateway::start(&format!(
-        "[rules]\ndir = \"{}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nbatch_max_wait = \"100ms\"\n[buffer]\nwrite_budget = \"0\"\n",
-        dir.path().display(),
-        up.port
-    ));
+    let (_up, sub, mut g) = gateway(dir.path());
     assert_eq!(g.metric("tidepool_tap_readers"), Some(0.0));
     let mut all = tap(&g, &["--json", "--limit", "5"]);
     readers(&g, 1.0);
@@ -226,13 +233,7 @@ fn a_slow_tap_reader_loses_tap_records_never_events() {
         r#"fn on_event(e) { e.payload.seen = true; e }"#,
     )
     .unwrap();
-    let up = Mosquitto::start("");
-    let sub = Subscriber::start(up.port, &[TOPIC]);
-    let mut g = Gateway::start(&format!(
-        "[rules]\ndir = \"{}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nbatch_max_wait = \"100ms\"\n[buffer]\nwrite_budget = \"0\"\n",
-        dir.path().display(),
-        up.port
-    ));
+    let (_up, sub, mut g) = gateway(dir.path());
     let mut slow = tap(&g, &["--json"]);
     readers(&g, 1.0);
     // Records of ~2 KiB (1 KiB payloads, in and out): far more than socket buffers and a
