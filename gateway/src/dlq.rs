@@ -191,12 +191,16 @@ pub async fn list(
 fn print_row(out: &mut impl Write, r: &Value) -> std::io::Result<()> {
     writeln!(
         out,
-        "#{}  rule {}: {}\n     {} {}",
+        "#{}  rule {}: {}\n     {} {}{}",
         r["id"],
         r["rule"].as_str().unwrap_or(""),
         r["error"].as_str().unwrap_or(""),
         r["event"]["topic"].as_str().unwrap_or(""),
-        r["event"]["payload"]
+        r["event"]["payload"],
+        r["trace"]
+            .as_str()
+            .map(|t| format!("  trace {t}"))
+            .unwrap_or_default()
     )
 }
 

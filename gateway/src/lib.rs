@@ -198,11 +198,12 @@ pub async fn start_on(
             retained_log = Some((log, acks));
             local_out = Some(commands::Local::Embedded(broker.clone()));
             Box::new(move |p: &rules::LocalPublish| {
-                broker.publish(
+                broker.publish_with(
                     &p.topic,
                     bytes::Bytes::from(p.payload.clone()),
                     broker::packet::Qos::AtLeastOnce,
                     false,
+                    vec![("trace".into(), p.trace.to_string())],
                 );
             })
         }

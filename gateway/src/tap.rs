@@ -233,11 +233,15 @@ pub fn render(r: &Value) -> String {
     let input = &r["input"];
     let _ = writeln!(
         o,
-        "{} {} {} {}",
+        "{} {} {} {}{}",
         tidepool_rules::engine::iso8601(r["at"].as_i64().unwrap_or(0)),
         input["source"].as_str().unwrap_or("?"),
         input["topic"].as_str().unwrap_or("?"),
-        input["payload"]
+        input["payload"],
+        r["trace"]
+            .as_str()
+            .map(|t| format!("  trace {t}"))
+            .unwrap_or_default()
     );
     for s in r["rules"].as_array().into_iter().flatten() {
         let verdict = s["verdict"].as_str().unwrap_or("?");

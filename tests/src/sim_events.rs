@@ -17,6 +17,7 @@ pub fn sim_events(seed: u64, first_id: u64, n: u64, t0: i64) -> Vec<tidepool::ev
                 source: "mqtt".into(),
                 topic,
                 payload: tidepool::event::Payload::Json(v.to_string()),
+                trace: Default::default(),
                 properties: Vec::new(),
             }
         })

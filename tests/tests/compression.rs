@@ -32,6 +32,7 @@ fn events() -> Vec<Event> {
         source: "serial:uart0".into(),
         topic: "serial/uart0".into(),
         payload: Payload::Bytes(vec![0, 0xff, 0x1f, 0x8b, b'\n']),
+        trace: Default::default(),
         properties: Vec::new(),
     });
     events

@@ -1,12 +1,13 @@
 //! `tidepool tap` against a running gateway: each rule's verdict and diff for live events,
-//! the filters, and a reader too slow to keep up that loses tap records, never events.
+//! the filters, and a reader too slow to keep up that loses tap records, never events. Trace
+//! ids from input to outputs, publishes and dead letters.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tidepool_e2e::mqtt_clients::mosquitto_pub_ok;
+use tidepool_e2e::mqtt_clients::{mosquitto_pub_ok, MosqSub};
 use tidepool_e2e::*;
 
 const TOPIC: &str = "tidepool/test-gw/events";
@@ -83,18 +84,18 @@ fn records(text: &str) -> Vec<serde_json::Value> {
 
 fn send(g: &Gateway, vs: &[i64]) {
     for v in vs {
-        mosquitto_pub_ok(
-            g.mqtt_port,
-            &[
-                "-q",
-                "1",
-                "-t",
-                "sensors/1/v",
-                "-m",
-                &format!("{{\"v\":{v}}}"),
-            ],
-        );
+        send_one(g, *v, None);
     }
+}
+
+/// One event on `sensors/1/v`; over MQTT 5 with the user property `trace` when one is given.
+fn send_one(g: &Gateway, v: i64, trace: Option<&str>) {
+    let payload = format!("{{\"v\":{v}}}");
+    let mut args = vec!["-q", "1", "-t", "sensors/1/v", "-m", &payload];
+    if let Some(t) = trace {
+        args.extend(["-V", "mqttv5", "-D", "publish", "user-property", "trace", t]);
+    }
+    mosquitto_pub_ok(g.mqtt_port, &args);
 }
 
 /// A gateway with the rules in `dir`, an upstream Mosquitto and a subscriber on it; no write
@@ -283,5 +284,126 @@ fn a_slow_tap_reader_loses_tap_records_never_events() {
 
     let _ = c.kill();
     let _ = c.wait();
+    g.proc.terminate(Duration::from_secs(10));
+}
+
+fn is_trace(t: &str) -> bool {
+    t.len() == 16
+        && t.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Trace ids from input to output, publish and dead letter: given at ingest (or taken from the
+/// sensor), kept by both outputs of a fan-out, by the rule's publish and by the dead letter,
+/// shown by `tap` and `dlq list`, and the same upstream after a `kill -9` (stored, not made up
+/// again on the way out).
+#[test]
+fn trace_ids_follow_an_input_to_its_outputs_publish_and_dead_letter_across_kill9() {
+    let dir = tempfile::tempdir().unwrap();
+    rules(dir.path());
+    let up = Mosquitto::start("");
+    let sub = Subscriber::start(up.port, &[TOPIC]);
+    // Upstream unreachable until after the kill: everything waits in the store.
+    let proxy = Proxy::start(up.port);
+    proxy.set_open(false);
+    let mut g = Gateway::start(&format!(
+        "[rules]\ndir = \"{}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{}\"\nbatch_max_wait = \"100ms\"\nreconnect_max = \"500ms\"\n[buffer]\nwrite_budget = \"0\"\n",
+        dir.path().display(),
+        proxy.port
+    ));
+    let alerts = MosqSub::start(
+        g.mqtt_port,
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            "alerts/#",
+            "-F",
+            "ALERT\t%P\t%p",
+        ],
+    );
+    let mut t = tap(&g, &["--json", "--limit", "4"]);
+    readers(&g, 1.0);
+    // Fanned out (v = 9) and published (v > 5), with a trace the sensor brought.
+    send_one(&g, 9, Some("00000000000000a9"));
+    // Dead-lettered, with a trace the sensor brought.
+    send_one(&g, 3, Some("00000000000000A3"));
+    // Published, and kept: traces of the gateway's own.
+    send(&g, &[7, 1]);
+    let recs = records(&output(&mut t));
+    let trace_of = |v: i64| -> String {
+        let r = recs
+            .iter()
+            .find(|r| r["input"]["payload"]["v"] == v)
+            .unwrap_or_else(|| panic!("no tap record for v={v}: {recs:?}"));
+        r["trace"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{r}"))
+            .to_string()
+    };
+    assert_eq!(
+        trace_of(9),
+        "00000000000000a9",
+        "the sensor's trace is kept"
+    );
+    assert_eq!(trace_of(3), "00000000000000a3");
+    let (t7, t1) = (trace_of(7), trace_of(1));
+    assert!(is_trace(&t7) && is_trace(&t1), "{t7} {t1}");
+    assert_ne!(t7, t1, "each input its own");
+
+    // The publishes carry their input's trace as an MQTT 5 user property.
+    let got = alerts
+        .wait_line("\"v\":7", WAIT)
+        .unwrap_or_else(|| alerts.output());
+    assert!(got.contains(&format!("trace:{t7}")), "{got}");
+    let got = alerts
+        .wait_line("\"v\":9", WAIT)
+        .unwrap_or_else(|| alerts.output());
+    assert!(got.contains("trace:00000000000000a9"), "{got}");
+
+    // Four outputs stored (two of the fan-out), then the gateway dies.
+    assert!(
+        g.wait_metric("tidepool_backlog_events", 4.0, WAIT),
+        "{:?} stored",
+        g.metric("tidepool_backlog_events")
+    );
+    g.proc.kill9();
+    g.launch();
+    proxy.set_open(true);
+    assert!(
+        sub.wait_for(WAIT, |got| got.len() >= 4),
+        "{} of 4 arrived",
+        sub.snapshot().len()
+    );
+    let up: Vec<(String, i64, String)> = sub
+        .snapshot()
+        .iter()
+        .map(|e| {
+            (
+                e.event["topic"].as_str().unwrap().to_string(),
+                e.payload["v"].as_i64().unwrap(),
+                e.event["trace"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let a9 = "00000000000000a9".to_string();
+    for want in [
+        ("sensors/1/v".to_string(), 9, a9.clone()),
+        ("split/b".to_string(), 9, a9.clone()),
+        ("sensors/1/v".to_string(), 7, t7.clone()),
+        ("sensors/1/v".to_string(), 1, t1.clone()),
+    ] {
+        assert!(up.contains(&want), "{want:?} not in {up:?}");
+    }
+    assert_eq!(up.len(), 4, "{up:?}");
+
+    // The dead letter keeps it, stored.
+    let out = g.cli(&["dlq", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["trace"], "00000000000000a3", "{list}");
+    let text = String::from_utf8(g.cli(&["dlq", "list"]).stdout).unwrap();
+    assert!(text.contains("trace 00000000000000a3"), "{text}");
     g.proc.terminate(Duration::from_secs(10));
 }

@@ -82,6 +82,7 @@ pub fn dead_letter_json(id: u64, d: &crate::rules::DeadLetter) -> serde_json::Va
         "rule": d.rule,
         "error": d.error,
         "at": d.at,
+        "trace": d.event.trace,
         "event": { "ts": d.event.ts, "source": d.event.source, "topic": d.event.topic, "payload": payload },
     })
 }

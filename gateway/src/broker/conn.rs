@@ -702,6 +702,15 @@ impl Conn {
         });
         let mut event = Event::new(self.source.clone(), p.topic, Payload::from_raw(&p.payload));
         event.properties = p.props.user;
+        // A sensor (or a gateway before this one) that already has a trace id keeps it.
+        if let Some(t) = event
+            .properties
+            .iter()
+            .find(|(k, _)| k == "trace")
+            .and_then(|(_, v)| crate::event::Trace::parse(v))
+        {
+            event.trace = t;
+        }
         let incoming = Incoming {
             event,
             ack: Some(ack),

@@ -283,12 +283,28 @@ impl Broker {
     /// Publishes to local subscribers (rule `publish()`: QoS 1, not retained); returns the
     /// sessions it was queued to.
     pub fn publish(&self, topic: &str, payload: Bytes, qos: Qos, retain: bool) -> usize {
+        self.publish_with(topic, payload, qos, retain, Vec::new())
+    }
+
+    /// [`Broker::publish`] with MQTT 5 user properties (3.1.1 subscribers get the message
+    /// without them).
+    pub fn publish_with(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        qos: Qos,
+        retain: bool,
+        user: Vec<(String, String)>,
+    ) -> usize {
         let msg = Message {
             topic: topic.into(),
             payload,
             qos,
             retain,
-            props: Arc::new(PubProps::default()),
+            props: Arc::new(PubProps {
+                user,
+                ..PubProps::default()
+            }),
             expires_at: None,
             from: None,
         };

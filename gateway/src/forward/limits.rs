@@ -466,6 +466,7 @@ mod tests {
             source: "mqtt".into(),
             topic: "sensors/1/temperature".into(),
             payload: Payload::Json(format!("\"{}\"", "x".repeat(payload_len))),
+            trace: Default::default(),
             properties: Vec::new(),
         }
     }

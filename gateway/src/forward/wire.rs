@@ -1,6 +1,6 @@
 //! The upstream wire format (CONTRACT.md, "Upstream wire format"); pure, no I/O.
 //!
-//! JSON: `{"gateway":G,"batch":N,"events":[{"id","ts","source","topic","payload"}...]}`, with
+//! JSON: `{"gateway":G,"batch":N,"events":[{"id","trace","ts","source","topic","payload"}...]}`, with
 //! `"backlog":true` after `batch` in a batch of backlog (stored before the connection came up).
 //! A JSON payload is embedded as it was received; any other payload is a base64 string with
 //! `"payload_encoding":"base64"` beside it. postcard: [`WireBatch`], the same fields.
@@ -13,9 +13,10 @@ use crate::event::{Event, Payload};
 
 /// The version of the postcard wire encoding, its first field. Version 1 is the first with
 /// the field (a decoder seeing another value must not guess at the rest); version 2 adds
-/// `backlog` after the events. Live batches are still written as version 1, byte for byte as
-/// before; backlog batches as version 2. [`decode_postcard`] reads both.
-pub const WIRE_VERSION: u32 = 2;
+/// `backlog` after the events; version 3, written for every batch now, adds each event's
+/// `trace` after its payload (and always has the `backlog` byte). [`decode_postcard`] reads
+/// all three (events of versions 1 and 2 have no trace).
+pub const WIRE_VERSION: u32 = 3;
 
 /// A batch in postcard encoding (and the shape the JSON follows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,13 +33,47 @@ pub struct WireBatch {
     pub backlog: bool,
 }
 
-/// Version 1 of [`WireBatch`]: no `backlog`.
+/// An event of versions 1 and 2: no `trace`.
+#[derive(Serialize, Deserialize)]
+struct EventV1 {
+    id: u64,
+    ts: i64,
+    source: String,
+    topic: String,
+    payload: Payload,
+}
+
+impl From<EventV1> for Event {
+    fn from(e: EventV1) -> Event {
+        Event {
+            id: e.id,
+            ts: e.ts,
+            source: e.source,
+            topic: e.topic,
+            payload: e.payload,
+            trace: crate::event::Trace::NONE,
+            properties: Vec::new(),
+        }
+    }
+}
+
+/// Version 1 of [`WireBatch`]: no `backlog`, no traces.
 #[derive(Serialize, Deserialize)]
 struct WireBatchV1 {
     version: u32,
     gateway: String,
     batch: u64,
-    events: Vec<Event>,
+    events: Vec<EventV1>,
+}
+
+/// Version 2 of [`WireBatch`]: no traces.
+#[derive(Serialize, Deserialize)]
+struct WireBatchV2 {
+    version: u32,
+    gateway: String,
+    batch: u64,
+    events: Vec<EventV1>,
+    backlog: bool,
 }
 
 /// Decoding a postcard batch failed.
@@ -62,8 +97,18 @@ pub fn decode_postcard(bytes: &[u8]) -> Result<WireBatch, WireError> {
                 version: v1.version,
                 gateway: v1.gateway,
                 batch: v1.batch,
-                events: v1.events,
+                events: v1.events.into_iter().map(Event::from).collect(),
                 backlog: false,
+            })
+        }
+        2 => {
+            let v2: WireBatchV2 = postcard::from_bytes(bytes)?;
+            Ok(WireBatch {
+                version: v2.version,
+                gateway: v2.gateway,
+                batch: v2.batch,
+                events: v2.events.into_iter().map(Event::from).collect(),
+                backlog: v2.backlog,
             })
         }
         WIRE_VERSION => Ok(postcard::from_bytes(bytes)?),
@@ -115,8 +160,7 @@ impl BatchEncoder {
                 buf
             }
             Encoding::Postcard => {
-                let version: u32 = if backlog { WIRE_VERSION } else { 1 };
-                postcard::to_stdvec(&(version, gateway, batch)).expect("postcard to Vec")
+                postcard::to_stdvec(&(WIRE_VERSION, gateway, batch)).expect("postcard to Vec")
             }
         };
         BatchEncoder {
@@ -142,13 +186,9 @@ impl BatchEncoder {
         match self.encoding {
             // `,` between events, `]}` at the end.
             Encoding::Json => self.head.len() + usize::from(count > 1 && extra > 0) + extra + 2,
-            // The events' count before them; in version 2 `backlog` (one byte) after.
+            // The events' count before them, `backlog` (one byte) after.
             Encoding::Postcard => {
-                self.head.len()
-                    + postcard_varint_len(count as u64)
-                    + self.body.len()
-                    + extra
-                    + usize::from(self.backlog)
+                self.head.len() + postcard_varint_len(count as u64) + self.body.len() + extra + 1
             }
         }
     }
@@ -217,18 +257,27 @@ impl BatchEncoder {
                 }
                 out.push(n as u8);
                 out.extend_from_slice(&self.body);
-                if self.backlog {
-                    out.push(1);
-                }
+                out.push(u8::from(self.backlog));
                 out
             }
         }
     }
 }
 
-/// One event as a JSON object.
+/// One event as a JSON object; `trace` after `id` unless the event has none (stored by a
+/// release before trace ids).
 pub fn encode_json_event(e: &Event, out: &mut Vec<u8>) {
-    out.extend_from_slice(format!("{{\"id\":{},\"ts\":{},\"source\":", e.id, e.ts).as_bytes());
+    if e.trace.is_none() {
+        out.extend_from_slice(format!("{{\"id\":{},\"ts\":{},\"source\":", e.id, e.ts).as_bytes());
+    } else {
+        out.extend_from_slice(
+            format!(
+                "{{\"id\":{},\"trace\":\"{}\",\"ts\":{},\"source\":",
+                e.id, e.trace, e.ts
+            )
+            .as_bytes(),
+        );
+    }
     serde_json::to_writer(&mut *out, &e.source).expect("string to JSON");
     out.extend_from_slice(b",\"topic\":");
     serde_json::to_writer(&mut *out, &e.topic).expect("string to JSON");
@@ -259,6 +308,7 @@ mod tests {
             source: "mqtt".into(),
             topic: "sensors/7/temperature".into(),
             payload,
+            trace: Default::default(),
             properties: Vec::new(),
         }
     }
@@ -295,30 +345,91 @@ mod tests {
 
     #[test]
     fn postcard_round_trips_with_its_version_first() {
-        let e = ev(5, Payload::Json("1".into()));
-        let mut b = BatchEncoder::with_backlog(Encoding::Postcard, "g", 7, true);
+        let mut e = ev(5, Payload::Json("1".into()));
+        e.trace = crate::event::Trace(0x1234_5678_9abc_def0);
+        for backlog in [true, false] {
+            let mut b = BatchEncoder::with_backlog(Encoding::Postcard, "g", 7, backlog);
+            b.push(&e, 1 << 20);
+            let out = b.finish();
+            assert_eq!(out[0], WIRE_VERSION as u8, "the version is the first field");
+            let back = decode_postcard(&out).unwrap();
+            assert_eq!(back.version, WIRE_VERSION);
+            assert_eq!(back.batch, 7);
+            assert_eq!(back.events, vec![e.clone()], "the trace comes back");
+            assert_eq!(back.backlog, backlog);
+            let mut newer = out.clone();
+            newer[0] = 4;
+            assert!(matches!(
+                decode_postcard(&newer),
+                Err(WireError::Version(4))
+            ));
+        }
+        // What earlier releases wrote still reads, without traces.
+        let old = EventV1 {
+            id: 5,
+            ts: e.ts,
+            source: e.source.clone(),
+            topic: e.topic.clone(),
+            payload: e.payload.clone(),
+        };
+        let mut untraced = e.clone();
+        untraced.trace = crate::event::Trace::NONE;
+        let v1 = postcard::to_stdvec(&(1u32, "g", 7u64, vec![&old])).unwrap();
+        let back = decode_postcard(&v1).unwrap();
+        assert_eq!(
+            (back.version, back.events, back.backlog),
+            (1, vec![untraced.clone()], false)
+        );
+        let v2 = postcard::to_stdvec(&(2u32, "g", 7u64, vec![&old], true)).unwrap();
+        let back = decode_postcard(&v2).unwrap();
+        assert_eq!(
+            (back.version, back.events, back.backlog),
+            (2, vec![untraced], true)
+        );
+    }
+
+    #[test]
+    fn every_field_written_is_in_the_published_schema() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../../schema/batch.schema.json")).unwrap();
+        let mut b = BatchEncoder::with_backlog(Encoding::Json, "g", 1, true);
+        let mut e = ev(1, Payload::Bytes(vec![1]));
+        e.trace = crate::event::Trace::fresh();
         b.push(&e, 1 << 20);
-        let out = b.finish();
-        assert_eq!(out[0], WIRE_VERSION as u8, "the version is the first field");
-        let back = decode_postcard(&out).unwrap();
-        assert_eq!(back.version, WIRE_VERSION);
-        assert_eq!(back.batch, 7);
-        assert_eq!(back.events, vec![e.clone()]);
-        assert!(back.backlog);
-        let mut newer = out.clone();
-        newer[0] = 3;
-        assert!(matches!(
-            decode_postcard(&newer),
-            Err(WireError::Version(3))
-        ));
-        // A live batch is version 1, as earlier releases wrote it: no backlog byte.
-        let mut b = BatchEncoder::new(Encoding::Postcard, "g", 7);
-        b.push(&e, 1 << 20);
-        let live = b.finish();
-        assert_eq!(live[0], 1);
-        assert_eq!(live.len(), out.len() - 1);
-        let old = decode_postcard(&live).unwrap();
-        assert_eq!((old.version, old.events, old.backlog), (1, vec![e], false));
+        let v: serde_json::Value = serde_json::from_slice(&b.finish()).unwrap();
+        let batch = schema["properties"].as_object().unwrap();
+        let event = schema["properties"]["events"]["items"]["properties"]
+            .as_object()
+            .unwrap();
+        for k in v.as_object().unwrap().keys() {
+            assert!(batch.contains_key(k), "batch field {k} not in the schema");
+        }
+        for k in v["events"][0].as_object().unwrap().keys() {
+            assert!(event.contains_key(k), "event field {k} not in the schema");
+        }
+        let pattern = event["trace"]["pattern"].as_str().unwrap();
+        assert_eq!(pattern, "^[0-9a-f]{16}$");
+    }
+
+    #[test]
+    fn json_events_carry_their_trace_after_the_id() {
+        let mut e = ev(5, Payload::Json("1".into()));
+        e.trace = crate::event::Trace(0x00ab_cdef_0123_4567);
+        let mut one = Vec::new();
+        encode_json_event(&e, &mut one);
+        assert!(
+            one.starts_with(br#"{"id":5,"trace":"00abcdef01234567","ts":"#),
+            "{}",
+            String::from_utf8_lossy(&one)
+        );
+        e.trace = crate::event::Trace::NONE;
+        one.clear();
+        encode_json_event(&e, &mut one);
+        let v: serde_json::Value = serde_json::from_slice(&one).unwrap();
+        assert!(
+            v.get("trace").is_none(),
+            "an untraced event has no trace field"
+        );
     }
 
     #[test]
@@ -349,7 +460,8 @@ mod tests {
             let mut b = BatchEncoder::new(encoding, "pi-kitchen-01", 300);
             let mut events = Vec::new();
             for i in 0..200 {
-                let e = ev(1000 + i, Payload::Json(format!("{{\"n\":{i}}}")));
+                let mut e = ev(1000 + i, Payload::Json(format!("{{\"n\":{i}}}")));
+                e.trace = crate::event::Trace::fresh();
                 let one = b.encode(&e);
                 let predicted = b.len_with(one.len());
                 assert!(b.push_encoded(one, predicted), "fits exactly");
@@ -364,11 +476,12 @@ mod tests {
             let out = b.finish();
             assert_eq!(out.len(), len, "{encoding:?}");
             if encoding == Encoding::Postcard {
-                let want = postcard::to_stdvec(&WireBatchV1 {
-                    version: 1,
+                let want = postcard::to_stdvec(&WireBatch {
+                    version: WIRE_VERSION,
                     gateway: "pi-kitchen-01".into(),
                     batch: 300,
                     events,
+                    backlog: false,
                 })
                 .unwrap();
                 assert_eq!(out, want, "the same bytes as postcard of a WireBatch");

@@ -28,6 +28,9 @@ pub struct LocalPublish {
     pub topic: String,
     /// JSON bytes.
     pub payload: Vec<u8>,
+    /// The trace id of the input it came from (a fresh one from `on_tick`); an MQTT 5 user
+    /// property `trace` on the embedded broker.
+    pub trace: crate::event::Trace,
 }
 
 /// An input a rule failed on, as stored in the dead-letter table.

@@ -14,7 +14,7 @@ use super::error_log::{ErrorLog, Line};
 use super::{DeadLetter, LocalPublish, RuleStage, StateWrite, StepOutput};
 use crate::admin::metrics::Metrics;
 use crate::config::RulesConfig;
-use crate::event::{now_ms, Event, Payload};
+use crate::event::{now_ms, Event, Payload, Trace};
 
 /// Counters of one rule.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -103,7 +103,12 @@ fn to_rule_event(e: &Event) -> RuleEvent {
 }
 
 /// The tap record of one input (see [`crate::tap`]); output ids are filled in once stored.
-fn tap_record(input: &RuleEvent, r: &tidepool_rules::StepResult, outputs: &[RuleEvent]) -> Value {
+fn tap_record(
+    input: &RuleEvent,
+    trace: Trace,
+    r: &tidepool_rules::StepResult,
+    outputs: &[RuleEvent],
+) -> Value {
     use tidepool_rules::Verdict;
     let rules: Vec<Value> = r
         .trace
@@ -121,6 +126,7 @@ fn tap_record(input: &RuleEvent, r: &tidepool_rules::StepResult, outputs: &[Rule
         .collect();
     json!({
         "at": now_ms(),
+        "trace": trace,
         "input": {
             "topic": input.topic,
             "source": input.source,
@@ -144,13 +150,14 @@ fn tap_record(input: &RuleEvent, r: &tidepool_rules::StepResult, outputs: &[Rule
     })
 }
 
-fn from_rule_event(r: RuleEvent) -> Event {
+fn from_rule_event(r: RuleEvent, trace: Trace) -> Event {
     Event {
         id: 0,
         ts: r.ts,
         source: r.source,
         topic: r.topic,
         payload: Payload::Json(r.payload.to_string()),
+        trace,
         properties: Vec::new(),
     }
 }
@@ -242,11 +249,20 @@ impl RhaiStage {
         self.last_scan = Instant::now();
     }
 
-    fn absorb(&mut self, r: tidepool_rules::StepResult, out: &mut StepOutput) {
+    /// Takes a step's publishes, dead letters, drops and logs; `trace` is the input's trace id,
+    /// `None` for a tick (each publish and dead letter then gets a fresh one).
+    fn absorb(
+        &mut self,
+        r: tidepool_rules::StepResult,
+        trace: Option<Trace>,
+        out: &mut StepOutput,
+    ) {
+        let trace = || trace.unwrap_or_else(Trace::fresh);
         for p in r.publishes {
             out.publishes.push(LocalPublish {
                 topic: p.topic,
                 payload: p.payload.to_string().into_bytes(),
+                trace: trace(),
             });
         }
         for d in r.dead_letters {
@@ -260,7 +276,7 @@ impl RhaiStage {
                 rule: d.rule,
                 error: d.error,
                 at: now_ms(),
-                event: from_rule_event(d.event),
+                event: from_rule_event(d.event, trace()),
             });
         }
         for rule in &r.dropped_by {
@@ -308,6 +324,7 @@ impl RuleStage for RhaiStage {
                 let outputs = vec![input.clone()];
                 self.staged.taps.push(tap_record(
                     &input,
+                    event.trace,
                     &tidepool_rules::StepResult::default(),
                     &outputs,
                 ));
@@ -329,16 +346,20 @@ impl RuleStage for RhaiStage {
         let mut r = self.set.on_event(to_rule_event(&event));
         let events = std::mem::take(&mut r.events);
         if let Some(input) = input {
-            self.staged.taps.push(tap_record(&input, &r, &events));
+            self.staged
+                .taps
+                .push(tap_record(&input, event.trace, &r, &events));
         }
         let n = out.dead_letters.len();
-        self.absorb(r, out);
+        self.absorb(r, Some(event.trace), out);
         // A failed input's dead letter carries the event exactly as it came in (its payload
         // as received, not as rules see it), so a retry runs the whole chain on the same input.
         for d in &mut out.dead_letters[n..] {
             d.event = event.clone();
         }
-        out.events.extend(events.into_iter().map(from_rule_event));
+        // Every output derived from the input (kept, changed, fanned out) keeps its trace id.
+        out.events
+            .extend(events.into_iter().map(|e| from_rule_event(e, event.trace)));
     }
 
     fn on_tick(&mut self, now_ms: i64, out: &mut StepOutput) {
@@ -353,8 +374,13 @@ impl RuleStage for RhaiStage {
             }
         }
         let events = std::mem::take(&mut r.events);
-        self.absorb(r, out);
-        out.events.extend(events.into_iter().map(from_rule_event));
+        self.absorb(r, None, out);
+        // No input: each output starts a trace of its own.
+        out.events.extend(
+            events
+                .into_iter()
+                .map(|e| from_rule_event(e, Trace::fresh())),
+        );
     }
 
     fn wants_tick(&self) -> bool {
@@ -516,6 +542,41 @@ mod tests {
         assert!(metrics
             .render()
             .contains("tidepool_rule_errors_total{rule=\"10-x\"} 1"));
+    }
+
+    #[test]
+    fn outputs_publishes_and_dead_letters_keep_the_inputs_trace_and_ticks_start_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("10-fan.rhai"),
+            r#"fn on_event(e) {
+                if e.payload.fail { throw "no"; }
+                publish("alerts/x", #{ v: 1 });
+                let b = e; b.topic = "b"; [e, b]
+            }
+            fn on_tick(now) { publish("tick", #{}); [#{ topic: "t1", payload: 1 }, #{ topic: "t2", payload: 2 }] }"#,
+        )
+        .unwrap();
+        let (mut s, _) = stage(dir.path());
+        let (ok, bad) = (input(false), input(true));
+        assert_ne!(ok.trace, bad.trace, "each input gets its own");
+        let mut out = StepOutput::default();
+        s.on_event(ok.clone(), &mut out);
+        s.on_event(bad.clone(), &mut out);
+        assert_eq!(out.events.len(), 2);
+        assert!(out.events.iter().all(|e| e.trace == ok.trace), "fan-out");
+        assert_eq!(out.publishes[0].trace, ok.trace);
+        assert_eq!(out.dead_letters[0].event.trace, bad.trace);
+        let mut tick = StepOutput::default();
+        s.on_tick(1, &mut tick);
+        let traces: std::collections::BTreeSet<Trace> = tick
+            .events
+            .iter()
+            .map(|e| e.trace)
+            .chain(tick.publishes.iter().map(|p| p.trace))
+            .collect();
+        assert_eq!(traces.len(), 3, "each tick output a new trace: {traces:?}");
+        assert!(!traces.contains(&Trace::NONE) && !traces.contains(&ok.trace));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use redb::{ReadableDatabase, ReadableTable, Table};
 use serde::{Deserialize, Serialize};
 
 use super::{row_size, StoreError, DEAD_LETTERS, META};
-use crate::event::{Event, Payload};
+use crate::event::{Event, Payload, Trace};
 use crate::rules::DeadLetter;
 
 /// `meta` key: the stored size of the dead-letter rows.
@@ -50,7 +50,8 @@ struct Row {
     payload: Payload,
 }
 
-/// Encodes a dead letter's row value (current format).
+/// Encodes a dead letter's row value (current format): the format byte, postcard of [`Row`],
+/// then the input's trace id (8 bytes, little-endian) unless it has none, as event rows do.
 pub fn encode(d: &DeadLetter) -> Vec<u8> {
     #[derive(Serialize)]
     struct RowRef<'a> {
@@ -76,6 +77,9 @@ pub fn encode(d: &DeadLetter) -> Vec<u8> {
         &mut out,
     )
     .expect("encoding to a Vec cannot fail");
+    if !d.event.trace.is_none() {
+        out.extend_from_slice(&d.event.trace.to_row());
+    }
     out
 }
 
@@ -84,7 +88,8 @@ pub fn decode(bytes: &[u8]) -> Result<DeadLetter, String> {
     match bytes.first() {
         Some(b'{') => serde_json::from_slice(bytes).map_err(|e| format!("old JSON row: {e}")),
         Some(&ROW_V1) => {
-            let r: Row = postcard::from_bytes(&bytes[1..]).map_err(|e| e.to_string())?;
+            let (r, rest): (Row, _) =
+                postcard::take_from_bytes(&bytes[1..]).map_err(|e| e.to_string())?;
             Ok(DeadLetter {
                 rule: r.rule,
                 error: r.error,
@@ -95,6 +100,7 @@ pub fn decode(bytes: &[u8]) -> Result<DeadLetter, String> {
                     source: r.source,
                     topic: r.topic,
                     payload: r.payload,
+                    trace: Trace::from_row(rest),
                     properties: Vec::new(),
                 },
             })
@@ -299,6 +305,7 @@ mod tests {
                 source: "serial:uart0".into(),
                 topic: "serial/uart0".into(),
                 payload,
+                trace: crate::event::Trace(0xfeed_0000 + i),
                 properties: Vec::new(),
             },
         }

@@ -206,7 +206,9 @@ pub struct StoredEvent {
     pub payload: Payload,
 }
 
-/// Encodes an event's row value.
+/// Encodes an event's row value: postcard of [`StoredEvent`], then its trace id (8 bytes,
+/// little-endian) unless it has none. Rows from releases before trace ids end after the
+/// payload; an older release reading a newer row ignores the trailing bytes.
 pub fn encode(e: &Event) -> Vec<u8> {
     #[derive(Serialize)]
     struct Ref<'a> {
@@ -215,25 +217,30 @@ pub fn encode(e: &Event) -> Vec<u8> {
         topic: &'a str,
         payload: &'a Payload,
     }
-    postcard::to_stdvec(&Ref {
+    let mut out = postcard::to_stdvec(&Ref {
         ts: e.ts,
         source: &e.source,
         topic: &e.topic,
         payload: &e.payload,
     })
-    .expect("encoding to a Vec cannot fail")
+    .expect("encoding to a Vec cannot fail");
+    if !e.trace.is_none() {
+        out.extend_from_slice(&e.trace.to_row());
+    }
+    out
 }
 
 /// Decodes a row back into an event.
 pub fn decode(id: u64, bytes: &[u8]) -> Result<Event, StoreError> {
-    let s: StoredEvent =
-        postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { id, source })?;
+    let (s, rest): (StoredEvent, _) =
+        postcard::take_from_bytes(bytes).map_err(|source| StoreError::Decode { id, source })?;
     Ok(Event {
         id,
         ts: s.ts,
         source: s.source,
         topic: s.topic,
         payload: s.payload,
+        trace: crate::event::Trace::from_row(rest),
         properties: Vec::new(),
     })
 }

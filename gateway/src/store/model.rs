@@ -203,11 +203,13 @@ pub(super) struct Snap {
     pub arrivals: Vec<(u64, i64)>,
 }
 
-fn payload_text(p: &Payload) -> String {
-    match p {
+/// An event's payload and trace id, as the snapshots compare them.
+fn payload_text(e: &Event) -> String {
+    let p = match &e.payload {
         Payload::Json(s) => s.clone(),
         Payload::Bytes(b) => format!("bytes:{b:?}"),
-    }
+    };
+    format!("{p} trace {}", e.trace)
 }
 
 /// Reads every table the commit loop writes.
@@ -217,7 +219,7 @@ pub(super) fn snapshot<D: ReadableDatabase>(db: &D) -> Snap {
     for row in txn.open_table(EVENTS).unwrap().iter().unwrap() {
         let (k, v) = row.unwrap();
         let e = decode(k.value(), v.value()).unwrap();
-        s.events.push((e.id, e.topic, payload_text(&e.payload)));
+        s.events.push((e.id, e.topic.clone(), payload_text(&e)));
     }
     for row in txn.open_table(META).unwrap().iter().unwrap() {
         let (k, v) = row.unwrap();
@@ -230,7 +232,7 @@ pub(super) fn snapshot<D: ReadableDatabase>(db: &D) -> Snap {
             id: k.value(),
             rule: d.rule,
             error: d.error,
-            event: (d.event.topic, payload_text(&d.event.payload)),
+            event: (d.event.topic.clone(), payload_text(&d.event)),
         });
     }
     for row in txn.open_table(RULE_STATE).unwrap().iter().unwrap() {
@@ -355,6 +357,8 @@ pub(super) fn input_event(n: u64, input: &Input) -> Event {
         source: "uart0".into(),
         topic,
         payload,
+        // Every output and dead letter of input n keeps this; the snapshots compare it.
+        trace: crate::event::Trace(n + 1),
         properties: Vec::new(),
     }
 }
@@ -786,13 +790,7 @@ impl Model {
             events: self
                 .rows
                 .iter()
-                .map(|r| {
-                    (
-                        r.event.id,
-                        r.event.topic.clone(),
-                        payload_text(&r.event.payload),
-                    )
-                })
+                .map(|r| (r.event.id, r.event.topic.clone(), payload_text(&r.event)))
                 .collect(),
             meta: self.meta.clone(),
             dlq: self
@@ -802,10 +800,7 @@ impl Model {
                     id: l.id,
                     rule: l.letter.rule.clone(),
                     error: l.letter.error.clone(),
-                    event: (
-                        l.letter.event.topic.clone(),
-                        payload_text(&l.letter.event.payload),
-                    ),
+                    event: (l.letter.event.topic.clone(), payload_text(&l.letter.event)),
                 })
                 .collect(),
             state: self.state.clone(),

@@ -550,6 +550,7 @@ impl Run {
                             source: "t".into(),
                             topic: t.clone(),
                             payload: Payload::Json("{}".into()),
+                            trace: Default::default(),
                             properties: Vec::new(),
                         })
                     })

@@ -115,6 +115,7 @@ fn ev(n: u64, pad: usize) -> Event {
         source: "mqtt".into(),
         topic: format!("t/{n}"),
         payload: Payload::Json(format!("{{\"n\":{n},\"p\":\"{}\"}}", "x".repeat(pad))),
+        trace: crate::event::Trace::fresh(),
         properties: Vec::new(),
     }
 }
