@@ -7,7 +7,8 @@
 //!
 //! **Tables.**
 //! - `events`: `u64 id → bytes`. The value is the postcard encoding of [`StoredEvent`]
-//!   (ts, source, topic, payload). Ids rise; the table is a FIFO: the forwarder reads from the
+//!   (ts, source, topic, payload), then the trace id (8 bytes, little-endian; absent in rows
+//!   written before trace ids). Ids rise; the table is a FIFO: the forwarder reads from the
 //!   low end, commits append at the high end.
 //! - `meta`: `&str → u64`. `next_id` (the id the next event gets; never goes back, so ids
 //!   survive restarts and are never reused), `stored_bytes` (the sum of stored sizes of rows in
