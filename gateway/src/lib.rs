@@ -203,7 +203,7 @@ pub async fn start_on(
                     bytes::Bytes::from(p.payload.clone()),
                     broker::packet::Qos::AtLeastOnce,
                     false,
-                    vec![("trace".into(), p.trace.to_string())],
+                    p.user_properties(),
                 );
             })
         }

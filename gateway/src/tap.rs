@@ -262,13 +262,13 @@ pub fn render(r: &Value) -> String {
             "failed" => s["error"].as_str().unwrap_or("").to_string(),
             _ => String::new(),
         };
-        let _ = writeln!(
-            o,
+        let line = format!(
             "  {:<24} {:<10} {:>6} µs  {detail}",
             s["rule"].as_str().unwrap_or("?"),
             verdict,
             s["us"].as_u64().unwrap_or(0)
         );
+        let _ = writeln!(o, "{}", line.trim_end());
     }
     for p in r["publishes"].as_array().into_iter().flatten() {
         let _ = writeln!(
@@ -436,6 +436,23 @@ mod tests {
         assert!(text.contains("+payload.alert: true"), "{text}");
         assert!(text.contains("→ id 7 sensors/1/t"), "{text}");
         assert!(render(&json!({"lost": 12})).contains("12 tap records lost"));
+        let mut traced = rec();
+        traced["trace"] = json!("00abcdef01234567");
+        traced["rules"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"rule": "30-keep", "verdict": "kept", "us": 1}));
+        let text = render(&traced);
+        assert!(text
+            .lines()
+            .next()
+            .unwrap()
+            .ends_with("{\"t\":30}  trace 00abcdef01234567"));
+        assert!(text.contains("30-keep"), "{text}");
+        assert!(
+            text.lines().all(|l| l == l.trim_end()),
+            "no trailing blanks: {text:?}"
+        );
     }
 
     #[test]

@@ -702,7 +702,7 @@ impl Conn {
         });
         let mut event = Event::new(self.source.clone(), p.topic, Payload::from_raw(&p.payload));
         event.properties = p.props.user;
-        // A sensor (or a gateway before this one) that already has a trace id keeps it.
+        // A sensor that already has a trace id (MQTT 5 user property `trace`) keeps it.
         if let Some(t) = event
             .properties
             .iter()

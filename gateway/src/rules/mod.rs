@@ -33,6 +33,18 @@ pub struct LocalPublish {
     pub trace: crate::event::Trace,
 }
 
+impl LocalPublish {
+    /// Its MQTT 5 user properties: `trace`, unless its input had none (stored before trace
+    /// ids), where "none" is said by leaving the property out, as batches leave out the field.
+    pub fn user_properties(&self) -> Vec<(String, String)> {
+        if self.trace.is_none() {
+            Vec::new()
+        } else {
+            vec![("trace".into(), self.trace.to_string())]
+        }
+    }
+}
+
 /// An input a rule failed on, as stored in the dead-letter table.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeadLetter {

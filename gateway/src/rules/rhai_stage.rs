@@ -566,6 +566,16 @@ mod tests {
         assert_eq!(out.events.len(), 2);
         assert!(out.events.iter().all(|e| e.trace == ok.trace), "fan-out");
         assert_eq!(out.publishes[0].trace, ok.trace);
+        assert_eq!(
+            out.publishes[0].user_properties(),
+            vec![("trace".to_string(), ok.trace.to_string())]
+        );
+        let mut untraced = out.publishes[0].clone();
+        untraced.trace = Trace::NONE;
+        assert!(
+            untraced.user_properties().is_empty(),
+            "no trace, no property"
+        );
         assert_eq!(out.dead_letters[0].event.trace, bad.trace);
         let mut tick = StepOutput::default();
         s.on_tick(1, &mut tick);
