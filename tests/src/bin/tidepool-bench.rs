@@ -863,6 +863,51 @@ fn main() {
     let fsyncs = gw.metric("tidepool_fsyncs_total").unwrap_or(1.0);
     println!("fsync     {:.0} events per fsync over the runs above ({committed} events, {fsyncs} commits)", committed / fsyncs);
     let peak_live = procfs::status_kib(pid, "VmHWM:");
+
+    // The same flat-out run with `tidepool tap --json` attached, its output read and thrown
+    // away: what building a tap record per input costs (a reader that falls behind loses
+    // records instead, see tests/tests/tap.rs).
+    counter.reset();
+    let mut tap = command("tidepool")
+        .args(["tap", "--json", "--config"])
+        .arg(&gw.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start tidepool tap");
+    let until = Instant::now() + Duration::from_secs(10);
+    while gw.metric("tidepool_tap_readers") != Some(1.0) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if gw.metric("tidepool_tap_readers") == Some(1.0) {
+        let started = Instant::now();
+        let cpu0 = cpu_secs(pid);
+        run_sim(
+            gw.mqtt_port,
+            n,
+            0.0,
+            &["--payload-size", "200", "--sensors", "20"],
+        );
+        let ok = counter.wait(n, Duration::from_secs(300));
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = cpu_secs(pid) - cpu0;
+        let tapped = counter.events.load(Relaxed) as f64 / secs;
+        let mut lat = counter.latencies.lock().unwrap().clone();
+        println!(
+            "tap       flat out with a tap attached:             {tapped:>9.0} events/s ({:.0}% of untapped); p50 {} ms, p99 {} ms; gateway CPU {:.1} µs/event; {} records, {} lost{}",
+            100.0 * tapped / e2e,
+            pct(&mut lat, 0.5),
+            pct(&mut lat, 0.99),
+            cpu * 1e6 / n as f64,
+            gw.metric("tidepool_tap_records_total").unwrap_or(0.0),
+            gw.metric("tidepool_tap_lost_total").unwrap_or(0.0),
+            if ok { "" } else { " INCOMPLETE" }
+        );
+    } else {
+        println!("tap       (this gateway has no tap)");
+    }
+    let _ = tap.kill();
+    let _ = tap.wait();
     drop(gw);
     drop(counter);
     drop(up);
